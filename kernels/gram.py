@@ -1,0 +1,131 @@
+"""Gram matrix K = x x^T + lam I and the strided matrix product every other launcher uses for its glue.
+
+One kernel, `_matmul_kernel`, does C = alpha * A @ B (+ lam on the diagonal) (+ C when accumulating), with
+arbitrary strides (so transposes are free), an optional split of the reduction dimension into fixed slices that
+write separate partial outputs (deterministic split-K: no atomics; the caller sums the slices in a fixed order),
+and a symmetric mode in which only the lower tiles are computed and each is mirrored into the upper triangle.
+
+Precision: operands are cast to `dot_dtype` inside the kernel and multiplied with `input_precision="ieee"`
+unless the caller asks for "tf32"; accumulation is fp32 (fp64 for fp64 operands).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Fixed tile configuration (documented default). CLPDD_AUTOTUNE=1 is honoured by the CE launcher, where it pays;
+# the Gram/matmul glue is small in this project (m x d, d x C) and keeps this one configuration.
+BLOCK_M = 64
+BLOCK_N = 64
+BLOCK_K = 32
+NUM_WARPS = 4
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def accumulate_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any operand is float64, float32 otherwise (the convention of clpdd_fast.reference)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def dot_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    """The dtype both tiles are cast to before tl.dot: the shared low precision when both operands are fp16 or
+    both bf16 (tensor cores, fp32 accumulation), the accumulate dtype otherwise."""
+    if a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
+        return a.dtype
+    return accumulate_dtype(a, b)
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
+                   s_am, s_ak, s_bk, s_bn, s_cs, s_cm, s_cn, alpha, lam,
+                   SYMMETRIC: tl.constexpr, ACCUMULATE: tl.constexpr, ADD_DIAG: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    if SYMMETRIC:
+        if pid_n > pid_m:  # upper tiles are written by their mirror
+            return
+    # int64 offsets: row * stride overflows int32 at ImageNet scale
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    k_start = pid_s.to(tl.int64) * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BM, BN), dtype=ACC_DTYPE)
+    for k0 in range(k_start, k_stop, BK):
+        ks = k0 + tl.arange(0, BK).to(tl.int64)
+        kmask = ks < k_stop
+        a = tl.load(a_ptr + rows[:, None] * s_am + ks[None, :] * s_ak,
+                    mask=(rows[:, None] < M) & kmask[None, :], other=0.0)
+        b = tl.load(b_ptr + ks[:, None] * s_bk + cols[None, :] * s_bn,
+                    mask=kmask[:, None] & (cols[None, :] < N), other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    acc = acc * alpha
+    if ADD_DIAG:
+        acc = tl.where(rows[:, None] == cols[None, :], acc + lam, acc)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    c_base = c_ptr + pid_s.to(tl.int64) * s_cs
+    c_ptrs = c_base + rows[:, None] * s_cm + cols[None, :] * s_cn
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if SYMMETRIC:
+        if pid_n < pid_m:
+            tl.store(c_base + cols[None, :] * s_cm + rows[:, None] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.0, accumulate: bool = False,
+           splits: int = 1, precision: str = "ieee", symmetric: bool = False, lam: float = 0.0) -> Tensor:
+    """out = alpha * a @ b (+ lam I) (+ out when accumulate), computed by one Triton launch.
+
+    Args:
+        a: (M, K), b: (K, N), any strides, fp16/bf16/fp32/fp64 (mixed low precisions compute in fp32).
+        out: (M, N), or (splits, M, N) when splits > 1: slice s receives the product over the s-th contiguous
+            range of K (sum the slices afterwards, in order, for a deterministic split-K). Allocated (fp32, or
+            fp64 for fp64 operands) when None.
+        alpha: runtime scale. accumulate: add into the existing content of out (read-modify-write, no atomics).
+        precision: tl.dot input_precision for fp32 operands, "ieee" (exact fp32 products) or "tf32".
+        symmetric: a @ b is known symmetric (b = a^T): only lower tiles are computed and mirrored.
+        lam: added to the diagonal of the result (before accumulation).
+    """
+    m, k = a.shape
+    k2, n = b.shape
+    if k != k2:
+        raise ValueError(f"matmul: inner dimensions differ, got a {tuple(a.shape)} and b {tuple(b.shape)}")
+    acc_dt = accumulate_dtype(a, b)
+    if out is None:
+        out = torch.empty((splits, m, n) if splits > 1 else (m, n), dtype=acc_dt, device=a.device)
+    s_cs = out.stride(0) if out.dim() == 3 else 0
+    s_cm, s_cn = out.stride(-2), out.stride(-1)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), BLOCK_K) * BLOCK_K
+    ddt = dot_dtype(a, b)
+    prec = precision if ddt == torch.float32 else "ieee"
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N), splits)
+    _matmul_kernel[grid](a, b, out, m, n, k, k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                         s_cs, s_cm, s_cn, float(alpha), float(lam),
+                         SYMMETRIC=symmetric, ACCUMULATE=accumulate, ADD_DIAG=lam != 0.0,
+                         DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc_dt], PRECISION=prec,
+                         BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=NUM_WARPS)
+    return out
+
+
+def gram(x: Tensor, lam: float = 0.0) -> Tensor:
+    """x (m, d), any strides, fp16/bf16/fp32/fp64 -> x x^T + lam I, (m, m) fp32 (fp64 for fp64 x).
+
+    fp32 accumulation with exact fp32 products (input_precision="ieee": TF32 round-off can make a Gram matrix of
+    m > d features indefinite); only lower tiles are computed, each mirrored into the upper triangle.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"gram: expected a 2-D tensor x, got shape {tuple(x.shape)}")
+    return matmul(x, x.T, symmetric=True, lam=lam)
