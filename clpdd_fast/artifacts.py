@@ -1,0 +1,76 @@
+"""What a distillation run leaves on disk: atomic writes, the checkpoint, metrics, the distilled set and its picture."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename over `path`: a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_torch(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_json(obj, path: Path) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per step; on resume, rows after the checkpoint's step are dropped so the
+    log of a resumed run equals that of an uninterrupted one (timings aside)."""
+
+    def __init__(self, path: Path, keep_until_step: int | None = None):
+        self.path = Path(path)
+        if keep_until_step is not None and self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+        elif keep_until_step is None:
+            self.path.write_text("")
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def save_grid_png(images: Tensor, labels: Tensor, class_names: list[str], path: Path) -> None:
+    """A grid of the distilled images, one row per class, each row captioned with its class name."""
+    from PIL import Image, ImageDraw
+
+    images = images.detach().float().clamp(0, 1).cpu()
+    num_classes = len(class_names)
+    per_class = [images[labels.cpu() == c] for c in range(num_classes)]
+    cols = max(1, max(len(p) for p in per_class))
+    size = images.shape[-1]
+    cell = max(size, 32)
+    label_w = 12 + 7 * max(len(n) for n in class_names)
+    canvas = Image.new("RGB", (label_w + cols * (cell + 2), num_classes * (cell + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, imgs in enumerate(per_class):
+        y0 = c * (cell + 2)
+        draw.text((4, y0 + cell // 2 - 5), class_names[c], fill="black")
+        for j, img in enumerate(imgs):
+            arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (label_w + j * (cell + 2), y0))
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))

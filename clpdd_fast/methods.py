@@ -1,0 +1,99 @@
+"""The outer objective of each distillation method, one function each; every one fills the synthetic parameters'
+.grad and returns the loss, so they plug into the same loop in distill.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from clpdd_fast.augment import Augment
+from clpdd_fast.ops import clpdd_loss
+from clpdd_fast.probe import FeatureTransform
+from clpdd_fast.profiling import nvtx_range
+from clpdd_fast.synthetic import SyntheticImages
+
+
+@dataclass
+class StepInputs:
+    """What one outer step needs besides the synthetic images; built once by the loop."""
+    encoder: torch.nn.Module
+    augment: Augment
+    out_size: int               # encoder input resolution after augmentation
+    real_features: Tensor       # (N, d) transformed real features on the compute device (fp16/bf16/fp32)
+    real_labels: Tensor         # (N,) int64 on the same device
+    num_classes: int
+    transform: FeatureTransform
+    lam: float
+    tau: float
+    outer: str = "ce"
+    chunk_size: int = 64        # synthetic images per encoder chunk
+    real_batch: int | None = None  # rows of real features sampled per step; None = all
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 for the encoder passes
+    # For methods that need real pixels each step (LGM): (n, generator) -> (images (n,3,S,S) in [0,1], labels).
+    real_images: Callable[[int, torch.Generator], tuple[Tensor, Tensor]] | None = None
+    augs_per_batch: int = 10    # LGM: augmented copies of the synthetic set per step
+
+
+def _chunks(m: int, size: int, device) -> list[Tensor]:
+    return [torch.arange(s, min(s + size, m), device=device) for s in range(0, m, size)]
+
+
+def _encode(synthetic: SyntheticImages, inputs: StepInputs, idx: Tensor, aug_params) -> Tensor:
+    images = inputs.augment.apply(synthetic.decode(idx), aug_params.select(idx), inputs.out_size)
+    device_type = images.device.type
+    with torch.autocast(device_type, dtype=inputs.autocast_dtype or torch.float32,
+                        enabled=inputs.autocast_dtype is not None):
+        return inputs.encoder(images).float()
+
+
+def _outer_loss(phi_s: Tensor, synthetic: SyntheticImages, inputs: StepInputs,
+                generator: torch.Generator) -> Tensor:
+    """CLP-DD's loss of raw synthetic features phi_s on all real rows or on a sampled batch of them."""
+    real_x, real_y = inputs.real_features, inputs.real_labels
+    if inputs.real_batch is not None and inputs.real_batch < real_x.shape[0]:
+        rows = torch.randperm(real_x.shape[0], generator=generator)[:inputs.real_batch].to(real_x.device)
+        real_x, real_y = real_x[rows], real_y[rows]
+    return clpdd_loss(inputs.transform(phi_s), synthetic.labels, real_x, real_y, inputs.lam, inputs.tau,
+                      outer=inputs.outer, num_classes=inputs.num_classes)
+
+
+def clpdd_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Generator) -> Tensor:
+    """One bounded-memory CLP-DD step (METHOD.md): returns the loss and accumulates d loss / d parameters.
+
+    1. forward all m synthetic images through the encoder without autograd, chunk by chunk -> phi_s;
+    2. ridge probe of phi_s, CE (or MSE) on the real features, backward to d loss / d phi_s only;
+    3. re-run each chunk with autograd and the same augmentation, backpropagating its rows of d loss / d phi_s.
+    Peak memory: one chunk's activations plus O(m d + m^2 + d C), independent of m's activations.
+    """
+    m = synthetic.num_images
+    device = synthetic.labels.device
+    aug_params = inputs.augment.sample(m, generator, device)
+    chunks = _chunks(m, inputs.chunk_size, device)
+    with torch.no_grad(), nvtx_range("encoder_forward"):
+        phi_s = torch.cat([_encode(synthetic, inputs, idx, aug_params) for idx in chunks])
+    phi_s.requires_grad_(True)
+    with nvtx_range("ridge_solve_and_ce"):
+        loss = _outer_loss(phi_s, synthetic, inputs, generator)
+    with nvtx_range("loss_backward"):
+        (grad_phi,) = torch.autograd.grad(loss, phi_s)
+    for idx in chunks:
+        with nvtx_range("encoder_reforward"):
+            features = _encode(synthetic, inputs, idx, aug_params)
+        with nvtx_range("encoder_backward"):
+            features.backward(grad_phi[idx])
+    return loss.detach()
+
+
+def clpdd_loss_plain(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Generator) -> Tensor:
+    """The same loss as clpdd_step through one ordinary autograd graph (all m images at once): the test oracle
+    for the chunked recomputation, and a reference for users who want to see the objective in one expression."""
+    m = synthetic.num_images
+    device = synthetic.labels.device
+    aug_params = inputs.augment.sample(m, generator, device)
+    phi_s = _encode(synthetic, inputs, torch.arange(m, device=device), aug_params)
+    return _outer_loss(phi_s, synthetic, inputs, generator)
+
+
+METHODS = {"clpdd": clpdd_step}

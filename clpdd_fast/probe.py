@@ -1,0 +1,62 @@
+"""Feature normalisation shared by both sides of the ridge probe, and the ridge probe's test accuracy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from clpdd_fast.ops import one_hot, ridge_solve
+
+FEATURE_NORMS = ("raw", "center", "l2", "center-l2")
+
+
+@dataclass
+class FeatureTransform:
+    """phi -> (phi - mean) then optionally phi / ||phi||; differentiable, applied alike to synthetic and real features.
+
+    `mean` is the mean real training feature (a constant), or None for no centring.
+    """
+    mean: Tensor | None = None
+    l2: bool = False
+
+    @classmethod
+    def fit(cls, norm: str, real_features: Tensor, chunk_size: int = 65536) -> "FeatureTransform":
+        """Build the transform named `norm` (one of FEATURE_NORMS), reading real features chunk by chunk."""
+        if norm not in FEATURE_NORMS:
+            raise ValueError(f"features: expected one of {FEATURE_NORMS}, got {norm!r}")
+        mean = None
+        if norm.startswith("center"):
+            total = torch.zeros(real_features.shape[1], dtype=torch.float64)
+            for start in range(0, real_features.shape[0], chunk_size):
+                total += real_features[start:start + chunk_size].double().sum(0).cpu()
+            mean = (total / real_features.shape[0]).float()
+        return cls(mean=mean, l2=norm.endswith("l2"))
+
+    def __call__(self, phi: Tensor) -> Tensor:
+        out = phi.float() if phi.dtype != torch.float64 else phi
+        if self.mean is not None:
+            out = out - self.mean.to(out.device, out.dtype)
+        if self.l2:
+            out = torch.nn.functional.normalize(out, dim=1)
+        return out
+
+    def apply_chunked(self, phi: Tensor, chunk_size: int = 65536, dtype: torch.dtype = torch.float16) -> Tensor:
+        """Transform a large (possibly memory-mapped) feature matrix into a new tensor of `dtype`, chunk by chunk."""
+        out = torch.empty(phi.shape, dtype=dtype)
+        for start in range(0, phi.shape[0], chunk_size):
+            out[start:start + chunk_size] = self(phi[start:start + chunk_size]).to(dtype)
+        return out
+
+
+@torch.no_grad()
+def ridge_probe_accuracy(phi_train: Tensor, y_train: Tensor, phi_test: Tensor, y_test: Tensor, lam: float,
+                         num_classes: int, transform: FeatureTransform, chunk_size: int = 65536) -> float:
+    """Top-1 accuracy on (phi_test, y_test) of the ridge probe fitted on (phi_train, y_train), one-hot targets."""
+    x = transform(phi_train)
+    w = ridge_solve(x, one_hot(y_train, num_classes, x.dtype), lam)
+    correct = 0
+    for start in range(0, phi_test.shape[0], chunk_size):
+        pred = (transform(phi_test[start:start + chunk_size]).to(w.device) @ w).argmax(1)
+        correct += int((pred.cpu() == y_test[start:start + chunk_size].cpu()).sum())
+    return correct / phi_test.shape[0]

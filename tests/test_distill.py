@@ -1,0 +1,149 @@
+"""The distillation pipeline: chunked recomputation is exact, end to end runs, resume, clear errors."""
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from clpdd_fast.augment import build_augment
+from clpdd_fast.distill import main
+from clpdd_fast.encoders import build_encoder
+from clpdd_fast.methods import StepInputs, clpdd_loss_plain, clpdd_step
+from clpdd_fast.probe import FeatureTransform
+from clpdd_fast.synthetic import build_synthetic
+
+TINY_MODEL = "test_efficientnet"
+
+
+def write_idx(folder, prefix, images, labels):
+    folder.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, h, w) + images.tobytes())
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_idx(tmp_path_factory):
+    """4 classes of 12x12 grey images whose brightness pattern depends on the class, plus noise."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("idx")
+    for prefix, n in [("train", 48), ("t10k", 24)]:
+        labels = np.arange(n, dtype=np.uint8) % 4
+        base = np.zeros((n, 12, 12))
+        for i, c in enumerate(labels):
+            base[i, :, 3 * c:3 * c + 3] = 200
+        images = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+        write_idx(folder, prefix, images, labels)
+    return folder
+
+
+def run_args(data, out, cache, *extra):
+    return ["--data", str(data), "--model", TINY_MODEL, "--weights", "none", "--image-size", "32",
+            "--out", str(out), "--cache-dir", str(cache), "--device", "cpu", "--log-every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_encoder(TINY_MODEL, "none", "cpu")
+
+
+def step_inputs(encoder, chunk_size, real_batch=None, outer="ce"):
+    g = torch.Generator().manual_seed(5)
+    real = torch.randn(40, encoder.feature_dim, generator=g)
+    transform = FeatureTransform.fit("center-l2", real)
+    return StepInputs(encoder=encoder, augment=build_augment("standard"), out_size=32,
+                      real_features=transform(real), real_labels=torch.arange(40) % 3, num_classes=3,
+                      transform=transform, lam=0.3, tau=0.2, outer=outer, chunk_size=chunk_size,
+                      real_batch=real_batch)
+
+
+@pytest.mark.parametrize("param", ["pixel", "pyramid"])
+@pytest.mark.parametrize("chunk_size,real_batch,outer", [(1, None, "ce"), (2, 25, "ce"), (4, None, "mse"),
+                                                         (7, None, "ce")])
+def test_chunked_recomputation_equals_one_graph(encoder, param, chunk_size, real_batch, outer):
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0])
+    init = torch.rand(7, 3, 36, 36, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
+    synthetic = build_synthetic(param, labels, 36, init, grow_every=0)
+    inputs = step_inputs(encoder, chunk_size, real_batch, outer)
+
+    loss = clpdd_step(synthetic, inputs, torch.Generator().manual_seed(11))
+    chunked = [p.grad.clone() for p in synthetic.parameters()]
+    synthetic.zero_grad()
+    plain = clpdd_loss_plain(synthetic, inputs, torch.Generator().manual_seed(11))
+    plain.backward()
+    torch.testing.assert_close(loss, plain.detach(), rtol=1e-5, atol=1e-6)
+    for got, p in zip(chunked, synthetic.parameters()):
+        scale = p.grad.abs().max()
+        assert scale > 0
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-4 * float(scale))
+
+
+def test_end_to_end_outputs(tiny_idx, tmp_path):
+    out = tmp_path / "run"
+    results = main(run_args(tiny_idx, out, tmp_path / "cache", "--iterations", "3", "--ipc", "2",
+                            "--augment", "standard", "--param", "pyramid"))
+    for name in ["distilled.pt", "distilled.png", "config.json", "metrics.jsonl", "checkpoint.pt", "results.json"]:
+        assert (out / name).exists(), name
+    saved = torch.load(out / "distilled.pt")
+    assert saved["images"].shape == (8, 3, 36, 36)
+    assert 0 <= saved["images"].min() and saved["images"].max() <= 1
+    assert saved["labels"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    assert set(results["ridge_top1"]) == {"distilled", "random_real", "all_real_train"}
+    assert json.loads((out / "config.json").read_text())["ipc"] == 2
+
+
+def test_resume_equals_uninterrupted(tiny_idx, tmp_path):
+    cache = tmp_path / "cache"
+    common = ("--augment", "standard", "--seed", "3", "--checkpoint-every", "1")
+    main(run_args(tiny_idx, tmp_path / "full", cache, "--iterations", "6", *common))
+    main(run_args(tiny_idx, tmp_path / "part", cache, "--iterations", "3", *common))
+    main(run_args(tiny_idx, tmp_path / "part", cache, "--iterations", "6", "--resume", *common))
+    full = torch.load(tmp_path / "full" / "distilled.pt")["images"]
+    part = torch.load(tmp_path / "part" / "distilled.pt")["images"]
+    assert torch.equal(full, part)
+    losses = lambda run: [json.loads(r)["loss"] for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert losses("full") == losses("part")
+
+
+def test_resume_refuses_changed_settings(tiny_idx, tmp_path):
+    main(run_args(tiny_idx, tmp_path / "r", tmp_path / "cache", "--iterations", "1"))
+    with pytest.raises(SystemExit, match="--lam"):
+        main(run_args(tiny_idx, tmp_path / "r", tmp_path / "cache", "--iterations", "2", "--resume", "--lam", "9"))
+
+
+def test_existing_run_is_not_overwritten(tiny_idx, tmp_path):
+    main(run_args(tiny_idx, tmp_path / "r", tmp_path / "cache", "--iterations", "1"))
+    with pytest.raises(SystemExit, match="--resume"):
+        main(run_args(tiny_idx, tmp_path / "r", tmp_path / "cache", "--iterations", "1"))
+
+
+def test_missing_data_path(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match="data"):
+        main(run_args(tmp_path / "nowhere", tmp_path / "o", tmp_path / "c", "--iterations", "1"))
+
+
+def test_empty_class_folder(tmp_path):
+    from PIL import Image
+    for split in ["train", "val"]:
+        (tmp_path / "tree" / split / "empty").mkdir(parents=True)
+        (tmp_path / "tree" / split / "full").mkdir(parents=True)
+        Image.new("RGB", (8, 8), "red").save(tmp_path / "tree" / split / "full" / "a.png")
+    with pytest.raises(ValueError, match="empty"):
+        main(run_args(tmp_path / "tree", tmp_path / "o", tmp_path / "c", "--iterations", "1"))
+
+
+def test_unknown_model(tiny_idx, tmp_path):
+    args = run_args(tiny_idx, tmp_path / "o", tmp_path / "c", "--iterations", "1")
+    args[args.index(TINY_MODEL)] = "no_such_model_xyz"
+    with pytest.raises(ValueError, match="no_such_model_xyz"):
+        main(args)
+
+
+@pytest.mark.parametrize("flag,value", [("--ipc", "0"), ("--lam", "-1"), ("--tau", "0"), ("--real-batch", "0")])
+def test_bad_numbers_rejected_by_the_cli(tiny_idx, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit):
+        main(run_args(tiny_idx, tmp_path / "o", tmp_path / "c", flag, value))
+    assert flag in capsys.readouterr().err
