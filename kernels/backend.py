@@ -1,0 +1,83 @@
+"""The Triton backend: the five functions of `clpdd_fast.reference`, same signatures and return conventions.
+
+`clpdd_fast.ops.resolve_backend` returns this module for CUDA tensors (and for backend="triton" on CPU tensors
+under TRITON_INTERPRET=1). Every matrix product, factorisation and solve below is a Triton launch from
+kernels/gram.py, kernels/cholesky.py or kernels/linear_ce.py; torch is used only to allocate, cast and add.
+Inputs fp16/bf16/fp32 compute in fp32 and return fp32; fp64 inputs compute (and return) fp64.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import cholesky as _chol
+from . import gram as _gram
+from . import linear_ce as _ce
+
+
+def gram(x: Tensor, lam: float = 0.0) -> Tensor:
+    """x (m, d) -> x x^T + lam I (m, m), fp32 (fp64 for fp64 x)."""
+    return _gram.gram(x, lam)
+
+
+def _system(phi: Tensor, lam: float, mode: str) -> Tensor:
+    return _gram.gram(phi, lam) if mode == "dual" else _gram.gram(phi.T, lam)
+
+
+def ridge_forward(phi: Tensor, y: Tensor, lam: float, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    """W (d, C) = ridge probe of phi (m, d) and y (m, C); mode 'dual' or 'primal'.
+
+    Returns (w, factor, info): factor the lower Cholesky factor of the system (fp32, fp64 for fp64 inputs),
+    info an int32 0-D tensor, 0 on success, else the 1-based index of the first non-positive pivot
+    (w is then not meaningful; the public op raises NotPositiveDefiniteError).
+    """
+    factor, info = _chol.cholesky(_system(phi, lam, mode))
+    if mode == "dual":
+        alpha = _chol.cholesky_solve(y, factor)              # (m, C)
+        w = _gram.matmul(phi.T, alpha)                       # phi^T alpha
+    else:
+        w = _chol.cholesky_solve(_gram.matmul(phi.T, y), factor)
+    return w, factor, info
+
+
+def ridge_backward(phi: Tensor, y: Tensor, w: Tensor, factor: Tensor, grad_w: Tensor, mode: str,
+                   need_phi: bool, need_y: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients through W = ridge(phi, y), reusing the forward's factor (formulas in clpdd_fast.reference)."""
+    dt = factor.dtype
+    g = grad_w.to(dt)
+    grad_phi = grad_y = None
+    if mode == "dual":
+        beta = _chol.cholesky_solve(_gram.matmul(phi, g), factor)                  # A^-1 phi G   (m, C)
+        if need_phi:
+            alpha = _chol.cholesky_solve(y, factor)                                # A^-1 y       (m, C)
+            # dphi = alpha G^T - beta (alpha^T phi) - alpha (beta^T phi)
+            grad_phi = _gram.matmul(alpha, g.T)
+            _gram.matmul(beta, _gram.matmul(alpha.T, phi), out=grad_phi, alpha=-1.0, accumulate=True)
+            _gram.matmul(alpha, _gram.matmul(beta.T, phi), out=grad_phi, alpha=-1.0, accumulate=True)
+        if need_y:
+            grad_y = beta
+    else:
+        gamma = _chol.cholesky_solve(g, factor)                                    # B^-1 G       (d, C)
+        if need_phi:
+            # dphi = y gamma^T - (phi gamma) W^T - (phi W) gamma^T
+            grad_phi = _gram.matmul(y, gamma.T)
+            _gram.matmul(_gram.matmul(phi, gamma), w.T.to(dt), out=grad_phi, alpha=-1.0, accumulate=True)
+            _gram.matmul(_gram.matmul(phi, w.to(dt)), gamma.T, out=grad_phi, alpha=-1.0, accumulate=True)
+        if need_y:
+            grad_y = _gram.matmul(phi, gamma)
+    return grad_phi, grad_y
+
+
+def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int,
+                      chunk_size: int) -> tuple[Tensor, Tensor]:
+    """(loss_rows (N,), lse (N,)) of softmax(x w / tau) against target; fused, no logits buffer."""
+    return _ce.linear_ce_forward(x, w, target, tau, ignore_index, chunk_size)
+
+
+def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
+                       ignore_index: int, chunk_size: int, need_x: bool,
+                       need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_x (N, d), grad_w (d, C)) or None where not needed; deterministic (no atomics)."""
+    return _ce.linear_ce_backward(x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, need_x, need_w)
+
+
+__all__ = ["gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward"]

@@ -1,0 +1,220 @@
+"""Fused linear temperature-softmax cross-entropy: loss_i = logsumexp(x_i W / tau) - (x_i W / tau)[y_i].
+
+Forward (`linear_ce_forward`): one program per block of BN rows loops over class tiles of BC columns, computes each
+(BN, BC) logits tile as a tiled product over the feature dimension (BD at a time), scales it by the runtime float
+1/tau, and folds it into an online logsumexp and the picked target logit. Only (N,) losses and (N,) logsumexps
+are written: no logits exist beyond one register tile.
+
+Backward (`linear_ce_backward`), over row chunks of at most `chunk_size` rows (and at most COEF_BUDGET_BYTES of
+coefficients):
+  1. `_ce_coef_kernel` recomputes each logits tile and writes coef = (softmax - onehot) * grad_row / tau for the
+     chunk (chunk x C; bf16 on the bf16 path, fp32 otherwise);
+  2. dW += x_chunk^T @ coef by the strided matmul kernel, split over the chunk's rows into `splits` fixed slices
+     that each own a private fp32 partial dW (read-modify-write, no atomics); the partials are summed in a fixed
+     order at the end, so two runs give bitwise-identical dW;
+  3. dX_chunk = coef @ W^T when x needs a gradient.
+Extra memory: one coefficient chunk (<= COEF_BUDGET_BYTES) + splits x d x C fp32 partials; never N x C.
+
+Precision: when x and w are both bf16 (or both fp16) the products use tensor cores in that dtype with fp32
+accumulation; otherwise operands are fp32 and the products are exact fp32 ("ieee") unless CLPDD_CE_PRECISION=tf32.
+fp64 inputs compute in fp64.
+
+Tiles: fixed defaults below; CLPDD_AUTOTUNE=1 (read at import) autotunes the two CE kernels over a few configs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .gram import TL_DTYPES, accumulate_dtype, dot_dtype, matmul
+
+# default tiles: rows, classes, features per step; on the interpreter the same sizes run (fewer numpy steps)
+BLOCKS = {"BN": 64, "BC": 128, "BD": 64}
+NUM_WARPS = 8
+NUM_STAGES = 3
+COEF_BUDGET_BYTES = 32 * 2**20     # one backward chunk of coefficients (32 MiB)
+MAX_SPLITS = 8                     # fp32 partial dW buffers (each d x C)
+AUTOTUNE = os.environ.get("CLPDD_AUTOTUNE") == "1"
+_CONFIGS = [triton.Config({"BN": bn, "BC": bc, "BD": bd}, num_warps=w, num_stages=s)
+            for bn, bc, bd, w, s in [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3),
+                                     (128, 64, 32, 4, 4), (64, 256, 32, 8, 3)]]
+
+
+def fp32_precision() -> str:
+    value = os.environ.get("CLPDD_CE_PRECISION", "ieee")
+    if value not in ("ieee", "tf32"):
+        raise ValueError(f"CLPDD_CE_PRECISION: expected 'ieee' or 'tf32', got {value!r}")
+    return value
+
+
+@triton.jit
+def _logits_tile(x_ptr, w_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
+                 DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                 BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+    """(BN, BC) tile of x w / tau with -inf in the columns past C."""
+    acc = tl.zeros((BN, BC), dtype=ACC_DTYPE)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD).to(tl.int64)
+        xt = tl.load(x_ptr + rows[:, None] * s_x0 + ds[None, :] * s_x1,
+                     mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
+        wt = tl.load(w_ptr + ds[:, None] * s_w0 + cols[None, :] * s_w1,
+                     mask=(ds[:, None] < D) & (cols[None, :] < C), other=0.0)
+        acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return tl.where(cols[None, :] < C, acc * inv_tau, float("-inf"))
+
+
+@triton.jit
+def _ce_forward_kernel(x_ptr, w_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, s_x0, s_x1, s_w0, s_w1,
+                       inv_tau, ignore_index,
+                       DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                       BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    rmask = rows < N
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=ignore_index).to(tl.int64)
+    m_i = tl.full((BN,), float("-inf"), dtype=ACC_DTYPE)
+    s_i = tl.zeros((BN,), dtype=ACC_DTYPE)
+    picked = tl.zeros((BN,), dtype=ACC_DTYPE)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC).to(tl.int64)
+        logits = _logits_tile(x_ptr, w_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
+                              DOT_DTYPE, ACC_DTYPE, PRECISION, BN, BC, BD)
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        m_i = m_new
+        picked += tl.sum(tl.where(cols[None, :] == tgt[:, None], logits, 0.0), axis=1)
+    lse = m_i + tl.log(s_i)
+    loss = tl.where(tgt != ignore_index, lse - picked, 0.0)
+    tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=rmask)
+    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _ce_coef_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, coef_ptr, N, D, C, s_x0, s_x1, s_w0, s_w1,
+                    s_c0, s_c1, inv_tau,
+                    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                    BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    cols = pid_c.to(tl.int64) * BC + tl.arange(0, BC).to(tl.int64)
+    rmask = rows < N
+    # ignored rows have g == 0 (folded in by the caller), and their target never equals a column index
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(ACC_DTYPE)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(ACC_DTYPE) * inv_tau
+    logits = _logits_tile(x_ptr, w_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
+                          DOT_DTYPE, ACC_DTYPE, PRECISION, BN, BC, BD)
+    p = tl.exp(logits - lse[:, None])
+    coef = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
+    tl.store(coef_ptr + rows[:, None] * s_c0 + cols[None, :] * s_c1, coef.to(coef_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (cols[None, :] < C))
+
+
+if AUTOTUNE:
+    _ce_forward_kernel = triton.autotune(_CONFIGS, key=["D", "C"])(_ce_forward_kernel)
+    _ce_coef_kernel = triton.autotune(_CONFIGS, key=["D", "C"])(_ce_coef_kernel)
+
+
+def _launch_meta(blocks: dict | None) -> dict:
+    if AUTOTUNE and blocks is None:
+        return {}
+    meta = dict(BLOCKS if blocks is None else blocks)
+    meta.setdefault("num_warps", NUM_WARPS)
+    meta.setdefault("num_stages", NUM_STAGES)
+    return meta
+
+
+def _precision(x: Tensor, w: Tensor) -> tuple[torch.dtype, torch.dtype, str]:
+    acc = accumulate_dtype(x, w)
+    ddt = dot_dtype(x, w)
+    return acc, ddt, (fp32_precision() if ddt == torch.float32 else "ieee")
+
+
+def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
+                      blocks: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row CE of softmax(x w / tau) against target, fused (no logits buffer).
+
+    Args:
+        x: (N, d) fp16/bf16/fp32/fp64, any strides. w: (d, C), same family of dtypes.
+        target: (N,) int32/int64 in [0, C) or ignore_index. tau: runtime float > 0.
+        chunk_size: unused (the kernel never holds more than a (BN, BC) logits tile); kept for the backend contract.
+        blocks: optional {"BN", "BC", "BD"} tile override (powers of two >= 16), e.g. for tests.
+    Returns:
+        (loss_rows (N,), lse (N,)) fp32 (fp64 for fp64 inputs); ignored rows get loss 0.
+    """
+    n, d = x.shape
+    num_classes = w.shape[1]
+    acc, ddt, prec = _precision(x, w)
+    loss = torch.empty(n, dtype=acc, device=x.device)
+    lse = torch.empty(n, dtype=acc, device=x.device)
+    meta = _launch_meta(blocks)
+    grid = lambda m: (triton.cdiv(n, m["BN"]),)  # noqa: E731
+    _ce_forward_kernel[grid](x, w, target, loss, lse, n, d, num_classes, x.stride(0), x.stride(1),
+                             w.stride(0), w.stride(1), 1.0 / tau, int(ignore_index),
+                             DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
+    return loss, lse
+
+
+def _num_splits(device: torch.device, d: int, num_classes: int) -> int:
+    """Fixed slices of the row reduction for dW: enough output tiles x slices to fill the GPU twice."""
+    if device.type != "cuda":
+        return 2  # the interpreter: exercise the split path
+    tiles = triton.cdiv(d, 64) * triton.cdiv(num_classes, 64)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, tiles)))
+
+
+def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
+                       ignore_index: int, chunk_size: int, need_x: bool, need_w: bool,
+                       blocks: dict | None = None, splits: int | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of sum_i grad_rows[i] * loss_i wrt x and w, recomputing logits tiles; deterministic.
+
+    Args:
+        x (N, d), w (d, C), target (N,), tau: as in the forward. lse (N,): the forward's logsumexp.
+        grad_rows (N,): per-row weights, already scaled by the reduction and 0 on ignored rows.
+        ignore_index: unused here (grad_rows is 0 on ignored rows), kept for the backend contract.
+        chunk_size: rows per backward chunk (also bounded by COEF_BUDGET_BYTES of coefficients).
+        need_x, need_w: which gradients to compute. blocks, splits: tile / split overrides (tests).
+    Returns:
+        (grad_x (N, d), grad_w (d, C)) fp32 (fp64 for fp64 inputs), or None where not needed.
+    """
+    n, d = x.shape
+    num_classes = w.shape[1]
+    acc, ddt, prec = _precision(x, w)
+    if not (need_x or need_w):
+        return None, None
+    coef_dt = torch.bfloat16 if ddt == torch.bfloat16 else acc
+    coef_bytes = torch.empty((), dtype=coef_dt).element_size()
+    rows = max(1, min(chunk_size, n, COEF_BUDGET_BYTES // (coef_bytes * num_classes)))
+    coef = torch.empty((rows, num_classes), dtype=coef_dt, device=x.device)
+    splits = _num_splits(x.device, d, num_classes) if splits is None else splits
+    parts = torch.empty((splits, d, num_classes), dtype=acc, device=x.device) if need_w else None
+    grad_x = torch.empty((n, d), dtype=acc, device=x.device) if need_x else None
+    grad_rows = grad_rows.to(acc).contiguous()
+    lse = lse.contiguous()
+    meta = _launch_meta(blocks)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        nrows = stop - start
+        xc = x[start:stop]
+        grid = lambda m: (triton.cdiv(nrows, m["BN"]), triton.cdiv(num_classes, m["BC"]))  # noqa: E731
+        _ce_coef_kernel[grid](xc, w, target[start:stop], lse[start:stop], grad_rows[start:stop], coef,
+                              nrows, d, num_classes, xc.stride(0), xc.stride(1), w.stride(0), w.stride(1),
+                              coef.stride(0), coef.stride(1), 1.0 / tau,
+                              DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
+        cchunk = coef[:nrows]
+        if need_w:
+            matmul(xc.T, cchunk, out=parts, accumulate=start > 0, splits=splits, precision=prec)
+        if need_x:
+            matmul(cchunk, w.T, out=grad_x[start:stop], precision=prec)
+    grad_w = None
+    if need_w:
+        grad_w = parts[0].clone()
+        for s in range(1, splits):  # fixed order: bitwise reproducible
+            grad_w += parts[s]
+    return grad_x, grad_w
