@@ -1,0 +1,282 @@
+"""Benchmark the public ops: Triton backend vs the torch path (eager), torch.compile, Liger-Kernel and cut-cross-entropy.
+
+Each row: median (and 20th/80th percentile) time from triton.testing.do_bench, peak memory beyond the inputs from
+torch.cuda.max_memory_allocated, achieved TFLOP/s and the ratio to the dense matmul rate measured in the same run.
+Rows are printed and appended to a markdown file (default benchmarks/RESULTS.md) under a header that names the
+date, GPU, commit and command.
+
+    python3 benchmarks/bench_ops.py                 # all shapes of the issue (ImageNet-1K/100 CE, ridge m=100..10000)
+    python3 benchmarks/bench_ops.py --quick         # small shapes: a smoke run in seconds
+    python3 benchmarks/bench_ops.py --ops ce --ce-shapes imagenet100 --no-compile --results /tmp/rows.md
+
+Needs a CUDA GPU: exits with status 2 and a message otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CE_SHAPES = {  # name: (N real features, d, C)
+    "imagenet1k": (1_281_167, 768, 1000),
+    "imagenet100": (126_689, 768, 100),
+    "quick": (65_537, 768, 1000),
+}
+RIDGE_M = (100, 1000, 10000)
+RIDGE_D, RIDGE_C = 768, 1000
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes (CE N=65537, ridge m in {100, 1000})")
+    p.add_argument("--ops", default="matmul,ce,ridge,gram", help="comma list of matmul,ce,ridge,gram")
+    p.add_argument("--ce-shapes", default="imagenet1k,imagenet100", help=f"comma list of {sorted(CE_SHAPES)}")
+    p.add_argument("--ridge-m", default=",".join(map(str, RIDGE_M)), help="comma list of m (d=768, C=1000)")
+    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines (they compile ~1 min)")
+    p.add_argument("--no-mixed", action="store_true", help="skip the bf16-x / fp32-w CE rows")
+    p.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file the rows are appended to")
+    p.add_argument("--no-append", action="store_true", help="print rows only")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.ce_shapes, args.ridge_m = "quick", "100,1000"
+    return args
+
+
+def git_commit() -> str:
+    if os.environ.get("CLPDD_COMMIT"):
+        return os.environ["CLPDD_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+class Table:
+    COLUMNS = ["op", "shape", "dtype", "impl", "median ms", "p20-p80 ms", "peak extra MiB", "TFLOP/s",
+               "x dense rate", "note"]
+
+    def __init__(self, path: str | None, header: str):
+        self.path = path
+        self.lines = [header, "", "| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]
+        print("\n".join(self.lines), flush=True)
+        if path:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n" + "\n".join(self.lines) + "\n")
+
+    def row(self, *cells):
+        line = "| " + " | ".join(str(c) for c in cells) + " |"
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+
+def bench(fn, setup=None):
+    """(median, p20, p80) ms with do_bench, and the peak memory (MiB) of one call beyond what was allocated before."""
+    from triton.testing import do_bench
+    if setup:
+        setup()
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+    return med, p20, p80, peak
+
+
+def matmul_rates(table: Table) -> dict:
+    """Dense matmul TFLOP/s in this run: bf16 (tensor cores) and fp32 with exact products (no TF32)."""
+    rates = {}
+    n = 8192
+    for name, dt in (("bf16", torch.bfloat16), ("fp32-ieee", torch.float32)):
+        a = torch.randn(n, n, device="cuda", dtype=dt)
+        b = torch.randn(n, n, device="cuda", dtype=dt)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        med, p20, p80, peak = bench(lambda: a @ b)
+        rates[name] = 2 * n**3 / med / 1e9
+        table.row("matmul", f"{n}x{n}x{n}", name, "torch.mm (cuBLAS)", f"{med:.3f}", f"{p20:.3f}-{p80:.3f}",
+                  f"{peak:.0f}", f"{rates[name]:.0f}", "1.00", "reference rate")
+        del a, b
+    return rates
+
+
+def _ce_naive(x, w, t, tau):
+    return F.cross_entropy((x.float() @ w.float()) / tau, t)
+
+
+def bench_ce(table: Table, shape_name: str, args, rates: dict):
+    from clpdd_fast import ops
+    n, d, num_classes = CE_SHAPES[shape_name]
+    shape = f"{shape_name} N={n} d={d} C={num_classes}"
+    flops = 6.0 * n * d * num_classes      # forward GEMM + recomputed logits GEMM + dW GEMM
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = torch.randint(0, num_classes, (n,), device="cuda", generator=g)
+    variants = [("bf16", torch.bfloat16)] + ([] if args.no_mixed else [("bf16 x / fp32 w", torch.float32)])
+    for dname, wdt in variants:
+        w = (torch.randn(d, num_classes, device="cuda", generator=g) * 0.05).to(wdt).requires_grad_()
+        rate = rates.get("bf16" if wdt == torch.bfloat16 else "fp32-ieee")
+
+        def run(fn):
+            def step():
+                w.grad = None
+                fn().backward()
+            return step
+
+        impls = [
+            ("triton (fused)", run(lambda: ops.linear_softmax_ce(x, w, t, args.tau, backend="triton",
+                                                                  check_finite=False)), "fwd + dW"),
+            ("torch eager, chunked reference", run(lambda: ops.linear_softmax_ce(x, w, t, args.tau, backend="torch",
+                                                                                  check_finite=False)), "fwd + dW"),
+            ("torch eager, full logits", run(lambda: _ce_naive(x, w, t, args.tau)), "fwd + dW; N x C logits"),
+        ]
+        if not args.no_compile:
+            compiled = torch.compile(_ce_naive, dynamic=False)
+            impls.append(("torch.compile (full logits)", run(lambda: compiled(x, w, t, args.tau)), "fwd + dW"))
+        impls += _external_ce(x, w, t, args.tau)
+        for impl, fn, note in impls:
+            try:
+                med, p20, p80, peak = bench(fn)
+            except Exception as err:  # out of memory, missing kernels: record and go on
+                table.row("linear_softmax_ce", shape, dname, impl, "-", "-", "-", "-", "-",
+                          f"failed: {type(err).__name__}: {str(err)[:80]}")
+                torch.cuda.empty_cache()
+                continue
+            tflops = flops / med / 1e9
+            ratio = f"{med / (flops / rate / 1e9):.2f}" if rate else "-"
+            table.row("linear_softmax_ce", shape, dname, impl, f"{med:.2f}", f"{p20:.2f}-{p80:.2f}", f"{peak:.0f}",
+                      f"{tflops:.0f}", ratio, note + "; ratio = time / (3 dense GEMMs at the measured rate)")
+        del w
+        torch.cuda.empty_cache()
+
+
+def _external_ce(x, w, t, tau):
+    """Liger-Kernel and cut-cross-entropy when importable (they take the class-major (C, d) weight)."""
+    out = []
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        xg = x.detach().clone().requires_grad_()   # Liger computes dW only when x requires grad
+
+        def liger():
+            wt = (w / tau).T.contiguous() if w.dtype == x.dtype else (w / tau).T.to(x.dtype).contiguous()
+            return liger_fused_linear_cross_entropy(xg, wt, t)
+        out.append(("Liger-Kernel fused linear CE", _with_backward(liger, w, xg),
+                    "needs x.requires_grad for dW, so dX is computed too"))
+    except Exception:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce():
+            wt = (w / tau).T.to(x.dtype)
+            return linear_cross_entropy(x, wt, t)
+        out.append(("cut-cross-entropy", _with_backward(cce, w), "fwd + dW"))
+    except Exception:
+        pass
+    if not out:
+        print("# Liger-Kernel / cut-cross-entropy not importable: skipped", flush=True)
+    return out
+
+
+def _with_backward(fn, w, xg=None):
+    def step():
+        w.grad = None
+        if xg is not None:
+            xg.grad = None
+        fn().backward()
+    return step
+
+
+def bench_ridge(table: Table, args, rates: dict):
+    from clpdd_fast import ops
+    from clpdd_fast.kernels import cholesky as kchol
+    from clpdd_fast.kernels import gram as kgram
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for m in (int(v) for v in args.ridge_m.split(",")):
+        g = torch.Generator(device="cuda").manual_seed(m)
+        phi = torch.randn(m, RIDGE_D, device="cuda", generator=g).requires_grad_()
+        y = F.one_hot(torch.arange(m, device="cuda") % RIDGE_C, RIDGE_C).float()
+        gw = torch.randn(RIDGE_D, RIDGE_C, device="cuda", generator=g)
+        modes = ["auto"] + (["dual"] if m > RIDGE_D else [])
+        for mode in modes:
+            resolved = "dual" if (mode == "dual" or m <= RIDGE_D) else "primal"
+            shape = f"m={m} d={RIDGE_D} C={RIDGE_C} {mode}->{resolved}"
+            for impl in ("triton", "torch"):
+                def step():
+                    phi.grad = None
+                    w = ops.ridge_solve(phi, y, 1.0, mode, backend=impl, check_finite=False)
+                    w.backward(gw)
+                try:
+                    med, p20, p80, peak = bench(step)
+                except Exception as err:
+                    table.row("ridge_solve", shape, "fp32", impl, "-", "-", "-", "-", "-", f"failed: {err!s:.80}")
+                    continue
+                label = "triton (Gram + blocked Cholesky + solves)" if impl == "triton" else \
+                    "torch (cuBLAS + cholesky_ex + cholesky_solve)"
+                table.row("ridge_solve", shape, "fp32", label, f"{med:.3f}", f"{p20:.3f}-{p80:.3f}",
+                          f"{peak:.0f}", "-", "-", "fwd + bwd (dphi)")
+        # the factorisation + solve alone, at the dual size n = m, against cuSOLVER
+        a = kgram.gram(phi.detach(), 1.0)
+        for impl, fn in (("triton cholesky + cholesky_solve", lambda: kchol.cholesky_solve(y, kchol.cholesky(a)[0])),
+                         ("cuSOLVER cholesky_ex + cholesky_solve",
+                          lambda: torch.cholesky_solve(y, torch.linalg.cholesky_ex(a)[0]))):
+            med, p20, p80, peak = bench(fn)
+            flops = m**3 / 3 + 2 * m * m * RIDGE_C
+            table.row("cholesky+solve", f"n={m} rhs={RIDGE_C}", "fp32", impl, f"{med:.3f}", f"{p20:.3f}-{p80:.3f}",
+                      f"{peak:.0f}", f"{flops / med / 1e9:.1f}", "-", "")
+
+
+def bench_gram(table: Table, args, rates: dict):
+    from clpdd_fast.kernels import gram as kgram
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for m in (int(v) for v in args.ridge_m.split(",")):
+        x = torch.randn(m, RIDGE_D, device="cuda")
+        flops = 2.0 * m * m * RIDGE_D
+        for impl, fn in (("triton (lower tiles + mirror)", lambda: kgram.gram(x, 1.0)),
+                         ("torch x @ x.T (fp32, no TF32)", lambda: x @ x.T)):
+            med, p20, p80, peak = bench(fn)
+            tfl = flops / med / 1e9
+            table.row("gram", f"m={m} d={RIDGE_D}", "fp32", impl, f"{med:.3f}", f"{p20:.3f}-{p80:.3f}",
+                      f"{peak:.0f}", f"{tfl:.1f}", f"{rates['fp32-ieee'] / tfl:.2f}" if "fp32-ieee" in rates else "-",
+                      "symmetric: half the flops of a full product")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_ops.py needs a CUDA GPU (the Triton kernels are compiled for it); none is visible here. "
+              "Run it on a GPU machine, e.g. through benchmarks/gpu_check.sh.", file=sys.stderr)
+        return 2
+    ops_wanted = set(args.ops.split(","))
+    gpu = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python3 benchmarks/bench_ops.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    import triton
+    header = (f"### {date} · {gpu} · commit {git_commit()} · torch {torch.__version__} · triton {triton.__version__}"
+              f"\n\nCommand: `{command.strip()}`")
+    table = Table(None if args.no_append else args.results, header)
+    rates = matmul_rates(table) if "matmul" in ops_wanted or "ce" in ops_wanted or "gram" in ops_wanted else {}
+    if "ce" in ops_wanted:
+        for name in args.ce_shapes.split(","):
+            bench_ce(table, name, args, rates)
+    if "ridge" in ops_wanted:
+        bench_ridge(table, args, rates)
+    if "gram" in ops_wanted:
+        bench_gram(table, args, rates)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

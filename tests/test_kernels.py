@@ -1,0 +1,419 @@
+"""The Triton kernels (kernels/) against the torch reference and a float64 oracle.
+
+Without CUDA every kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before the
+kernels are imported; if another test module imported them first without it, they are reloaded). With CUDA the
+same tests run compiled on the GPU, plus the GPU-only ones (bf16, large shapes, bitwise determinism, memory).
+Shapes are small and odd so that every dimension has a masked tail; tiles are >= 16 (GPU tl.dot minimum).
+"""
+import importlib
+import inspect
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # read by @triton.jit at decoration time, i.e. when kernels/ is imported
+
+import triton  # noqa: E402
+
+from clpdd_fast import reference  # noqa: E402
+from clpdd_fast import ops  # noqa: E402
+from clpdd_fast.validation import NotPositiveDefiniteError  # noqa: E402
+
+
+def _kernel_modules():
+    """Import (or, if imported earlier without the interpreter on a CPU-only machine, reload) the kernel modules."""
+    names = ["clpdd_fast.kernels.gram", "clpdd_fast.kernels.cholesky", "clpdd_fast.kernels.linear_ce",
+             "clpdd_fast.kernels.backend"]
+    stale = not CUDA and "clpdd_fast.kernels.gram" in sys.modules and not type(
+        sys.modules["clpdd_fast.kernels.gram"]._matmul_kernel).__name__.startswith("Interpreted")
+    mods = []
+    for name in names:
+        mod = importlib.import_module(name)
+        mods.append(importlib.reload(mod) if stale else mod)
+    return mods
+
+
+kgram, kchol, kce, kbackend = _kernel_modules()
+
+DEVICE = "cuda" if CUDA else "cpu"
+SMALL = {"BN": 16, "BC": 16, "BD": 16}   # several tiles in every dimension at the test shapes
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton); gpu_check.sh runs it")
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def labels(n, num_classes, seed=0, ignore=()):
+    g = torch.Generator().manual_seed(seed + 1)
+    t = torch.randint(0, num_classes, (n,), generator=g)
+    for i in ignore:
+        t[i] = -100
+    return t.to(DEVICE)
+
+
+def close_to_exact(fast, ref, exact, tol):
+    """|fast - exact| <= 2 |torch in the same precision - exact| + tol * max|exact| (elementwise maxima)."""
+    assert fast.shape == exact.shape, (fast.shape, exact.shape)
+    assert torch.isfinite(fast).all(), "non-finite entries (unwritten output?)"
+    exact = exact.double().cpu()
+    err_fast = (fast.double().cpu() - exact).abs().max().item()
+    err_ref = (ref.double().cpu() - exact).abs().max().item()
+    bound = 2 * err_ref + tol * max(exact.abs().max().item(), 1.0)
+    assert err_fast <= bound, f"error {err_fast:.3g} > bound {bound:.3g} (torch error {err_ref:.3g})"
+
+
+def tol_for(dtype):
+    return 1e-12 if dtype == torch.float64 else 2e-5
+
+
+# ----------------------------------------------------------------------------------------------- contract
+def test_backend_exposes_the_reference_functions_with_the_same_signatures():
+    for name in ("gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward"):
+        ours = inspect.signature(getattr(kbackend, name))
+        theirs = inspect.signature(getattr(reference, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+
+
+def test_kernels_run_under_the_interpreter_on_cpu():
+    if not CUDA:
+        assert type(kgram._matmul_kernel).__name__.startswith("Interpreted")
+    assert ops.resolve_backend("triton", torch.device(DEVICE)) is kbackend
+
+
+# ----------------------------------------------------------------------------------------------- gram / matmul
+@pytest.mark.parametrize("m,d", [(29, 19), (19, 37), (70, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("lam", [0.0, 1e-7, 1e3])
+def test_gram_matches_float64(m, d, dtype, lam):
+    x = rand(m, d, dtype=dtype, seed=m + d)
+    k = kgram.gram(x, lam)
+    assert k.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(k, k.T), "mirrored tiles must be exactly symmetric"
+    exact = reference.gram(x.double(), lam)
+    close_to_exact(k, reference.gram(x, lam), exact, tol_for(dtype))
+
+
+def test_gram_of_a_transposed_view_and_bf16_is_fp32():
+    x = rand(23, 41, seed=3)
+    close_to_exact(kgram.gram(x.T, 0.5), reference.gram(x.T, 0.5), reference.gram(x.T.double(), 0.5), 2e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_matmul_strides_splits_accumulate_and_poisoned_output(splits):
+    a, b = rand(50, 33, seed=1), rand(41, 33, seed=2).T            # b is a transposed view
+    out = torch.full((splits, 50, 41) if splits > 1 else (50, 41), float("nan"), device=DEVICE)
+    kgram.matmul(a, b, out=out, alpha=2.0, splits=splits)
+    total = out.sum(0) if splits > 1 else out
+    exact = 2.0 * a.double() @ b.double()
+    close_to_exact(total, (2.0 * a @ b), exact, 2e-5)
+    kgram.matmul(a, b, out=out, alpha=-1.0, splits=splits, accumulate=True)
+    total = out.sum(0) if splits > 1 else out
+    close_to_exact(total, a @ b, a.double() @ b.double(), 2e-5)
+
+
+# ----------------------------------------------------------------------------------------------- cholesky
+def spd(n, dtype, seed=0, lam=0.1):
+    x = rand(n, n + 5, dtype=torch.float64, seed=seed)
+    return (x @ x.T + lam * torch.eye(n, dtype=torch.float64, device=DEVICE)).to(dtype)
+
+
+@pytest.mark.parametrize("n", [29, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cholesky_and_solve_match_float64(n, dtype):
+    a = spd(n, dtype, seed=n)
+    factor, info = kchol.cholesky(a, block=16)
+    assert int(info) == 0 and factor.dtype == dtype
+    assert torch.equal(torch.triu(factor, 1), torch.zeros_like(factor))
+    exact = torch.linalg.cholesky(a.double())
+    close_to_exact(factor, torch.linalg.cholesky(a), exact, tol_for(dtype))
+    b = rand(n, 21, dtype=dtype, seed=7)
+    x = kchol.cholesky_solve(b, factor, block=16, block_rhs=16)
+    exact_x = torch.cholesky_solve(b.double(), exact)
+    close_to_exact(x, torch.cholesky_solve(b, torch.linalg.cholesky(a)), exact_x, tol_for(dtype) * 10)
+
+
+def test_cholesky_default_blocks_single_block():
+    a = spd(13, torch.float32, seed=5)
+    factor, info = kchol.cholesky(a)
+    close_to_exact(factor, torch.linalg.cholesky(a), torch.linalg.cholesky(a.double()), 2e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("case", ["negative_in_second_block", "negative_definite", "nan", "indefinite"])
+def test_cholesky_reports_the_first_bad_pivot_like_lapack(case):
+    n = 40
+    if case == "negative_in_second_block":
+        a = torch.eye(n, device=DEVICE)
+        a[20, 20] = -1.0
+        a[33, 33] = -1.0
+    elif case == "negative_definite":
+        a = -spd(n, torch.float32, seed=1)
+    elif case == "nan":
+        a = spd(n, torch.float32, seed=2)
+        a[17, 17] = float("nan")
+    else:
+        a = spd(n, torch.float32, seed=3)
+        a[25, 24] = a[24, 25] = 1e4   # 2x2 minor at (24, 25) indefinite
+    _, info = kchol.cholesky(a, block=16)
+    _, expected = torch.linalg.cholesky_ex(a.cpu())
+    assert int(info) == int(expected) > 0
+
+
+# ----------------------------------------------------------------------------------------------- ridge
+RIDGE_CASES = [(29, 19, 7, "primal"), (29, 19, 7, "dual"), (13, 37, 5, "dual"), (13, 37, 5, "primal")]
+
+
+@pytest.mark.parametrize("m,d,num_classes,mode", RIDGE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lam", [0.5, 1e3])
+def test_ridge_forward_backward_match_reference_and_float64(m, d, num_classes, mode, dtype, lam):
+    phi = rand(m, d, dtype=dtype, seed=m)
+    y = rand(m, num_classes, dtype=dtype, seed=d)
+    w, factor, info = kbackend.ridge_forward(phi, y, lam, mode)
+    assert int(info) == 0
+    w_ref, factor_ref, _ = reference.ridge_forward(phi, y, lam, mode)
+    w_ex, factor_ex, _ = reference.ridge_forward(phi.double(), y.double(), lam, mode)
+    tol = tol_for(dtype) * 10
+    close_to_exact(w, w_ref, w_ex, tol)
+    close_to_exact(factor, factor_ref, factor_ex, tol)
+    g = rand(d, num_classes, dtype=dtype, seed=11)
+    gp, gy = kbackend.ridge_backward(phi, y, w, factor, g, mode, True, True)
+    gp_ref, gy_ref = reference.ridge_backward(phi, y, w_ref, factor_ref, g, mode, True, True)
+    gp_ex, gy_ex = reference.ridge_backward(phi.double(), y.double(), w_ex, factor_ex, g.double(), mode, True, True)
+    close_to_exact(gp, gp_ref, gp_ex, tol)
+    close_to_exact(gy, gy_ref, gy_ex, tol)
+    assert kbackend.ridge_backward(phi, y, w, factor, g, mode, False, False) == (None, None)
+
+
+def test_ridge_low_precision_inputs_and_tiny_lam():
+    phi = rand(13, 37, dtype=torch.float16, seed=4)
+    y = rand(13, 5, dtype=torch.float16, seed=5)
+    w, factor, info = kbackend.ridge_forward(phi, y, 1e-6, "dual")
+    assert int(info) == 0 and w.dtype == torch.float32
+    w_ref, _, _ = reference.ridge_forward(phi, y, 1e-6, "dual")
+    w_ex, _, _ = reference.ridge_forward(phi.double(), y.double(), 1e-6, "dual")
+    close_to_exact(w, w_ref, w_ex, 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- linear CE
+CE_SHAPE = (37, 19, 23)   # N, d, C: tails in every dimension with 16-wide tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("tau", [0.03, 1.0, 50.0])
+def test_linear_ce_forward_backward_match_float64(dtype, tau):
+    n, d, num_classes = CE_SHAPE
+    x = rand(n, d, dtype=dtype, seed=1)
+    w = rand(d, num_classes, dtype=dtype, seed=2, scale=0.5)
+    t = labels(n, num_classes, ignore=(3, 36))
+    loss, lse = kce.linear_ce_forward(x, w, t, tau, -100, 16, blocks=SMALL)
+    loss_ref, lse_ref = reference.linear_ce_forward(x, w, t, tau, -100, 16)
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, tau, -100, 16)
+    tol = tol_for(dtype) * 10
+    close_to_exact(loss, loss_ref, loss_ex, tol)
+    close_to_exact(lse, lse_ref, lse_ex, tol)
+    assert loss[3] == 0 and loss[36] == 0
+    grad_rows = rand(n, dtype=lse.dtype, seed=9).abs() * (t != -100)
+    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, grad_rows, -100, 16, True, True, blocks=SMALL, splits=2)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, tau, lse_ref, grad_rows, -100, 16, True, True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, tau, lse_ex, grad_rows.double(),
+                                                -100, 16, True, True)
+    close_to_exact(gx, gx_ref, gx_ex, tol)
+    close_to_exact(gw, gw_ref, gw_ex, tol)
+    assert torch.all(gx[3] == 0)
+
+
+@pytest.mark.parametrize("need_x,need_w", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("chunk_size", [1000, 16, 5])
+def test_linear_ce_backward_flags_and_chunking(need_x, need_w, chunk_size):
+    n, d, num_classes = CE_SHAPE
+    x, w, t = rand(n, d, seed=3), rand(d, num_classes, seed=4, scale=0.3), labels(n, num_classes, seed=2)
+    _, lse = reference.linear_ce_forward(x, w, t, 0.7, -100, n)
+    grad_rows = torch.full((n,), 1.0 / n, device=DEVICE)
+    gx, gw = kce.linear_ce_backward(x, w, t, 0.7, lse, grad_rows, -100, chunk_size, need_x, need_w,
+                                    blocks=SMALL, splits=3)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, 0.7, lse, grad_rows, -100, n, need_x, need_w)
+    assert (gx is None) == (not need_x) and (gw is None) == (not need_w)
+    if need_x:
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-7)
+    if need_w:
+        torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_linear_ce_default_tiles_mixed_dtypes_and_strided_inputs():
+    n, d, num_classes = CE_SHAPE
+    x = rand(d, n, dtype=torch.float16, seed=5).T                     # fp16 features, transposed view
+    w = rand(d, num_classes, seed=6, scale=0.3)                         # fp32 weights: fp32 ieee path
+    t = labels(n, num_classes, seed=3).int()
+    loss, lse = kce.linear_ce_forward(x, w, t, 0.5, -100, 8)
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, 0.5, -100, 8)
+    close_to_exact(loss, reference.linear_ce_forward(x, w, t, 0.5, -100, 8)[0], loss_ex, 1e-5)
+    gx, gw = kce.linear_ce_backward(x, w, t, 0.5, lse, torch.ones(n, device=DEVICE), -100, 8, True, True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.5, lse_ex,
+                                                torch.ones(n, dtype=torch.float64, device=DEVICE), -100, 8, True, True)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, 0.5, lse, torch.ones(n, device=DEVICE), -100, 8, True, True)
+    close_to_exact(gx, gx_ref, gx_ex, 1e-5)
+    close_to_exact(gw, gw_ref, gw_ex, 1e-5)
+
+
+def test_linear_ce_backward_is_bitwise_reproducible():
+    n, d, num_classes = CE_SHAPE
+    x, w, t = rand(n, d, seed=7), rand(d, num_classes, seed=8), labels(n, num_classes, seed=4)
+    _, lse = kce.linear_ce_forward(x, w, t, 1.0, -100, n, blocks=SMALL)
+    g = torch.ones(n, device=DEVICE)
+    first = kce.linear_ce_backward(x, w, t, 1.0, lse, g, -100, 16, True, True, blocks=SMALL)
+    second = kce.linear_ce_backward(x, w, t, 1.0, lse, g, -100, 16, True, True, blocks=SMALL)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+# ----------------------------------------------------------------------------------------------- public ops
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_public_linear_softmax_ce_triton_matches_torch(reduction):
+    n, d, num_classes = CE_SHAPE
+    results = {}
+    for backend, dtype in (("torch", torch.float32), ("triton", torch.float32), ("torch", torch.float64)):
+        x = rand(n, d, dtype=dtype, seed=1).requires_grad_()
+        w = rand(d, num_classes, dtype=dtype, seed=2, scale=0.5).requires_grad_()
+        t = labels(n, num_classes, ignore=(0, 5))
+        loss = ops.linear_softmax_ce(x, w, t, tau=0.2, reduction=reduction, chunk_size=16, backend=backend)
+        (loss.sum() if reduction == "none" else loss).backward()
+        results[backend, dtype] = (loss.detach(), x.grad, w.grad)
+    for fast, ref, exact in zip(results["triton", torch.float32], results["torch", torch.float32],
+                                results["torch", torch.float64]):
+        close_to_exact(fast, ref, exact, 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dual", "primal"])
+def test_public_ridge_solve_and_gram_triton_match_torch(mode):
+    results = {}
+    for backend, dtype in (("torch", torch.float32), ("triton", torch.float32), ("torch", torch.float64)):
+        phi = rand(29, 19, dtype=dtype, seed=2).requires_grad_()
+        y = rand(29, 7, dtype=dtype, seed=3).requires_grad_()
+        w = ops.ridge_solve(phi, y, 0.7, mode, backend=backend)
+        k = ops.gram(phi, 0.1, backend=backend)
+        ((w * rand(19, 7, dtype=dtype, seed=4)).sum() + (k * k).sum() * 1e-3).backward()
+        results[backend, dtype] = (w.detach(), k.detach(), phi.grad, y.grad)
+    for fast, ref, exact in zip(results["triton", torch.float32], results["torch", torch.float32],
+                                results["torch", torch.float64]):
+        close_to_exact(fast, ref, exact, 1e-5)
+
+
+def test_public_clpdd_loss_triton_matches_torch():
+    out = {}
+    for backend, dtype in (("torch", torch.float32), ("triton", torch.float32), ("torch", torch.float64)):
+        phi_s = rand(10, 19, dtype=dtype, seed=1).requires_grad_()
+        y_s = torch.arange(10, device=DEVICE) % 5
+        phi_r, y_r = rand(37, 19, dtype=dtype, seed=2), labels(37, 5)
+        loss = ops.clpdd_loss(phi_s, y_s, phi_r, y_r, lam=0.3, tau=0.5, num_classes=5, backend=backend)
+        loss.backward()
+        out[backend, dtype] = (loss.detach(), phi_s.grad)
+    for fast, ref, exact in zip(out["triton", torch.float32], out["torch", torch.float32],
+                                out["torch", torch.float64]):
+        close_to_exact(fast, ref, exact, 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
+def test_public_ridge_solve_raises_not_positive_definite_on_overflowing_features():
+    phi = torch.full((6, 5), 1e20, device=DEVICE)        # the Gram matrix overflows: inf / NaN pivots
+    y = rand(6, 3)
+    for backend in ("torch", "triton"):
+        with pytest.raises(NotPositiveDefiniteError, match="not positive definite"):
+            ops.ridge_solve(phi, y, 1e-3, "dual", backend=backend)
+
+
+def test_triton_path_never_calls_torch_linalg_or_cross_entropy(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton path called a torch routine it replaces")
+    for owner, name in [(torch.linalg, "cholesky"), (torch.linalg, "cholesky_ex"), (torch, "cholesky_solve"),
+                        (torch.linalg, "solve_triangular"), (torch.linalg, "solve"), (torch.linalg, "inv"),
+                        (torch, "logsumexp"), (torch.Tensor, "logsumexp"), (torch, "cholesky"),
+                        (torch.nn.functional, "cross_entropy"), (torch.nn.functional, "log_softmax"),
+                        (torch.nn.functional, "softmax"), (torch, "log_softmax"), (torch, "softmax")]:
+        monkeypatch.setattr(owner, name, boom)
+    phi_s = rand(10, 19, seed=1).requires_grad_()
+    y_s = torch.arange(10, device=DEVICE) % 5
+    phi_r, y_r = rand(37, 19, seed=2), labels(37, 5)
+    loss = ops.clpdd_loss(phi_s, y_s, phi_r, y_r, lam=0.3, tau=0.5, num_classes=5, backend="triton")
+    loss.backward()
+    k = ops.gram(phi_s, 0.1, backend="triton")
+    assert torch.isfinite(loss) and torch.isfinite(phi_s.grad).all() and torch.isfinite(k).all()
+    with pytest.raises(AssertionError, match="replaces"):
+        ops.clpdd_loss(phi_s, y_s, phi_r, y_r, lam=0.3, num_classes=5, backend="torch")
+
+
+# ----------------------------------------------------------------------------------------------- GPU only
+@gpu_only
+def test_gpu_bf16_linear_ce_and_ridge():
+    n, d, num_classes = 4099, 768, 1000
+    x = rand(n, d, dtype=torch.bfloat16, seed=1)
+    w = rand(d, num_classes, dtype=torch.bfloat16, seed=2, scale=0.05)
+    t = labels(n, num_classes, ignore=(7,))
+    loss, lse = kbackend.linear_ce_forward(x, w, t, 0.1, -100, 4096)
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, 0.1, -100, 4096)
+    torch.testing.assert_close(loss.double(), loss_ex, rtol=1e-4, atol=1e-3)
+    g = torch.full((n,), 1.0 / n, device=DEVICE) * (t != -100)
+    gx, gw = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 4096, True, True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.1, lse_ex, g.double(), -100, 4096,
+                                                True, True)
+    # bf16 coefficients: ~2^-9 relative per term
+    assert (gw.double() - gw_ex).abs().max() <= 1e-2 * gw_ex.abs().max()
+    assert (gx.double() - gx_ex).abs().max() <= 1e-2 * gx_ex.abs().max()
+    phi = rand(1000, 768, dtype=torch.bfloat16, seed=3)
+    y = torch.nn.functional.one_hot(torch.arange(1000, device=DEVICE) % 100, 100).to(torch.bfloat16)
+    for mode in ("dual", "primal"):
+        w_t, _, info = kbackend.ridge_forward(phi, y, 10.0, mode)
+        w_ex, _, _ = reference.ridge_forward(phi.double(), y.double(), 10.0, mode)
+        assert int(info) == 0
+        assert (w_t.double() - w_ex).abs().max() <= 1e-3 * w_ex.abs().max()
+
+
+@gpu_only
+def test_gpu_large_shapes_bitwise_determinism_and_memory():
+    n, d, num_classes = 200_003, 768, 1000
+    x = rand(n, d, dtype=torch.bfloat16, seed=4)
+    w = rand(d, num_classes, dtype=torch.bfloat16, seed=5, scale=0.05)
+    t = labels(n, num_classes)
+    loss, lse = kbackend.linear_ce_forward(x, w, t, 0.1, -100, 16384)
+    g = torch.full((n,), 1.0 / n, device=DEVICE)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _, gw1 = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 16384, False, True)
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 100 * 2**20, f"backward used {extra / 2**20:.1f} MiB beyond its inputs"
+    _, gw2 = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 16384, False, True)
+    assert torch.equal(gw1, gw2), "two runs must give bitwise-identical dW"
+    loss_ref, _ = reference.linear_ce_forward(x, w, t, 0.1, -100, 16384)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
+    a = spd(1000, torch.float32, seed=6)
+    f1, _ = kchol.cholesky(a)
+    f2, _ = kchol.cholesky(a)
+    assert torch.equal(f1, f2)
+
+
+@gpu_only
+def test_gpu_int64_row_offsets_beyond_2_pow_31_elements():
+    d, num_classes = 768, 16
+    n = (2**31) // d + 4099                                # n * d > 2^31: int32 offsets would wrap
+    try:
+        x = torch.empty((n, d), dtype=torch.bfloat16, device=DEVICE)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    x[: n - 64].zero_()
+    x[n - 64:] = rand(64, d, dtype=torch.bfloat16, seed=1)
+    w = rand(d, num_classes, dtype=torch.bfloat16, seed=2, scale=0.1)
+    t = labels(n, num_classes)
+    loss, _ = kbackend.linear_ce_forward(x, w, t, 1.0, -100, 1 << 20)
+    tail, _ = reference.linear_ce_forward(x[n - 64:], w, t[n - 64:], 1.0, -100, 64)
+    torch.testing.assert_close(loss[n - 64:], tail, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_version_is_recent_enough():
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    assert (major, minor) >= (3, 0)
