@@ -42,12 +42,18 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=0.1)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines (they compile ~1 min)")
     p.add_argument("--no-mixed", action="store_true", help="skip the bf16-x / fp32-w CE rows")
+    p.add_argument("--impls", default="", help="comma list of substrings: only CE/ridge implementations whose "
+                   "name contains one (e.g. 'compile' or 'triton'); empty runs all")
     p.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file the rows are appended to")
     p.add_argument("--no-append", action="store_true", help="print rows only")
     args = p.parse_args(argv)
     if args.quick:
         args.ce_shapes, args.ridge_m = "quick", "100,1000"
     return args
+
+
+def wanted(args, impl: str) -> bool:
+    return not args.impls or any(key in impl for key in args.impls.split(","))
 
 
 def git_commit() -> str:
@@ -147,6 +153,8 @@ def bench_ce(table: Table, shape_name: str, args, rates: dict):
             impls.append(("torch.compile (full logits)", run(lambda: compiled(x, w, t, args.tau)), "fwd + dW"))
         impls += _external_ce(x, w, t, args.tau)
         for impl, fn, note in impls:
+            if not wanted(args, impl):
+                continue
             try:
                 med, p20, p80, peak = bench(fn)
             except Exception as err:  # out of memory, missing kernels: record and go on
@@ -214,6 +222,9 @@ def bench_ridge(table: Table, args, rates: dict):
             resolved = "dual" if (mode == "dual" or m <= RIDGE_D) else "primal"
             shape = f"m={m} d={RIDGE_D} C={RIDGE_C} {mode}->{resolved}"
             for impl in ("triton", "torch"):
+                if not wanted(args, impl):
+                    continue
+
                 def step():
                     phi.grad = None
                     w = ops.ridge_solve(phi, y, 1.0, mode, backend=impl, check_finite=False)
@@ -228,6 +239,8 @@ def bench_ridge(table: Table, args, rates: dict):
                 table.row("ridge_solve", shape, "fp32", label, f"{med:.3f}", f"{p20:.3f}-{p80:.3f}",
                           f"{peak:.0f}", "-", "-", "fwd + bwd (dphi)")
         # the factorisation + solve alone, at the dual size n = m, against cuSOLVER
+        if args.impls and not wanted(args, "triton cuSOLVER"):
+            continue
         a = kgram.gram(phi.detach(), 1.0)
         for impl, fn in (("triton cholesky + cholesky_solve", lambda: kchol.cholesky_solve(y, kchol.cholesky(a)[0])),
                          ("cuSOLVER cholesky_ex + cholesky_solve",
@@ -268,13 +281,13 @@ def main(argv=None) -> int:
               f"\n\nCommand: `{command.strip()}`")
     table = Table(None if args.no_append else args.results, header)
     rates = matmul_rates(table) if "matmul" in ops_wanted or "ce" in ops_wanted or "gram" in ops_wanted else {}
-    if "ce" in ops_wanted:
-        for name in args.ce_shapes.split(","):
-            bench_ce(table, name, args, rates)
     if "ridge" in ops_wanted:
         bench_ridge(table, args, rates)
     if "gram" in ops_wanted:
         bench_gram(table, args, rates)
+    if "ce" in ops_wanted:
+        for name in args.ce_shapes.split(","):
+            bench_ce(table, name, args, rates)
     return 0
 
 

@@ -1,43 +1,35 @@
 """The Triton kernels (kernels/) against the torch reference and a float64 oracle.
 
-Without CUDA every kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before the
-kernels are imported; if another test module imported them first without it, they are reloaded). With CUDA the
+Without CUDA every kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before triton
+is imported; if another test module imported triton first without it, this file re-runs itself in a subprocess). With CUDA the
 same tests run compiled on the GPU, plus the GPU-only ones (bf16, large shapes, bitwise determinism, memory).
 Shapes are small and odd so that every dimension has a masked tail; tiles are >= 16 (GPU tl.dot minimum).
 """
-import importlib
 import inspect
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+# Triton reads TRITON_INTERPRET when its own @jit helpers (triton.language) and ours are decorated, i.e. at import.
+# If another test module imported triton first without it, the kernels cannot run interpreted in this process:
+# then every test here is skipped and one test re-runs this file in a fresh interpreter-mode process instead.
+PREIMPORTED = not CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # read by @triton.jit at decoration time, i.e. when kernels/ is imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import triton  # noqa: E402
 
 from clpdd_fast import reference  # noqa: E402
 from clpdd_fast import ops  # noqa: E402
 from clpdd_fast.validation import NotPositiveDefiniteError  # noqa: E402
-
-
-def _kernel_modules():
-    """Import (or, if imported earlier without the interpreter on a CPU-only machine, reload) the kernel modules."""
-    names = ["clpdd_fast.kernels.gram", "clpdd_fast.kernels.cholesky", "clpdd_fast.kernels.linear_ce",
-             "clpdd_fast.kernels.backend"]
-    stale = not CUDA and "clpdd_fast.kernels.gram" in sys.modules and not type(
-        sys.modules["clpdd_fast.kernels.gram"]._matmul_kernel).__name__.startswith("Interpreted")
-    mods = []
-    for name in names:
-        mod = importlib.import_module(name)
-        mods.append(importlib.reload(mod) if stale else mod)
-    return mods
-
-
-kgram, kchol, kce, kbackend = _kernel_modules()
+from clpdd_fast.kernels import backend as kbackend  # noqa: E402
+from clpdd_fast.kernels import cholesky as kchol  # noqa: E402
+from clpdd_fast.kernels import gram as kgram  # noqa: E402
+from clpdd_fast.kernels import linear_ce as kce  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 SMALL = {"BN": 16, "BC": 16, "BD": 16}   # several tiles in every dimension at the test shapes
@@ -417,3 +409,19 @@ def test_gpu_int64_row_offsets_beyond_2_pow_31_elements():
 def test_triton_version_is_recent_enough():
     major, minor = (int(p) for p in triton.__version__.split(".")[:2])
     assert (major, minor) >= (3, 0)
+
+
+@pytest.mark.skipif(not PREIMPORTED, reason="runs only when triton was imported before this module set "
+                                             "TRITON_INTERPRET=1 (the tests above then run in-process)")
+def test_kernels_in_a_fresh_interpreter_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+# every other test needs this process's kernels to be interpreted (see PREIMPORTED above)
+for _name, _fn in list(globals().items()):
+    if _name.startswith("test_") and _name != "test_kernels_in_a_fresh_interpreter_process":
+        globals()[_name] = pytest.mark.skipif(PREIMPORTED, reason="triton was imported before TRITON_INTERPRET=1 "
+                                              "was set; see test_kernels_in_a_fresh_interpreter_process")(_fn)
