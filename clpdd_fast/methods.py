@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from clpdd_fast.augment import Augment
@@ -97,3 +98,65 @@ def clpdd_loss_plain(synthetic: SyntheticImages, inputs: StepInputs, generator: 
 
 
 METHODS = {"clpdd": clpdd_step}
+
+
+# ------------------------------------------------------------------------------------------------------------- LGM
+LGM_HEAD_STD = 0.01  # LGM's random linear head: weights ~ N(0, 0.01^2), zero bias, redrawn every step
+
+
+def lgm_draws(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Generator):
+    """The random draws of one LGM step, in the order lgm_step makes them (tests replay them from a cloned generator):
+    a real batch of K * m images with its labels, their augmentation, the augmentation of K copies of the m synthetic
+    images. Returns (real_images, real_labels, real_params, synthetic_params)."""
+    if inputs.real_images is None:
+        raise ValueError("inputs.real_images: LGM needs real images every step; distill.py provides them "
+                         "(StepInputs.real_images = (n, generator) -> (images, labels))")
+    if inputs.augs_per_batch < 1:
+        raise ValueError(f"inputs.augs_per_batch: expected an integer >= 1, got {inputs.augs_per_batch}")
+    n = inputs.augs_per_batch * synthetic.num_images
+    device = synthetic.labels.device
+    real_images, real_labels = inputs.real_images(n, generator)
+    real_params = inputs.augment.sample(n, generator, device)
+    synthetic_params = inputs.augment.sample(n, generator, device)
+    return real_images.to(device), real_labels.to(device), real_params, synthetic_params
+
+
+def _features(images: Tensor, inputs: StepInputs) -> Tensor:
+    with torch.autocast(images.device.type, dtype=inputs.autocast_dtype or torch.float32,
+                        enabled=inputs.autocast_dtype is not None):
+        out = inputs.encoder(images)
+    return out if out.dtype == torch.float64 else out.float()  # float64 encoders (tests) keep their precision
+
+
+def lgm_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Generator) -> Tensor:
+    """One step of Linear Gradient Matching (Cazenavette et al.): returns the loss and accumulates its gradient.
+
+    A fresh random linear head (W ~ N(0, 0.01^2) of shape (d, C), b = 0) is drawn; g_real = d CE / d[W, b] on a batch
+    of K * m augmented real images (no graph), g_syn = the same on K augmented copies of the m synthetic images (with
+    graph); loss = 1 - cos(flatten(g_real), flatten(g_syn)), backpropagated through g_syn (a double backward through
+    the encoder) into the synthetic parameters. K = inputs.augs_per_batch. Not memory-bounded: all K * m synthetic
+    images' activations and their double-backward graph are alive at once (that is LGM's cost, which CLP-DD avoids).
+    """
+    K = inputs.augs_per_batch
+    real_images, real_labels, real_params, synthetic_params = lgm_draws(synthetic, inputs, generator)
+    with torch.no_grad(), nvtx_range("lgm_real_forward"):
+        phi_r = _features(inputs.augment.apply(real_images, real_params, inputs.out_size), inputs)
+    d = phi_r.shape[1]
+    weight = (torch.randn(d, inputs.num_classes, generator=generator) * LGM_HEAD_STD).to(phi_r.device, phi_r.dtype)
+    weight.requires_grad_(True)
+    bias = torch.zeros(inputs.num_classes, device=phi_r.device, dtype=phi_r.dtype, requires_grad=True)
+    loss_real = F.cross_entropy(phi_r @ weight + bias, real_labels)
+    g_real = torch.autograd.grad(loss_real, [weight, bias])
+    with nvtx_range("lgm_synthetic_forward"):
+        images = synthetic.decode().repeat(K, 1, 1, 1)  # copy k of image i is row k * m + i
+        phi_s = _features(inputs.augment.apply(images, synthetic_params, inputs.out_size), inputs)
+    loss_syn = F.cross_entropy(phi_s @ weight + bias, synthetic.labels.repeat(K))
+    g_syn = torch.autograd.grad(loss_syn, [weight, bias], create_graph=True)
+    loss = 1 - F.cosine_similarity(torch.cat([g.flatten() for g in g_real]),
+                                   torch.cat([g.flatten() for g in g_syn]), dim=0)
+    with nvtx_range("lgm_double_backward"):
+        loss.backward()
+    return loss.detach()
+
+
+METHODS["lgm"] = lgm_step
