@@ -149,6 +149,18 @@ def test_imagefolder_centre_crop(tmp_path):
     assert torch.allclose(x[0, 1], torch.ones(4, 4)) and float(x[0, 0].max()) == 0 and float(x[0, 2].max()) == 0
 
 
+def test_imagefolder_class_order_is_sorted(tmp_path):
+    names = ["kiwi", "fig", "date", "cherry", "banana", "apple", "elder"]
+    for i, n in enumerate(names):  # created out of order; directory listing order is arbitrary
+        _png(tmp_path / "train" / n / f"{i}.png", 4, 4, (i * 30, 0, 0))
+    ds = open_dataset(str(tmp_path), "train")
+    assert ds.class_names == sorted(names)
+    for row, label in enumerate(ds.labels.tolist()):
+        i = names.index(ds.class_names[label])
+        assert ds.paths[row] == os.path.join(ds.class_names[label], f"{i}.png")
+        assert abs(float(ds.images([row], 4)[0, 0, 0, 0]) - i * 30 / 255) < 1e-6
+
+
 def test_imagefolder_empty_class_folder(tmp_path):
     _folder(tmp_path)
     os.makedirs(tmp_path / "train" / "empty_class")
