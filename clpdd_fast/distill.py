@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--features", default="center-l2", choices=FEATURE_NORMS,
       help="feature normalisation applied to both sides of the probe (centring uses the real-feature mean)")
     a("--param", default="pixel", choices=["pixel", "pyramid"], help="synthetic-image parameterisation")
+    a("--grow-every", type=int, default=200,
+      help="pyramid: steps between activations of the next finer level (0: all levels from the start)")
     a("--decorrelate", action=argparse.BooleanOptionalAction, default=True, help="colour decorrelation")
     a("--init", default="real", choices=["real", "noise"], help="initialise from random real images or noise")
     a("--augment", default="none", choices=["none", "standard"],
@@ -152,8 +154,9 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     set_enabled(args.nvtx)
     embedded = args.data is None
-    if args.iterations < 0:
-        raise SystemExit(f"error: --iterations: expected >= 0, got {args.iterations}")
+    if args.iterations < 0 or args.grow_every < 0:
+        raise SystemExit(f"error: --iterations and --grow-every: expected >= 0, got {args.iterations}, "
+                         f"{args.grow_every}")
 
     train, test = open_dataset(args.data, "train"), open_dataset(args.data, "test")
     encoder = build_encoder(args.model, args.weights, device)
@@ -185,7 +188,9 @@ def run(args: argparse.Namespace) -> dict:
     labels = y_train[picks].to(device)
     init = train.images(pick_dataset_rows, synthetic_size) if args.init == "real" else None
     torch.manual_seed(args.seed)
-    synthetic = build_synthetic(args.param, labels, synthetic_size, init, decorrelate=args.decorrelate).to(device)
+    synthetic = build_synthetic(args.param, labels, synthetic_size, init, decorrelate=args.decorrelate,
+                                grow_every=args.grow_every, generator=torch.Generator().manual_seed(args.seed))
+    synthetic = synthetic.to(device)
     optimizer = torch.optim.Adam(synthetic.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     inputs = StepInputs(encoder=encoder, augment=build_augment(args.augment), out_size=image_size,

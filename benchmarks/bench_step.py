@@ -1,0 +1,187 @@
+"""Time and peak memory of one outer distillation step against the number of synthetic images m and real features N.
+
+Each configuration runs in its own subprocess (so the CPU's peak RSS belongs to it alone) and is measured twice in
+the same run: the bounded-memory step (`clpdd_step`: encoder forward without autograd, ridge + CE, re-forward chunk
+by chunk) and, as the baseline, the same loss through one plain autograd graph over all m images (`--no-plain` skips
+it; it is skipped by itself where it would not fit). Rows go to benchmarks/RESULTS.md with date, device, commit, command.
+
+    python3 benchmarks/bench_step.py                      # CPU here: Lite0 (random weights) at 64 px, m and N swept
+    python3 benchmarks/bench_step.py --imagenet           # GPU: ViT-B/14 at 224 px, m = 1000, N = 1,281,167, d = 768
+    python3 benchmarks/bench_step.py --m 10,100 --n 5000 --reps 2 --no-append
+
+Memory: on CUDA the peak allocated during the step beyond what was allocated before it; on CPU the peak resident
+set sampled every millisecond from /proc/self/statm during the timed steps, minus the resident set before them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import Table, device_name, results_header  # noqa: E402
+
+IMAGENET = dict(model="vit_base_patch14_dinov2", image_size=224, synthetic_size=256, m=[1000], n=[1_281_167],
+                classes=1000, chunk_size=50, precision="bf16", augment="standard")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--imagenet", action="store_true", help="the ImageNet-1K shape of the issue (needs a GPU)")
+    p.add_argument("--method", default="clpdd", help="distillation method (see clpdd_fast.methods.METHODS)")
+    p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model, random weights")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--synthetic-size", type=int, default=None)
+    p.add_argument("--m", default="10,40,160", help="comma list of synthetic-image counts")
+    p.add_argument("--n", default="5000,60000", help="comma list of real-feature counts")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--chunk-size", type=int, default=16, help="synthetic images per encoder chunk")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--augment", default="standard")
+    p.add_argument("--reps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-plain", action="store_true", help="skip the one-graph baseline")
+    p.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--no-append", action="store_true")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one configuration (JSON)
+    args = p.parse_args(argv)
+    if args.imagenet:
+        for k, v in IMAGENET.items():
+            setattr(args, k, ",".join(map(str, v)) if isinstance(v, list) else v)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+class RssSampler:
+    """Peak resident set (MiB) of this process while active, sampled from /proc/self/statm by a thread."""
+
+    def __init__(self, period_s: float = 0.001):
+        self.period_s, self.peak, self._stop = period_s, 0.0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def rss(self) -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.period_s)
+
+    def __enter__(self):
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(cfg: dict) -> dict:
+    """Build one configuration and time `cfg['variant']` ('step' or 'plain') over cfg['reps'] steps."""
+    from clpdd_fast.augment import build_augment
+    from clpdd_fast.encoders import FrozenEncoder
+    import timm
+    from clpdd_fast.methods import METHODS, StepInputs, clpdd_loss_plain
+    from clpdd_fast.probe import FeatureTransform
+    from clpdd_fast.synthetic import build_synthetic
+
+    device = torch.device(cfg["device"])
+    torch.manual_seed(0)
+    kwargs = {"img_size": cfg["image_size"]} if "vit" in cfg["model"] else {}
+    model = timm.create_model(cfg["model"], pretrained=False, num_classes=0, **kwargs)
+    encoder = FrozenEncoder(model, cfg["model"], "random-init").to(device)
+    m, n, c = cfg["m"], cfg["n"], cfg["classes"]
+    real_dtype = torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32
+    real = torch.randn(n, encoder.feature_dim, device=device, dtype=real_dtype)
+    labels = torch.arange(m, device=device) % c
+    size = cfg["synthetic_size"] or cfg["image_size"]
+    synthetic = build_synthetic("pixel", labels, size, None).to(device)
+    inputs = StepInputs(encoder=encoder, augment=build_augment(cfg["augment"]), out_size=cfg["image_size"],
+                        real_features=real, real_labels=torch.arange(n, device=device) % c, num_classes=c,
+                        transform=FeatureTransform.fit("raw", real[:1]), lam=1.0, tau=0.1,
+                        chunk_size=cfg["chunk_size"],
+                        autocast_dtype=torch.bfloat16 if cfg["precision"] == "bf16" else None)
+    generator = torch.Generator().manual_seed(0)
+    if cfg["variant"] == "plain":
+        step = lambda: clpdd_loss_plain(synthetic, inputs, generator).backward()
+    else:
+        step = lambda: METHODS[cfg["method"]](synthetic, inputs, generator)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step()
+    synthetic.zero_grad(set_to_none=True)
+    sync()
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with RssSampler() as rss:
+        for _ in range(cfg["reps"]):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+            synthetic.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = rss.peak - rss.base
+    times.sort()
+    return {"median_s": times[len(times) // 2], "min_s": times[0], "peak_mib": peak}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one))))
+        return 0
+    if args.imagenet and args.device != "cuda":
+        print("bench_step --imagenet needs a CUDA GPU", file=sys.stderr)
+        return 2
+    command = "python3 benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    where = device_name(args.device) if args.device == "cuda" else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    table = Table(None if args.no_append else args.results,
+                  results_header("bench_step", where, command),
+                  ["method", "model @ px", "m", "N real", "chunk", "variant", "median s/step", "peak extra MiB",
+                   "plain / step time", "plain / step memory"])
+    variants = ["step"] if args.no_plain else ["step", "plain"]
+    for m in map(int, args.m.split(",")):
+        for n in map(int, args.n.split(",")):
+            got = {}
+            for variant in variants:
+                cfg = dict(vars(args), m=m, n=n, variant=variant)
+                cfg.pop("one")
+                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True,
+                                      text=True)
+                if proc.returncode != 0:
+                    reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+                    got[variant] = None
+                    table.row(args.method, f"{args.model} @ {args.image_size}", m, n, args.chunk_size, variant,
+                              "-", "-", "-", f"failed: {reason[:80]}")
+                    continue
+                got[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+            ratio_t = ratio_m = "-"
+            if got.get("step") and got.get("plain"):
+                ratio_t = f"{got['plain']['median_s'] / got['step']['median_s']:.2f}"
+                ratio_m = f"{got['plain']['peak_mib'] / max(got['step']['peak_mib'], 1e-9):.2f}"
+            for variant, r in got.items():
+                if r is not None:
+                    table.row(args.method, f"{args.model} @ {args.image_size}", m, n, args.chunk_size, variant,
+                              f"{r['median_s']:.3f}", f"{r['peak_mib']:.0f}",
+                              ratio_t if variant == "step" else "", ratio_m if variant == "step" else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
