@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import fcntl
 import json
 import os
 import sys
@@ -291,6 +292,11 @@ class ImageFolderDataset(ImageDataset):
         return torch.stack(imgs).float().div_(255.0)
 
     def _content_id(self) -> str:
+        if getattr(self, "_content", None) is None:
+            self._content = self._compute_content_id()
+        return self._content
+
+    def _compute_content_id(self) -> str:
         # Cheap: the sorted file list plus the class folders' mtimes (adding/removing/renaming files changes them).
         mtimes = [int(os.path.getmtime(os.path.join(self.split_dir, n)))
                   for n in self.class_names if os.path.isdir(os.path.join(self.split_dir, n))]
@@ -486,7 +492,19 @@ def load_or_extract_features(encoder, dataset: ImageDataset, size: int, cache_di
     path = cache_path(cache_dir, expected)
 
     if not os.path.exists(path):
-        _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, path, expected, shape)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # One extractor per file: other processes (e.g. distributed ranks) wait here, then find the finished file.
+        with open(path + ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not os.path.exists(path):
+                    _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, path, expected, shape)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        try:
+            os.remove(path + ".lock")
+        except FileNotFoundError:
+            pass
     _validate_existing(path, expected, shape, np_dtype, verify)
     return _as_tensor(_open_memmap(path, np_dtype, shape, "c"), dtype), labels
 
@@ -519,7 +537,11 @@ def _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, 
     out = _open_memmap(partial, np_dtype, shape, "r+")
     bar = _Progress(shape[0], f"extracting {expected['encoder.model']} features ({expected['dataset.split']}, "
                               f"{size}px)", progress, initial=done)
-    encoder = encoder.to(device) if hasattr(encoder, "to") else encoder
+    # Run on `device`; an encoder living elsewhere is moved there for the extraction and moved back afterwards.
+    home = next(iter(encoder.parameters()), None) if hasattr(encoder, "parameters") else None
+    home = home.device if home is not None else None
+    if home is not None and home != torch.device(device):
+        encoder.to(device)
     try:
         with torch.no_grad():
             for s in range(done, shape[0], batch_size):
@@ -540,6 +562,8 @@ def _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, 
                 bar.update(len(idx))
     finally:
         bar.close()
+        if home is not None and home != torch.device(device):
+            encoder.to(home)
     del out
     with open(partial, "r+b") as f:  # completion marker last, then the atomic rename makes the file visible
         f.write(_pack_header({"fingerprint": expected, "complete": True, "crc32": crc, "rows": shape[0]}))

@@ -289,7 +289,7 @@ def test_cache_resumes_after_interruption(tmp_path, idx_ds):
     crash = Crashing()
     with pytest.raises(KeyboardInterrupt):
         load_or_extract_features(crash, idx_ds, 8, str(tmp_path), batch_size=4, progress=False)
-    names = sorted(os.listdir(tmp_path))
+    names = sorted(n for n in os.listdir(tmp_path) if not n.endswith(".lock"))
     assert [n.rsplit(".", 1)[-1] for n in names] == ["partial", "progress"]  # no final file exists yet
     enc = CountingEncoder()
     feats, _ = load_or_extract_features(enc, idx_ds, 8, str(tmp_path), batch_size=4, progress=True)
@@ -319,3 +319,22 @@ def test_cache_with_real_frozen_encoder(tmp_path, idx_ds):
     assert feats.shape == (23, enc.feature_dim)
     assert torch.allclose(feats.float(), ref, rtol=1e-3, atol=1e-3)
     assert read_cache_header(_only_file(tmp_path))["fingerprint"]["encoder.weights"] == "random-init-seed0"
+
+
+def test_cache_concurrent_callers_extract_once(tmp_path, idx_ds):
+    import threading
+
+    enc = CountingEncoder()
+    results = []
+
+    def work():
+        results.append(load_or_extract_features(enc, idx_ds, 8, str(tmp_path), batch_size=4, progress=False)[0])
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and enc.calls == 6  # one extraction of ceil(23 / 4) batches, not three
+    assert all(torch.equal(r, results[0]) for r in results)
+    assert len(os.listdir(tmp_path)) == 1
