@@ -54,9 +54,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' unless the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clpdd_fast.distill", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--method", default="clpdd", choices=sorted(METHODS), help="distillation objective")
     a("--data", default=None, help="folder of IDX files or an ImageFolder tree (train/<class>/*, val/<class>/*); "
