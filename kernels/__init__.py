@@ -1,1 +1,13 @@
-"""Triton kernels for clpdd_fast (no autograd, no I/O)."""
+"""Triton kernels for clpdd_fast (no autograd, no I/O); installed as `clpdd_fast.kernels` (see setup.py).
+
+    gram.py       strided matmul kernel (split-K into fixed partial slices, accumulate, symmetric lower-tile mode)
+                  and the Gram matrix x x^T + lam I built on it
+    cholesky.py   blocked left-looking Cholesky (LAPACK-style info) and the many-RHS cholesky_solve
+    linear_ce.py  fused linear temperature-softmax CE forward; deterministic chunked backward (dW, dX)
+    backend.py    the five backend functions of clpdd_fast.reference, implemented with the kernels above
+
+Environment variables: TRITON_INTERPRET=1 (set before triton is imported) runs everything on CPU tensors in
+Triton's interpreter; CLPDD_AUTOTUNE=1 autotunes the CE kernels (fixed tiles otherwise);
+CLPDD_CE_PRECISION=tf32 lets the CE use TF32 products for fp32 operands (exact "ieee" by default).
+Gram and Cholesky always use exact fp32 products.
+"""

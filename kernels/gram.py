@@ -23,6 +23,9 @@ BLOCK_M = 64
 BLOCK_N = 64
 BLOCK_K = 32
 NUM_WARPS = 4
+# larger tiles for the long reductions of the CE backward (dW = x^T coef over many rows, dX = coef W^T)
+LARGE = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+LARGE_FP32 = {"BM": 128, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 3}
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
@@ -47,7 +50,7 @@ def dot_dtype(a: Tensor, b: Tensor) -> torch.dtype:
 
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
-                   s_am, s_ak, s_bk, s_bn, s_cs, s_cm, s_cn, alpha, lam,
+                   s_am, s_ak, s_bk, s_bn, s_cs, s_cm, s_cn, alpha, lam_ptr,
                    SYMMETRIC: tl.constexpr, ACCUMULATE: tl.constexpr, ADD_DIAG: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -73,6 +76,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     acc = acc * alpha
     if ADD_DIAG:
+        lam = tl.load(lam_ptr).to(ACC_DTYPE)   # from memory: a Python float argument would be rounded to fp32
         acc = tl.where(rows[:, None] == cols[None, :], acc + lam, acc)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     c_base = c_ptr + pid_s.to(tl.int64) * s_cs
@@ -86,7 +90,8 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
 
 
 def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.0, accumulate: bool = False,
-           splits: int = 1, precision: str = "ieee", symmetric: bool = False, lam: float = 0.0) -> Tensor:
+           splits: int = 1, precision: str = "ieee", symmetric: bool = False, lam: float = 0.0,
+           blocks: dict | None = None) -> Tensor:
     """out = alpha * a @ b (+ lam I) (+ out when accumulate), computed by one Triton launch.
 
     Args:
@@ -94,10 +99,12 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
         out: (M, N), or (splits, M, N) when splits > 1: slice s receives the product over the s-th contiguous
             range of K (sum the slices afterwards, in order, for a deterministic split-K). Allocated (fp32, or
             fp64 for fp64 operands) when None.
-        alpha: runtime scale. accumulate: add into the existing content of out (read-modify-write, no atomics).
+        alpha: runtime scale (passed as an fp32 scalar: use exactly representable values such as 1, -1, 2).
+            accumulate: add into the existing content of out (read-modify-write, no atomics).
         precision: tl.dot input_precision for fp32 operands, "ieee" (exact fp32 products) or "tf32".
         symmetric: a @ b is known symmetric (b = a^T): only lower tiles are computed and mirrored.
         lam: added to the diagonal of the result (before accumulation).
+        blocks: tile override {"BM", "BN", "BK", "num_warps", "num_stages"} (BM == BN when symmetric).
     """
     m, k = a.shape
     k2, n = b.shape
@@ -108,15 +115,20 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
         out = torch.empty((splits, m, n) if splits > 1 else (m, n), dtype=acc_dt, device=a.device)
     s_cs = out.stride(0) if out.dim() == 3 else 0
     s_cm, s_cn = out.stride(-2), out.stride(-1)
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), BLOCK_K) * BLOCK_K
+    meta = {"BM": BLOCK_M, "BN": BLOCK_N, "BK": BLOCK_K, "num_warps": NUM_WARPS}
+    meta.update(blocks or {})
+    if symmetric and meta["BM"] != meta["BN"]:
+        raise ValueError(f"matmul: symmetric needs square tiles, got BM={meta['BM']} BN={meta['BN']}")
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), meta["BK"]) * meta["BK"]
     ddt = dot_dtype(a, b)
     prec = precision if ddt == torch.float32 else "ieee"
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N), splits)
+    lam_t = torch.full((1,), lam, dtype=acc_dt, device=a.device)
+    grid = (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]), splits)
     _matmul_kernel[grid](a, b, out, m, n, k, k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                         s_cs, s_cm, s_cn, float(alpha), float(lam),
+                         s_cs, s_cm, s_cn, float(alpha), lam_t,
                          SYMMETRIC=symmetric, ACCUMULATE=accumulate, ADD_DIAG=lam != 0.0,
                          DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc_dt], PRECISION=prec,
-                         BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=NUM_WARPS)
+                         **meta)
     return out
 
 

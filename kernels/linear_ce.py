@@ -30,12 +30,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gram import TL_DTYPES, accumulate_dtype, dot_dtype, matmul
+from .gram import LARGE, LARGE_FP32, TL_DTYPES, accumulate_dtype, dot_dtype, matmul
 
 # default tiles: rows, classes, features per step; on the interpreter the same sizes run (fewer numpy steps)
 BLOCKS = {"BN": 64, "BC": 128, "BD": 64}
 NUM_WARPS = 8
 NUM_STAGES = 3
+BLOCKS_FP64 = {"BN": 32, "BC": 64, "BD": 32, "num_warps": 4, "num_stages": 2}
 COEF_BUDGET_BYTES = 32 * 2**20     # one backward chunk of coefficients (32 MiB)
 MAX_SPLITS = 8                     # fp32 partial dW buffers (each d x C)
 AUTOTUNE = os.environ.get("CLPDD_AUTOTUNE") == "1"
@@ -69,10 +70,11 @@ def _logits_tile(x_ptr, w_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_
 
 @triton.jit
 def _ce_forward_kernel(x_ptr, w_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, s_x0, s_x1, s_w0, s_w1,
-                       inv_tau, ignore_index,
+                       inv_tau_ptr, ignore_index,
                        DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                        BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)
+    inv_tau = tl.load(inv_tau_ptr)   # 1/tau from memory: runtime value, and exact in fp64 (a float arg is fp32)
     rows = pid.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
     rmask = rows < N
     tgt = tl.load(t_ptr + rows, mask=rmask, other=ignore_index).to(tl.int64)
@@ -95,11 +97,12 @@ def _ce_forward_kernel(x_ptr, w_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, s_x0, s_
 
 @triton.jit
 def _ce_coef_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, coef_ptr, N, D, C, s_x0, s_x1, s_w0, s_w1,
-                    s_c0, s_c1, inv_tau,
+                    s_c0, s_c1, inv_tau_ptr,
                     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                     BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
+    inv_tau = tl.load(inv_tau_ptr)
     rows = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
     cols = pid_c.to(tl.int64) * BC + tl.arange(0, BC).to(tl.int64)
     rmask = rows < N
@@ -120,9 +123,15 @@ if AUTOTUNE:
     _ce_coef_kernel = triton.autotune(_CONFIGS, key=["D", "C"])(_ce_coef_kernel)
 
 
-def _launch_meta(blocks: dict | None) -> dict:
+def _inv_tau(tau: float, dtype: torch.dtype, device) -> Tensor:
+    return torch.full((1,), 1.0 / tau, dtype=dtype, device=device)
+
+
+def _launch_meta(blocks: dict | None, acc: torch.dtype) -> dict:
     if AUTOTUNE and blocks is None:
-        return {}
+        return {}   # the autotuner picks the tiles (explicit blocks cannot be combined with it)
+    if blocks is None and acc == torch.float64:
+        return dict(BLOCKS_FP64)   # fp64 tiles take twice the shared memory: smaller tiles, fewer stages
     meta = dict(BLOCKS if blocks is None else blocks)
     meta.setdefault("num_warps", NUM_WARPS)
     meta.setdefault("num_stages", NUM_STAGES)
@@ -152,19 +161,19 @@ def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_i
     acc, ddt, prec = _precision(x, w)
     loss = torch.empty(n, dtype=acc, device=x.device)
     lse = torch.empty(n, dtype=acc, device=x.device)
-    meta = _launch_meta(blocks)
+    meta = _launch_meta(blocks, acc)
     grid = lambda m: (triton.cdiv(n, m["BN"]),)  # noqa: E731
     _ce_forward_kernel[grid](x, w, target, loss, lse, n, d, num_classes, x.stride(0), x.stride(1),
-                             w.stride(0), w.stride(1), 1.0 / tau, int(ignore_index),
+                             w.stride(0), w.stride(1), _inv_tau(tau, acc, x.device), int(ignore_index),
                              DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
     return loss, lse
 
 
-def _num_splits(device: torch.device, d: int, num_classes: int) -> int:
+def _num_splits(device: torch.device, d: int, num_classes: int, tiles: dict) -> int:
     """Fixed slices of the row reduction for dW: enough output tiles x slices to fill the GPU twice."""
     if device.type != "cuda":
         return 2  # the interpreter: exercise the split path
-    tiles = triton.cdiv(d, 64) * triton.cdiv(num_classes, 64)
+    tiles = triton.cdiv(d, tiles["BM"]) * triton.cdiv(num_classes, tiles["BN"])
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, tiles)))
 
@@ -192,12 +201,17 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Te
     coef_bytes = torch.empty((), dtype=coef_dt).element_size()
     rows = max(1, min(chunk_size, n, COEF_BUDGET_BYTES // (coef_bytes * num_classes)))
     coef = torch.empty((rows, num_classes), dtype=coef_dt, device=x.device)
-    splits = _num_splits(x.device, d, num_classes) if splits is None else splits
+    # matmul tiles of the backward GEMMs: large on a GPU, the default 64-wide ones for fp64 and for test overrides
+    mm = None
+    if acc != torch.float64 and blocks is None:
+        mm = LARGE if coef_dt == torch.bfloat16 else LARGE_FP32
+    splits = _num_splits(x.device, d, num_classes, mm or {"BM": 64, "BN": 64}) if splits is None else splits
     parts = torch.empty((splits, d, num_classes), dtype=acc, device=x.device) if need_w else None
     grad_x = torch.empty((n, d), dtype=acc, device=x.device) if need_x else None
     grad_rows = grad_rows.to(acc).contiguous()
     lse = lse.contiguous()
-    meta = _launch_meta(blocks)
+    meta = _launch_meta(blocks, acc)
+    inv_tau = _inv_tau(tau, acc, x.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         nrows = stop - start
@@ -205,13 +219,13 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Te
         grid = lambda m: (triton.cdiv(nrows, m["BN"]), triton.cdiv(num_classes, m["BC"]))  # noqa: E731
         _ce_coef_kernel[grid](xc, w, target[start:stop], lse[start:stop], grad_rows[start:stop], coef,
                               nrows, d, num_classes, xc.stride(0), xc.stride(1), w.stride(0), w.stride(1),
-                              coef.stride(0), coef.stride(1), 1.0 / tau,
+                              coef.stride(0), coef.stride(1), inv_tau,
                               DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
         cchunk = coef[:nrows]
         if need_w:
-            matmul(xc.T, cchunk, out=parts, accumulate=start > 0, splits=splits, precision=prec)
+            matmul(xc.T, cchunk, out=parts, accumulate=start > 0, splits=splits, precision=prec, blocks=mm)
         if need_x:
-            matmul(cchunk, w.T, out=grad_x[start:stop], precision=prec)
+            matmul(cchunk, w.T, out=grad_x[start:stop], precision=prec, blocks=mm)
     grad_w = None
     if need_w:
         grad_w = parts[0].clone()

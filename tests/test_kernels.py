@@ -163,7 +163,7 @@ RIDGE_CASES = [(29, 19, 7, "primal"), (29, 19, 7, "dual"), (13, 37, 5, "dual"), 
 
 @pytest.mark.parametrize("m,d,num_classes,mode", RIDGE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("lam", [0.5, 1e3])
+@pytest.mark.parametrize("lam", [0.3, 1e3])
 def test_ridge_forward_backward_match_reference_and_float64(m, d, num_classes, mode, dtype, lam):
     phi = rand(m, d, dtype=dtype, seed=m)
     y = rand(m, num_classes, dtype=dtype, seed=d)
