@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--test-subset", type=_int_or_all, default=None, metavar="N|all",
       help=f"real test images used (default: {EMBEDDED_SUBSET} on the embedded default, all otherwise)")
     a("--chunk-size", type=_positive_int, default=64, help="synthetic images per encoder chunk (bounds memory)")
+    a("--augs-per-batch", type=_positive_int, default=10,
+      help="--method lgm: augmented copies K of the synthetic set per step (real batch: K x number of images)")
     a("--image-size", type=_positive_int, default=None,
       help="encoder input resolution (default: 64 for IDX data, the model's own input size otherwise)")
     a("--synthetic-size", type=_positive_int, default=None,
@@ -200,11 +202,19 @@ def run(args: argparse.Namespace) -> dict:
     synthetic = synthetic.to(device)
     optimizer = torch.optim.Adam(synthetic.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
+
+    def real_images(n: int, gen: torch.Generator):
+        """n real training images (uniform over the training subset) at the synthetic resolution, for LGM."""
+        rows = torch.randint(len(y_train), (n,), generator=gen)
+        dataset_rows = rows.numpy() if train_rows is None else train_rows[rows.numpy()]
+        return train.images(dataset_rows, synthetic_size).to(device), y_train[rows].to(device)
+
     inputs = StepInputs(encoder=encoder, augment=build_augment(args.augment), out_size=image_size,
                         real_features=real_x, real_labels=real_y, num_classes=num_classes, transform=transform,
                         lam=args.lam, tau=args.tau, outer=args.outer, chunk_size=args.chunk_size,
                         real_batch=args.real_batch,
-                        autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None)
+                        autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
+                        real_images=real_images, augs_per_batch=args.augs_per_batch)
     start = 0
     if ckpt is not None:
         synthetic.load_state_dict(ckpt["synthetic"])
