@@ -420,6 +420,55 @@ def test_kernels_in_a_fresh_interpreter_process():
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
+AOT_SCRIPT = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from clpdd_fast.kernels import cholesky as c, gram as g, linear_ce as ce
+TL = {"bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
+failed = []
+def comp(fn, types, consts, warps, stages, name):
+    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        assert k.metadata.shared <= 227 * 1024, f"{k.metadata.shared} bytes of shared memory"
+        print("ok", name, k.metadata.shared)
+    except Exception as err:
+        failed.append(f"{name}: {type(err).__name__}: {str(err)[:400]}")
+for dd, acc, sym, blk in [("bf16", "fp32", False, g.LARGE), ("fp32", "fp32", False, g.LARGE_FP32),
+                          ("fp32", "fp32", True, {}), ("fp64", "fp64", True, {})]:
+    b = {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3, **blk}
+    comp(g._matmul_kernel, {"a_ptr": "*" + dd, "b_ptr": "*" + dd, "c_ptr": "*" + acc, "lam_ptr": "*" + acc,
+                            "alpha": "fp32"},
+         dict(SYMMETRIC=sym, ACCUMULATE=not sym, ADD_DIAG=sym, DOT_DTYPE=TL[dd], ACC_DTYPE=TL[acc],
+              PRECISION="ieee", BM=b["BM"], BN=b["BN"], BK=b["BK"]), b["num_warps"], b["num_stages"], "matmul " + dd)
+for dt in ("fp32", "fp64"):
+    comp(c._cholesky_step_kernel, {"a_ptr": "*" + dt, "l_ptr": "*" + dt, "info_ptr": "*i32"},
+         dict(DT=TL[dt], B=c.BLOCK), c.NUM_WARPS, 3, "cholesky step " + dt)
+    comp(c._cholesky_solve_kernel, {"l_ptr": "*" + dt, "x_ptr": "*" + dt},
+         dict(DT=TL[dt], B=c.BLOCK, BR=c.BLOCK_RHS), c.NUM_WARPS, 3, "cholesky solve " + dt)
+for xd, acc, blk in [("bf16", "fp32", ce.BLOCKS), ("fp32", "fp32", ce.BLOCKS), ("fp64", "fp64", ce.BLOCKS_FP64)]:
+    consts = dict(DOT_DTYPE=TL[xd], ACC_DTYPE=TL[acc], PRECISION="ieee", BN=blk["BN"], BC=blk["BC"], BD=blk["BD"])
+    warps, stages = blk.get("num_warps", ce.NUM_WARPS), blk.get("num_stages", ce.NUM_STAGES)
+    common = {"x_ptr": "*" + xd, "w_ptr": "*" + xd, "t_ptr": "*i64", "inv_tau_ptr": "*" + acc}
+    comp(ce._ce_forward_kernel, {**common, "loss_ptr": "*" + acc, "lse_ptr": "*" + acc}, consts, warps, stages,
+         "ce forward " + xd)
+    comp(ce._ce_coef_kernel, {**common, "lse_ptr": "*" + acc, "g_ptr": "*" + acc,
+                              "coef_ptr": "*bf16" if xd == "bf16" else "*" + acc}, consts, warps, stages,
+         "ce coef " + xd)
+assert not failed, "\n".join(failed)
+"""
+
+
+@pytest.mark.skipif(os.environ.get("CLPDD_AOT_CHECK") != "1", reason="set CLPDD_AOT_CHECK=1: compiles every kernel "
+                    "for sm_90 without a GPU (about a minute), catching what the interpreter accepts but ptxas won't")
+def test_kernels_compile_ahead_of_time_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 # every other test needs this process's kernels to be interpreted (see PREIMPORTED above)
 for _name, _fn in list(globals().items()):
     if _name.startswith("test_") and _name != "test_kernels_in_a_fresh_interpreter_process":
