@@ -1,4 +1,4 @@
-"""Benchmark the public ops: Triton backend vs the torch path (eager), torch.compile, Liger-Kernel and cut-cross-entropy.
+"""Benchmark the public ops: Triton vs torch eager, torch.compile, Liger-Kernel and cut-cross-entropy.
 
 Each row: median (and 20th/80th percentile) time from triton.testing.do_bench, peak memory beyond the inputs from
 torch.cuda.max_memory_allocated, achieved TFLOP/s and the ratio to the dense matmul rate measured in the same run.

@@ -1,7 +1,8 @@
 """The Triton kernels (kernels/) against the torch reference and a float64 oracle.
 
-Without CUDA every kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before triton
-is imported; if another test module imported triton first without it, this file re-runs itself in a subprocess). With CUDA the
+Without CUDA every kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before
+triton is imported; if another test module imported triton first without it, this file re-runs itself in a
+subprocess). With CUDA the
 same tests run compiled on the GPU, plus the GPU-only ones (bf16, large shapes, bitwise determinism, memory).
 Shapes are small and odd so that every dimension has a masked tail; tiles are >= 16 (GPU tl.dot minimum).
 """
