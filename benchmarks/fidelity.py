@@ -1,0 +1,157 @@
+"""Fidelity table on the embedded default: baselines, LGM and CLP-DD under one evaluation protocol.
+
+    python benchmarks/fidelity.py                  # ipc = 1: every row + the lam / tau sweep, then FIDELITY.md
+    python benchmarks/fidelity.py --ipc 10 --no-sweep
+    python benchmarks/fidelity.py --only clpdd-ce,random   # a subset of rows (finished rows are reused)
+
+Every row is two ordinary CLI commands run as child processes (printed in the table, so each row can be reproduced by
+hand): `python -m clpdd_fast.distill ...` (distilled rows only) and `python -m clpdd_fast.evaluate ... --json`.
+The evaluation is the same for every row (LGM's linear-probe protocol, 1000 epochs, 5 seeds, flip + random-resized-crop
+with 32 cached draws per image, clpdd_fast/linear_probe.py); nothing is tuned per method.
+Wall-clock and peak memory are those of the distillation child process: peak memory is the child's maximum resident
+set size from os.wait4's rusage (ru_maxrss; the whole process: interpreter, torch, encoder, Fashion-MNIST in memory,
+the real-feature cache pages it touched), so differences between rows are what the methods add.
+Results go to runs/fidelity/ipc<k>/<row>/ (eval.json, distill.json with time and memory); a finished row is reused
+unless --force. The markdown table is written to benchmarks/FIDELITY.md (section per ipc, replaced on rerun).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = "python"
+
+LGM_K = 10  # LGM's default number of augmented copies per step; the -k3 rows use its authors' ImageNet-1K setting
+
+
+def rows(ipc: int, sweep: bool) -> list[tuple[str, list[str] | None, list[str]]]:
+    """(row name, distill arguments or None for a baseline, evaluate arguments of a baseline)."""
+    base = ["--ipc", str(ipc)]
+    table = [
+        ("full", None, ["--baseline", "full"]),
+        ("random", None, ["--baseline", "random", "--ipc", str(ipc)]),
+        ("centroids", None, ["--baseline", "centroids", "--ipc", str(ipc)]),
+        ("lgm-aug", base + ["--method", "lgm", "--augment", "standard", "--augs-per-batch", str(LGM_K)], []),
+        ("lgm-noaug", base + ["--method", "lgm", "--augment", "none", "--augs-per-batch", str(LGM_K)], []),
+        ("lgm-aug-k3", base + ["--method", "lgm", "--augment", "standard", "--augs-per-batch", "3"], []),
+        ("lgm-noaug-k3", base + ["--method", "lgm", "--augment", "none", "--augs-per-batch", "3"], []),
+        ("clpdd-ce", base + ["--method", "clpdd", "--outer", "ce"], []),
+        ("clpdd-mse", base + ["--method", "clpdd", "--outer", "mse"], []),
+        ("clpdd-ce-aug", base + ["--method", "clpdd", "--outer", "ce", "--augment", "standard"], []),
+    ]
+    if sweep:
+        for lam in ("0.01", "1"):
+            table.append((f"sweep-lam{lam}", base + ["--method", "clpdd", "--lam", lam], []))
+        for tau in ("0.01", "0.2"):
+            table.append((f"sweep-tau{tau}", base + ["--method", "clpdd", "--tau", tau], []))
+        table.append(("sweep-features-raw", base + ["--method", "clpdd", "--features", "raw"], []))
+    return table
+
+
+def run_child(cmd: list[str], log) -> tuple[float, float, int]:
+    """Run cmd, streaming its output into log; returns (wall seconds, peak RSS MiB of the child, return code)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024, proc.returncode  # ru_maxrss is KiB on Linux
+
+
+def command(args: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ipc", type=int, default=1)
+    p.add_argument("--no-sweep", action="store_true", help="skip the lam / tau sweep")
+    p.add_argument("--only", default=None, help="comma list of row names")
+    p.add_argument("--force", action="store_true", help="rerun finished rows")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--out", default="runs/fidelity")
+    p.add_argument("--report", default=str(HERE / "FIDELITY.md"))
+    args = p.parse_args(argv)
+    root = ROOT / args.out / f"ipc{args.ipc}"
+    root.mkdir(parents=True, exist_ok=True)
+    selected = set(args.only.split(",")) if args.only else None
+    results = []
+    for name, distill_args, eval_args in rows(args.ipc, not args.no_sweep):
+        if selected and name not in selected:
+            continue
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        eval_json = folder / "eval.json"
+        distill_json = folder / "distill.json"
+        rel = folder.relative_to(ROOT)
+        d_cmd = None
+        if distill_args is not None:
+            d_cmd = [PY, "-m", "clpdd_fast.distill", *distill_args, "--out", str(rel)]
+            if args.force or not distill_json.exists():
+                for stale in ("checkpoint.pt", "distilled.pt"):
+                    (folder / stale).unlink(missing_ok=True)
+                print(f"[fidelity] distill {name}: {command(d_cmd)}", flush=True)
+                with open(folder / "distill.log", "w") as log:
+                    wall, rss, rc = run_child(d_cmd, log)
+                if rc != 0:
+                    print(f"[fidelity] {name}: distillation failed (rc {rc}), see {folder / 'distill.log'}")
+                    continue
+                ridge = json.loads((folder / "results.json").read_text())["ridge_top1"]
+                distill_json.write_text(json.dumps({"wall_s": wall, "peak_rss_mib": rss, "ridge_top1": ridge,
+                                                    "command": command(d_cmd)}, indent=2))
+            e_cmd = [PY, "-m", "clpdd_fast.evaluate", "--distilled", str(rel), "--json", str(rel / "eval.json"),
+                     "--seeds", str(args.seeds)]
+        else:
+            e_cmd = [PY, "-m", "clpdd_fast.evaluate", *eval_args, "--json", str(rel / "eval.json"),
+                     "--seeds", str(args.seeds)]
+        if args.force or not eval_json.exists():
+            print(f"[fidelity] evaluate {name}: {command(e_cmd)}", flush=True)
+            with open(folder / "eval.log", "w") as log:
+                wall, rss, rc = run_child(e_cmd, log)
+            if rc != 0:
+                print(f"[fidelity] {name}: evaluation failed (rc {rc}), see {folder / 'eval.log'}")
+                continue
+        ev = json.loads(eval_json.read_text())
+        dj = json.loads(distill_json.read_text()) if distill_json.exists() else None
+        results.append({"name": name, "eval": ev, "distill": dj, "distill_cmd": d_cmd and command(d_cmd),
+                        "eval_cmd": command(e_cmd)})
+        print(f"[fidelity] {name}: top-1 {100 * ev['top1_mean']:.2f} +- {100 * ev['top1_std']:.2f} %", flush=True)
+    write_report(Path(args.report), args.ipc, results, args.seeds)
+    return 0
+
+
+def write_report(path: Path, ipc: int, results: list[dict], seeds: int) -> None:
+    lines = [f"<!-- fidelity ipc={ipc} begin -->", f"### ipc = {ipc} ({date.today().isoformat()}, "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch CPU)", "",
+             f"| row | protocol top-1 % (mean ± std, {seeds} seeds) | top-5 % | ridge top-1 % | distill wall s | "
+             "distill peak RSS MiB | commands |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        ev, dj = r["eval"], r["distill"]
+        cmds = (f"`{r['distill_cmd']}` then " if r["distill_cmd"] else "") + f"`{r['eval_cmd']}`"
+        lines.append(f"| {r['name']} | {100 * ev['top1_mean']:.2f} ± {100 * ev['top1_std']:.2f} | "
+                     f"{100 * ev['top5_mean']:.2f} ± {100 * ev['top5_std']:.2f} | {100 * ev['ridge_top1_mean']:.2f} | "
+                     f"{dj['wall_s']:.0f} | {dj['peak_rss_mib']:.0f} | {cmds} |" if dj else
+                     f"| {r['name']} | {100 * ev['top1_mean']:.2f} ± {100 * ev['top1_std']:.2f} | "
+                     f"{100 * ev['top5_mean']:.2f} ± {100 * ev['top5_std']:.2f} | {100 * ev['ridge_top1_mean']:.2f} | "
+                     f"– | – | {cmds} |")
+    lines.append(f"<!-- fidelity ipc={ipc} end -->")
+    block = "\n".join(lines) + "\n"
+    text = path.read_text() if path.exists() else "# Fidelity\n\n"
+    pattern = re.compile(rf"<!-- fidelity ipc={ipc} begin -->.*?<!-- fidelity ipc={ipc} end -->\n", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+    print(f"[fidelity] table written to {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
