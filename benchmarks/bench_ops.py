@@ -14,14 +14,14 @@ Needs a CUDA GPU: exits with status 2 and a message otherwise.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Table, results_header  # noqa: E402
 
 CE_SHAPES = {  # name: (N real features, d, C)
     "imagenet1k": (1_281_167, 768, 1000),
@@ -56,34 +56,8 @@ def wanted(args, impl: str) -> bool:
     return not args.impls or any(key in impl for key in args.impls.split(","))
 
 
-def git_commit() -> str:
-    if os.environ.get("CLPDD_COMMIT"):
-        return os.environ["CLPDD_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
-class Table:
-    COLUMNS = ["op", "shape", "dtype", "impl", "median ms", "p20-p80 ms", "peak extra MiB", "TFLOP/s",
-               "x dense rate", "note"]
-
-    def __init__(self, path: str | None, header: str):
-        self.path = path
-        self.lines = [header, "", "| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]
-        print("\n".join(self.lines), flush=True)
-        if path:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n" + "\n".join(self.lines) + "\n")
-
-    def row(self, *cells):
-        line = "| " + " | ".join(str(c) for c in cells) + " |"
-        print(line, flush=True)
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
+COLUMNS = ["op", "shape", "dtype", "impl", "median ms", "p20-p80 ms", "peak extra MiB", "TFLOP/s",
+           "x dense rate", "note"]
 
 
 def bench(fn, setup=None):
@@ -273,13 +247,9 @@ def main(argv=None) -> int:
               "Run it on a GPU machine, e.g. through benchmarks/gpu_check.sh.", file=sys.stderr)
         return 2
     ops_wanted = set(args.ops.split(","))
-    gpu = torch.cuda.get_device_name()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python3 benchmarks/bench_ops.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    import triton
-    header = (f"### {date} · {gpu} · commit {git_commit()} · torch {torch.__version__} · triton {triton.__version__}"
-              f"\n\nCommand: `{command.strip()}`")
-    table = Table(None if args.no_append else args.results, header)
+    header = results_header("bench_ops", torch.cuda.get_device_name(), command)
+    table = Table(None if args.no_append else args.results, header, COLUMNS)
     rates = matmul_rates(table) if "matmul" in ops_wanted or "ce" in ops_wanted or "gram" in ops_wanted else {}
     if "ridge" in ops_wanted:
         bench_ridge(table, args, rates)

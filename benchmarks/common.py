@@ -28,10 +28,15 @@ def device_name(device: str = "cuda") -> str:
 
 
 def results_header(bench: str, where: str, command: str) -> str:
+    """The heading of one run's table: what ran, when (UTC), on what, at which commit, with which versions."""
     import torch
-    today = datetime.date.today().isoformat()
-    return (f"### {bench} · {today} · {where} · commit {git_commit()} · torch {torch.__version__}\n\n"
-            f"`{command}`")
+    try:
+        import triton
+        versions = f"torch {torch.__version__} · triton {triton.__version__}"
+    except ImportError:
+        versions = f"torch {torch.__version__}"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"### {bench} · {when} · {where} · commit {git_commit()} · {versions}\n\nCommand: `{command.strip()}`"
 
 
 class Table:

@@ -7,7 +7,6 @@ next to random real images and all real training features.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clpdd_fast.augment import Augment
+from clpdd_fast.distributed import World
 from clpdd_fast.ops import clpdd_loss
 from clpdd_fast.probe import FeatureTransform
 from clpdd_fast.profiling import nvtx_range
@@ -22,8 +23,8 @@ class StepInputs:
     encoder: torch.nn.Module
     augment: Augment
     out_size: int               # encoder input resolution after augmentation
-    real_features: Tensor       # (N, d) transformed real features on the compute device (fp16/bf16/fp32)
-    real_labels: Tensor         # (N,) int64 on the same device
+    real_features: Tensor       # (N, d) transformed real features on the compute device (fp16/bf16/fp32);
+    real_labels: Tensor         # (N,) int64 on the same device. Under torchrun: this rank's shard of the rows.
     num_classes: int
     transform: FeatureTransform
     lam: float
@@ -35,10 +36,12 @@ class StepInputs:
     # For methods that need real pixels each step (LGM): (n, generator) -> (images (n,3,S,S) in [0,1], labels).
     real_images: Callable[[int, torch.Generator], tuple[Tensor, Tensor]] | None = None
     augs_per_batch: int = 10    # LGM: augmented copies of the synthetic set per step
+    world: World = World()      # torchrun ranks (see distributed.py); a single process by default
+    real_share: float = 1.0     # this rank's fraction of all real rows (its weight in the mean over them)
 
 
-def _chunks(m: int, size: int, device) -> list[Tensor]:
-    return [torch.arange(s, min(s + size, m), device=device) for s in range(0, m, size)]
+def _chunks(start: int, stop: int, size: int, device) -> list[Tensor]:
+    return [torch.arange(s, min(s + size, stop), device=device) for s in range(start, stop, size)]
 
 
 def _encode(synthetic: SyntheticImages, inputs: StepInputs, idx: Tensor, aug_params) -> Tensor:
@@ -51,11 +54,18 @@ def _encode(synthetic: SyntheticImages, inputs: StepInputs, idx: Tensor, aug_par
 
 def _outer_loss(phi_s: Tensor, synthetic: SyntheticImages, inputs: StepInputs,
                 generator: torch.Generator) -> Tensor:
-    """CLP-DD's loss of raw synthetic features phi_s on all real rows or on a sampled batch of them."""
+    """CLP-DD's loss of raw synthetic features phi_s on all real rows or on a sampled batch of them
+    (real_batch * real_share rows of this rank's shard)."""
     real_x, real_y = inputs.real_features, inputs.real_labels
-    if inputs.real_batch is not None and inputs.real_batch < real_x.shape[0]:
-        rows = torch.randperm(real_x.shape[0], generator=generator)[:inputs.real_batch].to(real_x.device)
-        real_x, real_y = real_x[rows], real_y[rows]
+    # One draw from the shared generator seeds this rank's row sample, so the shared generator advances alike on
+    # every rank (and the augmentation draws stay identical) whatever the shard sizes.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    if inputs.real_batch is not None:
+        batch = max(1, round(inputs.real_batch * inputs.real_share))
+        if batch < real_x.shape[0]:
+            local = torch.Generator().manual_seed(seed + inputs.world.rank)
+            rows = torch.randperm(real_x.shape[0], generator=local)[:batch].to(real_x.device)
+            real_x, real_y = real_x[rows], real_y[rows]
     return clpdd_loss(inputs.transform(phi_s), synthetic.labels, real_x, real_y, inputs.lam, inputs.tau,
                       outer=inputs.outer, num_classes=inputs.num_classes)
 
@@ -70,21 +80,26 @@ def clpdd_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.
     """
     m = synthetic.num_images
     device = synthetic.labels.device
+    world = inputs.world
     aug_params = inputs.augment.sample(m, generator, device)
-    chunks = _chunks(m, inputs.chunk_size, device)
+    chunks = _chunks(*world.block(m), inputs.chunk_size, device)  # this rank's images (all, in one process)
     with torch.no_grad(), nvtx_range("encoder_forward"):
-        phi_s = torch.cat([_encode(synthetic, inputs, idx, aug_params) for idx in chunks])
+        own = [_encode(synthetic, inputs, idx, aug_params) for idx in chunks]
+        phi_s = world.gather_rows(torch.cat(own), m)
     phi_s.requires_grad_(True)
     with nvtx_range("ridge_solve_and_ce"):
-        loss = _outer_loss(phi_s, synthetic, inputs, generator)
+        loss = _outer_loss(phi_s, synthetic, inputs, generator) * inputs.real_share
     with nvtx_range("loss_backward"):
         (grad_phi,) = torch.autograd.grad(loss, phi_s)
+        loss = world.sum_(loss.detach())
+        world.sum_(grad_phi)  # the mean over all real rows is the share-weighted sum of the ranks' means
     for idx in chunks:
         with nvtx_range("encoder_reforward"):
             features = _encode(synthetic, inputs, idx, aug_params)
         with nvtx_range("encoder_backward"):
             features.backward(grad_phi[idx])
-    return loss.detach()
+    world.sum_grads_(synthetic.parameters())
+    return loss
 
 
 def clpdd_loss_plain(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Generator) -> Tensor:

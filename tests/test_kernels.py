@@ -1,9 +1,8 @@
 """The Triton kernels (kernels/) against the torch reference and a float64 oracle.
 
-Without CUDA every kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before
-triton is imported; if another test module imported triton first without it, this file re-runs itself in a
-subprocess). With CUDA the
-same tests run compiled on the GPU, plus the GPU-only ones (bf16, large shapes, bitwise determinism, memory).
+Without CUDA every kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by
+tests/conftest.py before triton is imported). With CUDA the same tests run compiled on the GPU, plus the GPU-only
+ones (bf16, large shapes, bitwise determinism, memory).
 Shapes are small and odd so that every dimension has a masked tail; tiles are >= 16 (GPU tl.dot minimum).
 """
 import inspect
@@ -15,12 +14,10 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-# Triton reads TRITON_INTERPRET when its own @jit helpers (triton.language) and ours are decorated, i.e. at import.
-# If another test module imported triton first without it, the kernels cannot run interpreted in this process:
-# then every test here is skipped and one test re-runs this file in a fresh interpreter-mode process instead.
-PREIMPORTED = not CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+# Triton reads TRITON_INTERPRET when kernels are decorated, i.e. at import: tests/conftest.py sets it first.
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("without CUDA the kernel tests need TRITON_INTERPRET=1 before triton is imported "
+                       "(tests/conftest.py sets it: run them through pytest from the repository)")
 
 import triton  # noqa: E402
 
@@ -412,15 +409,6 @@ def test_triton_version_is_recent_enough():
     assert (major, minor) >= (3, 0)
 
 
-@pytest.mark.skipif(not PREIMPORTED, reason="runs only when triton was imported before this module set "
-                                             "TRITON_INTERPRET=1 (the tests above then run in-process)")
-def test_kernels_in_a_fresh_interpreter_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-
-
 AOT_SCRIPT = r"""
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -468,10 +456,3 @@ def test_kernels_compile_ahead_of_time_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-# every other test needs this process's kernels to be interpreted (see PREIMPORTED above)
-for _name, _fn in list(globals().items()):
-    if _name.startswith("test_") and _name != "test_kernels_in_a_fresh_interpreter_process":
-        globals()[_name] = pytest.mark.skipif(PREIMPORTED, reason="triton was imported before TRITON_INTERPRET=1 "
-                                              "was set; see test_kernels_in_a_fresh_interpreter_process")(_fn)
