@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from clpdd_fast import artifacts
 from clpdd_fast.augment import build_augment
+from clpdd_fast.distributed import World, init_from_env
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder
 from clpdd_fast.methods import METHODS, StepInputs
@@ -24,6 +26,7 @@ from clpdd_fast.probe import FEATURE_NORMS, FeatureTransform, ridge_probe_accura
 from clpdd_fast.profiling import nvtx_range, set_enabled
 from clpdd_fast.synthetic import build_synthetic
 
+PROG = "clpdd"
 DEFAULT_CACHE = Path.home() / ".cache" / "clpdd-fast" / "features"
 EMBEDDED_SUBSET = 5000  # real train / test rows used when --data is omitted (keeps the default run in minutes)
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
@@ -114,7 +117,7 @@ def _config(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items()}
 
 
-def _prepare_out(args: argparse.Namespace) -> tuple[Path, dict | None]:
+def _prepare_out(args: argparse.Namespace, world: World) -> tuple[Path, dict | None]:
     """The output folder and, with --resume, the checkpoint found there (config checked against this run's)."""
     if args.resume:
         if args.out is None:
@@ -134,7 +137,8 @@ def _prepare_out(args: argparse.Namespace) -> tuple[Path, dict | None]:
     out = Path(args.out) if args.out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if (out / "checkpoint.pt").exists():
         raise SystemExit(f"error: --out {out} already holds a run: pass --resume to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     return out, None
 
 
@@ -156,16 +160,36 @@ def _pick_per_class(labels: torch.Tensor, num_classes: int, ipc: int, generator:
     return torch.cat(picks)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Distill, write the outputs into the run folder, evaluate with the ridge probe; returns the results dict."""
-    out, ckpt = _prepare_out(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    set_enabled(args.nvtx)
-    embedded = args.data is None
+@dataclass
+class Setup:
+    """Everything the loop needs, built once from the arguments."""
+    out: Path
+    ckpt: dict | None
+    world: World
+    train: object
+    encoder: torch.nn.Module
+    image_size: int
+    synthetic_size: int
+    phi_train: torch.Tensor
+    y_train: torch.Tensor
+    phi_test: torch.Tensor
+    y_test: torch.Tensor
+    transform: FeatureTransform
+    picks: torch.Tensor
+    synthetic: torch.nn.Module
+    inputs: StepInputs
+    config: dict
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """Output folder, data, encoder, cached real features (this rank's shard on the device), synthetic set."""
     if args.iterations < 0 or args.grow_every < 0:
         raise SystemExit(f"error: --iterations and --grow-every: expected >= 0, got {args.iterations}, "
                          f"{args.grow_every}")
-
+    world, device = init_from_env(args.device)
+    out, ckpt = _prepare_out(args, world)
+    set_enabled(args.nvtx)
+    embedded = args.data is None
     train, test = open_dataset(args.data, "train"), open_dataset(args.data, "test")
     encoder = build_encoder(args.model, args.weights, device)
     idx_data = type(train).__name__.lower().startswith("idx")
@@ -174,33 +198,31 @@ def run(args: argparse.Namespace) -> dict:
     store_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
     train_k = args.train_subset if args.train_subset is not None or not embedded else EMBEDDED_SUBSET
     test_k = args.test_subset if args.test_subset is not None or not embedded else EMBEDDED_SUBSET
+    train_rows = _subset(len(train), train_k)
 
-    def features(dataset, k):
+    def features(dataset, rows):
         return load_or_extract_features(encoder, dataset, image_size, args.cache_dir, dtype=store_dtype,
-                                        device=device, indices=_subset(len(dataset), k))
+                                        device=device, indices=rows, progress=world.is_main)
 
-    print(f"[clpdd] real features: {args.model} at {image_size}px, cache {args.cache_dir}", file=sys.stderr)
-    phi_train, y_train = features(train, train_k)
-    phi_test, y_test = features(test, test_k)
+    _say(world, f"real features: {args.model} at {image_size}px, cache {args.cache_dir}")
+    phi_train, y_train = features(train, train_rows)
+    phi_test, y_test = features(test, _subset(len(test), test_k))
     num_classes = train.num_classes
     transform = FeatureTransform.fit(args.features, phi_train)
+    first, stop = world.block(len(y_train))  # this rank's shard of the real rows
     real_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    real_x = transform.apply_chunked(phi_train, dtype=real_dtype).to(device)
-    real_y = y_train.to(device)
+    real_x = transform.apply_chunked(phi_train[first:stop], dtype=real_dtype).to(device)
 
     # The random real images per class serve twice: the synthetic set's initialisation and the baseline.
-    pick_gen = torch.Generator().manual_seed(args.seed + 1)
-    picks = _pick_per_class(y_train, num_classes, args.ipc, pick_gen)
-    train_rows = _subset(len(train), train_k)
+    picks = _pick_per_class(y_train, num_classes, args.ipc, torch.Generator().manual_seed(args.seed + 1))
+    if world.size > len(picks):
+        raise SystemExit(f"error: {world.size} ranks but only {len(picks)} synthetic images: use fewer ranks")
     pick_dataset_rows = picks.numpy() if train_rows is None else train_rows[picks.numpy()]
     labels = y_train[picks].to(device)
     init = train.images(pick_dataset_rows, synthetic_size) if args.init == "real" else None
     torch.manual_seed(args.seed)
     synthetic = build_synthetic(args.param, labels, synthetic_size, init, decorrelate=args.decorrelate,
                                 grow_every=args.grow_every, generator=torch.Generator().manual_seed(args.seed))
-    synthetic = synthetic.to(device)
-    optimizer = torch.optim.Adam(synthetic.parameters(), lr=args.lr)
-    generator = torch.Generator().manual_seed(args.seed)
 
     def real_images(n: int, gen: torch.Generator):
         """n real training images (uniform over the training subset) at the synthetic resolution, for LGM."""
@@ -209,29 +231,48 @@ def run(args: argparse.Namespace) -> dict:
         return train.images(dataset_rows, synthetic_size).to(device), y_train[rows].to(device)
 
     inputs = StepInputs(encoder=encoder, augment=build_augment(args.augment), out_size=image_size,
-                        real_features=real_x, real_labels=real_y, num_classes=num_classes, transform=transform,
-                        lam=args.lam, tau=args.tau, outer=args.outer, chunk_size=args.chunk_size,
-                        real_batch=args.real_batch,
+                        real_features=real_x, real_labels=y_train[first:stop].to(device), num_classes=num_classes,
+                        transform=transform, lam=args.lam, tau=args.tau, outer=args.outer,
+                        chunk_size=args.chunk_size, real_batch=args.real_batch,
                         autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
-                        real_images=real_images, augs_per_batch=args.augs_per_batch)
-    start = 0
-    if ckpt is not None:
-        synthetic.load_state_dict(ckpt["synthetic"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        generator.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start = ckpt["step"]
-        print(f"[clpdd] resuming {out} at step {start}", file=sys.stderr)
+                        real_images=real_images, augs_per_batch=args.augs_per_batch,
+                        world=world, real_share=(stop - first) / len(y_train))
     config = _config(args) | {"image_size": image_size, "synthetic_size": synthetic_size,
-                               "num_classes": num_classes, "class_names": train.class_names}
-    artifacts.save_json(config, out / "config.json")
-    metrics = artifacts.MetricsLog(out / "metrics.jsonl", keep_until_step=start if ckpt is not None else None)
+                               "num_classes": num_classes, "class_names": train.class_names,
+                               "world_size": world.size}
+    return Setup(out, ckpt, world, train, encoder, image_size, synthetic_size, phi_train, y_train, phi_test, y_test,
+                 transform, picks, synthetic.to(device), inputs, config)
+
+
+def _say(world: World, text: str) -> None:
+    if world.is_main:
+        print(f"[{PROG}] {text}", file=sys.stderr, flush=True)
+
+
+def train_loop(args: argparse.Namespace, s: Setup) -> int:
+    """The outer loop: step, optimiser, metrics, checkpoints (rank 0 writes). Returns the number of steps done."""
+    optimizer = torch.optim.Adam(s.synthetic.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = 0
+    if s.ckpt is not None:
+        s.synthetic.load_state_dict(s.ckpt["synthetic"])
+        optimizer.load_state_dict(s.ckpt["optimizer"])
+        generator.set_state(s.ckpt["generator"])
+        torch.set_rng_state(s.ckpt["torch_rng"])
+        start = s.ckpt["step"]
+        _say(s.world, f"resuming {s.out} at step {start}")
+    main_rank = s.world.is_main
+    if main_rank:
+        artifacts.save_json(s.config, s.out / "config.json")
+        metrics = artifacts.MetricsLog(s.out / "metrics.jsonl", keep_until_step=start if s.ckpt is not None else None)
     step_fn = METHODS[args.method]
 
     def checkpoint(step: int) -> None:
-        artifacts.save_torch({"step": step, "synthetic": synthetic.state_dict(), "optimizer": optimizer.state_dict(),
-                              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                              "config": _config(args)}, out / "checkpoint.pt")
+        if main_rank:
+            artifacts.save_torch({"step": step, "synthetic": s.synthetic.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                  "torch_rng": torch.get_rng_state(), "config": _config(args)},
+                                 s.out / "checkpoint.pt")
 
     step = start
     t_run = time.perf_counter()
@@ -239,50 +280,67 @@ def run(args: argparse.Namespace) -> dict:
         for step in range(start, args.iterations):
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss = step_fn(synthetic, inputs, generator)
+            loss = step_fn(s.synthetic, s.inputs, generator)
             with nvtx_range("optimizer_step"):
                 optimizer.step()
-                synthetic.upkeep(step + 1)
+                s.synthetic.upkeep(step + 1)
             dt = time.perf_counter() - t0
-            metrics.append({"step": step + 1, "loss": float(loss), "step_time_s": dt})
+            if main_rank:
+                metrics.append({"step": step + 1, "loss": float(loss), "step_time_s": dt})
             if (step + 1) % args.log_every == 0 or step + 1 == args.iterations:
-                done = step + 1 - start
-                eta = (time.perf_counter() - t_run) / done * (args.iterations - step - 1)
-                print(f"[clpdd] step {step + 1}/{args.iterations} loss {float(loss):.4f} "
-                      f"{dt:.2f}s/step eta {eta:.0f}s", file=sys.stderr)
+                eta = (time.perf_counter() - t_run) / (step + 1 - start) * (args.iterations - step - 1)
+                _say(s.world, f"step {step + 1}/{args.iterations} loss {float(loss):.4f} {dt:.2f}s/step "
+                              f"eta {eta:.0f}s")
             if (step + 1) % args.checkpoint_every == 0:
                 checkpoint(step + 1)
             step += 1
     except KeyboardInterrupt:
         checkpoint(step)
-        print(f"[clpdd] interrupted at step {step}; resume with: python -m clpdd_fast.distill --resume "
-              f"--out {out} (and the same settings)", file=sys.stderr)
+        _say(s.world, f"interrupted at step {step}; resume with: python -m clpdd_fast.distill --resume "
+                      f"--out {s.out} (and the same settings)")
         raise SystemExit(130)
     checkpoint(step)
+    return step
 
+
+def finish(args: argparse.Namespace, s: Setup, steps: int) -> dict:
+    """Write the distilled set and its picture, and compare ridge probes on the real test split (rank 0)."""
     with torch.no_grad():
-        images = synthetic.decode().detach()
-        artifacts.save_torch({"images": images.cpu(), "labels": labels.cpu(), "config": config},
-                             out / "distilled.pt")
-        artifacts.save_grid_png(images, labels, train.class_names, out / "distilled.png")
-        resized = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", antialias=True,
+        images = s.synthetic.decode().detach()
+        labels = s.synthetic.labels
+        artifacts.save_torch({"images": images.cpu(), "labels": labels.cpu(), "config": s.config},
+                             s.out / "distilled.pt")
+        artifacts.save_grid_png(images, labels, s.train.class_names, s.out / "distilled.png")
+        resized = torch.nn.functional.interpolate(images, size=s.image_size, mode="bilinear", antialias=True,
                                                   align_corners=False).clamp(0, 1)
-        phi_distilled = torch.cat([encoder(resized[s:s + args.chunk_size]).float().cpu()
-                                   for s in range(0, len(resized), args.chunk_size)])
-    ridge = lambda x, y: ridge_probe_accuracy(x, y.cpu(), phi_test, y_test, args.lam, num_classes, transform)
-    results = {"steps": step, "ridge_top1": {
+        phi_distilled = torch.cat([s.encoder(resized[i:i + args.chunk_size]).float().cpu()
+                                   for i in range(0, len(resized), args.chunk_size)])
+    num_classes = s.config["num_classes"]
+
+    def ridge(x, y):
+        return ridge_probe_accuracy(x, y.cpu(), s.phi_test, s.y_test, args.lam, num_classes, s.transform)
+
+    results = {"steps": steps, "num_test": len(s.y_test), "num_train": len(s.y_train), "ridge_top1": {
         "distilled": ridge(phi_distilled, labels),
-        "random_real": ridge(phi_train[picks].float(), y_train[picks]),
-        "all_real_train": ridge(phi_train, y_train),
-    }, "num_test": len(y_test), "num_train": len(y_train)}
-    artifacts.save_json(results, out / "results.json")
+        "random_real": ridge(s.phi_train[s.picks].float(), s.y_train[s.picks]),
+        "all_real_train": ridge(s.phi_train, s.y_train)}}
+    artifacts.save_json(results, s.out / "results.json")
     r = results["ridge_top1"]
-    print(f"\nRidge-probe top-1 on {len(y_test)} real test images ({args.ipc} image(s) per class, lam={args.lam:g}):\n"
-          f"  distilled ({args.method}, {step} steps): {100 * r['distilled']:6.2f} %\n"
+    print(f"\nRidge-probe top-1 on {len(s.y_test)} real test images ({args.ipc} image(s) per class, "
+          f"lam={args.lam:g}):\n"
+          f"  distilled ({args.method}, {steps} steps): {100 * r['distilled']:6.2f} %\n"
           f"  random real images:            {100 * r['random_real']:6.2f} %\n"
-          f"  all {len(y_train)} real train features:   {100 * r['all_real_train']:6.2f} %\n"
-          f"outputs in {out}")
+          f"  all {len(s.y_train)} real train features:   {100 * r['all_real_train']:6.2f} %\n"
+          f"outputs in {s.out}")
     return results
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Distill, write the outputs into the run folder, evaluate with the ridge probe; returns the results dict
+    (None on ranks other than 0 under torchrun)."""
+    s = setup(args)
+    steps = train_loop(args, s)
+    return finish(args, s, steps) if s.world.is_main else None
 
 
 def main(argv: list[str] | None = None) -> dict:
