@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (about 6 minutes): the kernel tests on the GPU, GPU-only ones included (bf16, large
-# shapes, bitwise determinism, memory), then bench_ops at the shapes of the issue. Logs go under $OUT when set
+# The one prepared GPU run (at most 6 minutes): the kernel tests on the GPU, GPU-only ones included (bf16, large
+# shapes, bitwise determinism, memory), then bench_ops at the shapes of the issue, then bench_step at the ImageNet-1K
+# shape (ViT-B/14 at 224 px, m = 1000, 1.28 M real features), then the torch.compile baselines. Logs go under $OUT when set
 # (else benchmarks/gpu_logs/), and the benchmark rows to $OUT/bench_rows.md: paste them into benchmarks/RESULTS.md.
 #
 #   CLPDD_COMMIT=<git sha> bash benchmarks/gpu_check.sh          # from the repository root
@@ -35,7 +36,7 @@ unset TRITON_INTERPRET
 } 2>&1 | tee "$LOGS/env.txt"
 
 echo "== kernel tests (GPU)" | tee "$LOGS/tests.txt"
-timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py 2>&1 | tee -a "$LOGS/tests.txt"
+timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py 2>&1 | tee -a "$LOGS/tests.txt"
 TEST_RC=${PIPESTATUS[0]}
 echo "tests exit status: $TEST_RC" | tee -a "$LOGS/tests.txt"
 
@@ -44,10 +45,14 @@ BENCH_ARGS=(--results "$LOGS/bench_rows.md")
 if [ "${QUICK:-0}" = 1 ]; then BENCH_ARGS+=(--quick); fi
 # rows are appended as they are measured, so a timeout still leaves the finished ones; the torch.compile
 # baselines (about a minute of compilation each) run last, in their own time slot
-timeout 150 "$PY" benchmarks/bench_ops.py "${BENCH_ARGS[@]}" --no-compile 2>&1 | tee -a "$LOGS/bench.txt"
+timeout 120 "$PY" benchmarks/bench_ops.py "${BENCH_ARGS[@]}" --no-compile 2>&1 | tee -a "$LOGS/bench.txt"
 BENCH_RC=${PIPESTATUS[0]}
 echo "bench exit status: $BENCH_RC (124 = hit the time limit)" | tee -a "$LOGS/bench.txt"
-timeout 90 "$PY" benchmarks/bench_ops.py "${BENCH_ARGS[@]}" --ops ce --no-mixed --impls compile 2>&1 \
+echo "== bench_step (ImageNet-1K shape)" | tee -a "$LOGS/bench.txt"
+timeout 75 "$PY" benchmarks/bench_step.py --imagenet --reps 2 --results "$LOGS/bench_rows.md" 2>&1 \
+  | tee -a "$LOGS/bench.txt"
+echo "bench_step exit status: ${PIPESTATUS[0]}" | tee -a "$LOGS/bench.txt"
+timeout 45 "$PY" benchmarks/bench_ops.py "${BENCH_ARGS[@]}" --ops ce --no-mixed --impls compile 2>&1 \
   | tee -a "$LOGS/bench.txt"
 echo "compile baselines exit status: ${PIPESTATUS[0]}" | tee -a "$LOGS/bench.txt"
 rm -rf "$STAGE"
