@@ -5,7 +5,7 @@ PIP = $(PYTHON) -m pip
 TORCH_PINS = torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR = /usr/share/datasets/fashion-mnist
 
-.PHONY: test demo install install-test install-demo bench-cpu
+.PHONY: test demo install install-test install-demo gpu-check
 
 install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PINS)
@@ -21,8 +21,13 @@ install-demo: install
 	  else echo "Fashion-MNIST is missing: run  sudo apt-get install dataset-fashion-mnist  (or pass --data DIR)"; exit 1; fi; \
 	fi
 
+# CLPDD_AOT_CHECK=1: also compile every Triton kernel for sm_90 (Hopper) without a GPU, catching what the
+# CPU interpreter accepts but the GPU compiler rejects.
 test: install-test
-	$(PYTHON) -m pytest -q tests
+	CLPDD_AOT_CHECK=1 $(PYTHON) -m pytest -q tests
 
 demo: install-demo
 	$(PYTHON) -m clpdd_fast.distill
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
