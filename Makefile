@@ -9,7 +9,9 @@ FMNIST_DIR = /usr/share/datasets/fashion-mnist
 
 install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PINS)
-	@$(PYTHON) -c "import clpdd_fast, timm, nvtx" 2>/dev/null || $(PIP) install -e .
+	@# (re)install when missing, or when an editable install points at another checkout of this repository
+	@$(PYTHON) -c "import os, timm, nvtx, clpdd_fast.kernels as k; \
+	  assert os.path.realpath(k.__file__).startswith(os.path.realpath('kernels'))" 2>/dev/null || $(PIP) install -e .
 
 install-test: install
 	@$(PYTHON) -c "import pytest, scipy" 2>/dev/null || $(PIP) install -e ".[test]"
