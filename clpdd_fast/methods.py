@@ -45,10 +45,10 @@ def _chunks(start: int, stop: int, size: int, device) -> list[Tensor]:
 
 
 def _encode(synthetic: SyntheticImages, inputs: StepInputs, idx: Tensor, aug_params) -> Tensor:
-    images = inputs.augment.apply(synthetic.decode(idx), aug_params.select(idx), inputs.out_size)
-    device_type = images.device.type
-    with torch.autocast(device_type, dtype=inputs.autocast_dtype or torch.float32,
-                        enabled=inputs.autocast_dtype is not None):
+    with nvtx_range("decode_augment"):
+        images = inputs.augment.apply(synthetic.decode(idx), aug_params.select(idx), inputs.out_size)
+    with nvtx_range("encoder"), torch.autocast(images.device.type, dtype=inputs.autocast_dtype or torch.float32,
+                                               enabled=inputs.autocast_dtype is not None):
         return inputs.encoder(images).float()
 
 
@@ -87,7 +87,7 @@ def clpdd_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.
         own = [_encode(synthetic, inputs, idx, aug_params) for idx in chunks]
         phi_s = world.gather_rows(torch.cat(own), m)
     phi_s.requires_grad_(True)
-    with nvtx_range("ridge_solve_and_ce"):
+    with nvtx_range("outer_loss"):  # ridge_solve and linear_softmax_ce open their own ranges inside
         loss = _outer_loss(phi_s, synthetic, inputs, generator) * inputs.real_share
     with nvtx_range("loss_backward"):
         (grad_phi,) = torch.autograd.grad(loss, phi_s)

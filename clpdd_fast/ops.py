@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from clpdd_fast import reference
 from clpdd_fast import validation as check
+from clpdd_fast.profiling import nvtx_range
 
 BACKENDS = ("auto", "torch", "triton")
 MODES = ("auto", "dual", "primal")
@@ -135,7 +136,8 @@ def ridge_solve(phi: Tensor, y: Tensor, lam: float, mode: str = "auto", *, backe
     if check_finite:
         check.finite("phi", phi)
         check.finite("y", y)
-    return RidgeSolveFunction.apply(phi, y, lam, mode, resolve_backend(backend, phi.device))
+    with nvtx_range(f"ridge_solve[{mode}]"):
+        return RidgeSolveFunction.apply(phi, y, lam, mode, resolve_backend(backend, phi.device))
 
 
 # ----------------------------------------------------------------------------------------------- linear CE
@@ -204,8 +206,9 @@ def linear_softmax_ce(x: Tensor, w: Tensor, target: Tensor, tau: float = 1.0, re
     if check_finite:
         check.finite("x", x)
         check.finite("w", w)
-    return LinearSoftmaxCEFunction.apply(x, w, target, tau, reduction, chunk_size, int(ignore_index),
-                                         resolve_backend(backend, x.device))
+    with nvtx_range("linear_softmax_ce"):
+        return LinearSoftmaxCEFunction.apply(x, w, target, tau, reduction, chunk_size, int(ignore_index),
+                                             resolve_backend(backend, x.device))
 
 
 # ----------------------------------------------------------------------------------------------- CLP-DD

@@ -170,3 +170,17 @@ def test_torchrun_two_ranks_equal_one_process(tiny_idx, tmp_path):
     moved = (one["images"] - start).abs().max()
     # Adam amplifies rounding where a gradient is ~0, so compare with how far the images moved at all
     assert (two["images"] - one["images"]).abs().max() < 1e-2 * moved
+
+
+def test_nvtx_ranges_cover_the_step(encoder, monkeypatch):
+    from clpdd_fast import profiling
+    names, depth = [], []
+    monkeypatch.setattr(profiling, "_backend", (lambda n: (names.append(n), depth.append(1)),
+                                                lambda: depth.pop()))
+    monkeypatch.setattr(profiling, "_enabled", True)
+    synthetic = build_synthetic("pixel", torch.tensor([0, 1, 2, 0]), 32, None)
+    clpdd_step(synthetic, step_inputs(encoder, 2), torch.Generator().manual_seed(0))
+    assert not depth  # every range closed
+    for expected in ["encoder_forward", "decode_augment", "encoder", "outer_loss", "ridge_solve[dual]",
+                     "linear_softmax_ce", "loss_backward", "encoder_reforward", "encoder_backward"]:
+        assert expected in names, expected
