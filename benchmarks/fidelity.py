@@ -51,9 +51,9 @@ def rows(ipc: int, sweep: bool) -> list[tuple[str, list[str] | None, list[str]]]
         ("clpdd-ce-aug", base + ["--method", "clpdd", "--outer", "ce", "--augment", "standard"], []),
     ]
     if sweep:
-        for lam in ("0.01", "1"):
+        for lam in ("0.01", "1", "10"):
             table.append((f"sweep-lam{lam}", base + ["--method", "clpdd", "--lam", lam], []))
-        for tau in ("0.01", "0.2"):
+        for tau in ("0.01", "0.2", "1"):
             table.append((f"sweep-tau{tau}", base + ["--method", "clpdd", "--tau", tau], []))
         table.append(("sweep-features-raw", base + ["--method", "clpdd", "--features", "raw"], []))
     return table
@@ -123,6 +123,10 @@ def main(argv=None) -> int:
                 continue
         ev = json.loads(eval_json.read_text())
         dj = json.loads(distill_json.read_text()) if distill_json.exists() else None
+        if dj is not None and (folder / "metrics.jsonl").exists():
+            steps = sorted(json.loads(line)["step_time_s"] for line in (folder / "metrics.jsonl").read_text().split("\n")
+                           if line.strip())
+            dj["median_step_s"] = steps[len(steps) // 2] if steps else None
         results.append({"name": name, "eval": ev, "distill": dj, "distill_cmd": d_cmd and command(d_cmd),
                         "eval_cmd": command(e_cmd)})
         print(f"[fidelity] {name}: top-1 {100 * ev['top1_mean']:.2f} +- {100 * ev['top1_std']:.2f} %", flush=True)
@@ -134,16 +138,17 @@ def write_report(path: Path, ipc: int, results: list[dict], seeds: int) -> None:
     lines = [f"<!-- fidelity ipc={ipc} begin -->", f"### ipc = {ipc} ({date.today().isoformat()}, "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch CPU)", "",
              f"| row | protocol top-1 % (mean ± std, {seeds} seeds) | top-5 % | ridge top-1 % | distill wall s | "
-             "distill peak RSS MiB | commands |", "|---|---|---|---|---|---|---|"]
+             "median s/step | distill peak RSS MiB | commands |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         ev, dj = r["eval"], r["distill"]
         cmds = (f"`{r['distill_cmd']}` then " if r["distill_cmd"] else "") + f"`{r['eval_cmd']}`"
         lines.append(f"| {r['name']} | {100 * ev['top1_mean']:.2f} ± {100 * ev['top1_std']:.2f} | "
                      f"{100 * ev['top5_mean']:.2f} ± {100 * ev['top5_std']:.2f} | {100 * ev['ridge_top1_mean']:.2f} | "
-                     f"{dj['wall_s']:.0f} | {dj['peak_rss_mib']:.0f} | {cmds} |" if dj else
+                     f"{dj['wall_s']:.0f} | {dj.get('median_step_s') or float('nan'):.2f} | {dj['peak_rss_mib']:.0f} | "
+                     f"{cmds} |" if dj else
                      f"| {r['name']} | {100 * ev['top1_mean']:.2f} ± {100 * ev['top1_std']:.2f} | "
                      f"{100 * ev['top5_mean']:.2f} ± {100 * ev['top5_std']:.2f} | {100 * ev['ridge_top1_mean']:.2f} | "
-                     f"– | – | {cmds} |")
+                     f"– | – | – | {cmds} |")
     lines.append(f"<!-- fidelity ipc={ipc} end -->")
     block = "\n".join(lines) + "\n"
     text = path.read_text() if path.exists() else "# Fidelity\n\n"
