@@ -192,6 +192,16 @@ def test_cli_evaluates_a_distilled_set_and_writes_json(tiny_idx, tmp_path):
     assert saved["distill_model"] == TINY_MODEL and res["top1_mean"] == saved["top1_mean"]
 
 
+def test_cli_cross_model_evaluation(tiny_idx, tmp_path):
+    path = distilled_file(tmp_path, tiny_idx)
+    with pytest.raises(FileNotFoundError, match="weights"):  # another model defaults to its own ('default') weights,
+        main(cli(tiny_idx, tmp_path / "cache", "--distilled", str(path), "--eval-model", "test_resnet"))  # not cached
+    res = main(cli(tiny_idx, tmp_path / "cache", "--distilled", str(path), "--eval-model", "test_resnet",
+                   "--eval-weights", "none"))
+    assert res["eval_weights"] == "none" and len(res["top1_per_seed"]) == 2
+    assert res["eval_model"] == "test_resnet" and res["distill_model"] == TINY_MODEL
+
+
 @pytest.mark.parametrize("baseline", ["random", "centroids", "full"])
 def test_cli_baselines_run_without_a_distilled_set(tiny_idx, tmp_path, baseline):
     res = main(cli(tiny_idx, tmp_path / "cache", "--baseline", baseline, "--model", TINY_MODEL, "--weights", "none"))
