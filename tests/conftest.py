@@ -6,3 +6,35 @@ import torch
 # decorated (at import): set it before any test module imports triton (timm and torch can import it too).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from clpdd_fast.data import write_idx  # noqa: E402
+
+TINY_MODEL = "test_efficientnet"  # a tiny timm model (random weights): the encoder of the pipeline tests
+
+
+@pytest.fixture(scope="session")
+def tiny_idx(tmp_path_factory):
+    """An IDX dataset of 4 classes of 12x12 grey images (a bright column band per class, plus noise):
+    48 train and 24 test images."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("idx")
+    for prefix, n in [("train", 48), ("t10k", 24)]:
+        labels = np.arange(n, dtype=np.uint8) % 4
+        base = np.zeros((n, 12, 12))
+        for i, c in enumerate(labels):
+            base[i, :, 3 * c:3 * c + 3] = 200
+        images = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+        write_idx(str(folder / f"{prefix}-images-idx3-ubyte"), images)
+        write_idx(str(folder / f"{prefix}-labels-idx1-ubyte"), labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The tiny encoder, frozen, on the CPU."""
+    from clpdd_fast.encoders import build_encoder
+    return build_encoder(TINY_MODEL, "none", "cpu")

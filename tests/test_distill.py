@@ -1,6 +1,5 @@
 """The distillation pipeline: chunked recomputation is exact, end to end runs, resume, clear errors."""
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -8,44 +7,16 @@ import torch
 
 from clpdd_fast.augment import build_augment
 from clpdd_fast.distill import main
-from clpdd_fast.encoders import build_encoder
 from clpdd_fast.methods import StepInputs, clpdd_loss_plain, clpdd_step
 from clpdd_fast.probe import FeatureTransform
 from clpdd_fast.synthetic import build_synthetic
 
-TINY_MODEL = "test_efficientnet"
-
-
-def write_idx(folder, prefix, images, labels):
-    folder.mkdir(parents=True, exist_ok=True)
-    n, h, w = images.shape
-    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, h, w) + images.tobytes())
-    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
-
-
-@pytest.fixture(scope="module")
-def tiny_idx(tmp_path_factory):
-    """4 classes of 12x12 grey images whose brightness pattern depends on the class, plus noise."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("idx")
-    for prefix, n in [("train", 48), ("t10k", 24)]:
-        labels = np.arange(n, dtype=np.uint8) % 4
-        base = np.zeros((n, 12, 12))
-        for i, c in enumerate(labels):
-            base[i, :, 3 * c:3 * c + 3] = 200
-        images = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
-        write_idx(folder, prefix, images, labels)
-    return folder
+from conftest import TINY_MODEL
 
 
 def run_args(data, out, cache, *extra):
     return ["--data", str(data), "--model", TINY_MODEL, "--weights", "none", "--image-size", "32",
             "--out", str(out), "--cache-dir", str(cache), "--device", "cpu", "--log-every", "1", *extra]
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    return build_encoder(TINY_MODEL, "none", "cpu")
 
 
 def step_inputs(encoder, chunk_size, real_batch=None, outer="ce"):

@@ -1,18 +1,15 @@
 """The linear-probe protocol, the baselines and the evaluate CLI: honest numbers on tiny problems, clear errors."""
 import json
-import struct
 
-import numpy as np
 import pytest
 import torch
 
 from clpdd_fast.augment import build_augment
 from clpdd_fast.baselines import centroid_indices, class_means, random_real_indices
-from clpdd_fast.encoders import build_encoder
 from clpdd_fast.evaluate import main
 from clpdd_fast.linear_probe import augmented_features, summarize, train_linear_probe
 
-TINY_MODEL = "test_efficientnet"
+from conftest import TINY_MODEL
 
 
 def blobs(n_per_class, num_classes=5, d=16, spread=4.0, noise=1.0, draws=None, seed=0):
@@ -89,11 +86,6 @@ def test_summarize():
     assert s["top1_per_seed"] == [0.5, 0.7] and s["top5_std"] == 0.0
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    return build_encoder(TINY_MODEL, "none", "cpu")
-
-
 def test_augmented_feature_pool_matches_direct_encoding(encoder):
     images = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(0))
     aug = build_augment("flip_crop")
@@ -143,27 +135,6 @@ def test_random_real_picks_per_class_reproducibly():
 
 # ----------------------------------------------------------------------------------------------- the CLI
 
-def write_idx(folder, prefix, images, labels):
-    folder.mkdir(parents=True, exist_ok=True)
-    n, h, w = images.shape
-    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, h, w) + images.tobytes())
-    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
-
-
-@pytest.fixture(scope="module")
-def tiny_idx(tmp_path_factory):
-    """4 classes of 12x12 grey images, a bright column band per class, plus noise."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("idx")
-    for prefix, n in [("train", 32), ("t10k", 16)]:
-        labels = np.arange(n, dtype=np.uint8) % 4
-        base = np.zeros((n, 12, 12))
-        for i, c in enumerate(labels):
-            base[i, :, 3 * c:3 * c + 3] = 200
-        write_idx(folder, prefix, np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8), labels)
-    return folder
-
-
 def cli(data, cache, *extra):
     return ["--data", str(data), "--cache-dir", str(cache), "--device", "cpu", "--image-size", "16",
             "--epochs", "3", "--seeds", "2", "--aug-draws", "2", *extra]
@@ -188,7 +159,7 @@ def test_cli_evaluates_a_distilled_set_and_writes_json(tiny_idx, tmp_path):
     saved = json.loads(out.read_text())
     for key in ("top1_mean", "top1_std", "top1_per_seed", "top5_mean", "top5_std", "top5_per_seed"):
         assert key in saved
-    assert len(saved["top1_per_seed"]) == 2 and saved["num_test"] == 16
+    assert len(saved["top1_per_seed"]) == 2 and saved["num_test"] == 24
     assert saved["distill_model"] == TINY_MODEL and res["top1_mean"] == saved["top1_mean"]
 
 
@@ -211,7 +182,7 @@ def test_cli_baselines_run_without_a_distilled_set(tiny_idx, tmp_path, baseline)
     if baseline == "centroids":
         assert len(res["selected_rows"]) == 4
     if baseline == "full":
-        assert res["num_train"] == 32 and res["aug_draws"] is None  # cached un-augmented features
+        assert res["num_train"] == 48 and res["aug_draws"] is None  # cached un-augmented features
 
 
 def test_cli_bad_input(tiny_idx, tmp_path):

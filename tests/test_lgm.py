@@ -15,13 +15,8 @@ from clpdd_fast.methods import LGM_HEAD_STD, METHODS, StepInputs, lgm_draws, lgm
 from clpdd_fast.probe import FeatureTransform
 from clpdd_fast.synthetic import build_synthetic
 
-TINY_MODEL = "test_efficientnet"
+from conftest import TINY_MODEL
 C = 3
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    return build_encoder(TINY_MODEL, "none", "cpu")
 
 
 def make_inputs(encoder, augment="standard", K=2):

@@ -1,0 +1,54 @@
+"""What the two command-line tools share: argument types, help formatting, and the real-data subsets."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_CACHE = Path.home() / ".cache" / "clpdd-fast" / "features"
+EMBEDDED_SUBSET = 5000  # real train / test rows used when --data is omitted (keeps the default run in minutes)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def int_or_all(text: str) -> int | None:
+    """'all' -> None, else an integer >= 1."""
+    return None if text == "all" else positive_int(text)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout; appends '(default: X)' unless the help text already names the default."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
+def subset_size(requested: int | None, embedded: bool) -> int | None:
+    """Rows of a split to use: what was asked, else EMBEDDED_SUBSET on the embedded default, else all (None)."""
+    return requested if requested is not None or not embedded else EMBEDDED_SUBSET
+
+
+def fixed_subset(n: int, k: int | None) -> np.ndarray | None:
+    """A fixed (seed-independent, so caches are shared across seeds and tools) sorted random subset of k of n rows;
+    None for all rows."""
+    if k is None or k >= n:
+        return None
+    return np.sort(np.random.default_rng(0).permutation(n)[:k])
+
+
+def default_image_size(dataset, encoder) -> int:
+    """64 px for IDX data (28 px sources such as Fashion-MNIST), the encoder's own input size otherwise."""
+    return 64 if type(dataset).__name__.startswith("Idx") else encoder.default_image_size
