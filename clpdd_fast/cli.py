@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_CACHE = Path.home() / ".cache" / "clpdd-fast" / "features"
+# Ridge strength and temperature, chosen by the sweep in benchmarks/FIDELITY.md (README: "How the defaults were chosen")
+DEFAULT_LAM = 1.0
+DEFAULT_TAU = 0.05
 EMBEDDED_SUBSET = 5000  # real train / test rows used when --data is omitted (keeps the default run in minutes)
 
 

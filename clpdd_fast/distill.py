@@ -17,8 +17,8 @@ import torch
 
 from clpdd_fast import artifacts
 from clpdd_fast.augment import build_augment
-from clpdd_fast.cli import (DEFAULT_CACHE, EMBEDDED_SUBSET, HelpFormatter, default_image_size, fixed_subset,
-                            int_or_all, positive_float, positive_int, subset_size)
+from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_TAU, EMBEDDED_SUBSET, HelpFormatter,
+                            default_image_size, fixed_subset, int_or_all, positive_float, positive_int, subset_size)
 from clpdd_fast.distributed import World, init_from_env
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder
@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ipc", type=positive_int, default=1, help="synthetic images per class")
     a("--iterations", type=int, default=200, help="outer steps")
     a("--lr", type=positive_float, default=0.05, help="Adam learning rate on the synthetic parameters")
-    a("--lam", type=positive_float, default=0.1, help="ridge strength of the inner probe")
-    a("--tau", type=positive_float, default=0.05, help="softmax temperature of the outer CE")
+    a("--lam", type=positive_float, default=DEFAULT_LAM, help="ridge strength of the inner probe")
+    a("--tau", type=positive_float, default=DEFAULT_TAU, help="softmax temperature of the outer CE")
     a("--outer", default="ce", choices=["ce", "mse"], help="outer loss (mse: the paper's ablation)")
     a("--features", default="center-l2", choices=FEATURE_NORMS,
       help="feature normalisation applied to both sides of the probe (centring uses the real-feature mean)")

@@ -22,8 +22,8 @@ import torch
 
 from clpdd_fast import artifacts
 from clpdd_fast.augment import build_augment
-from clpdd_fast.cli import (DEFAULT_CACHE, HelpFormatter, default_image_size, fixed_subset, int_or_all,
-                            positive_int, subset_size)
+from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, HelpFormatter, default_image_size, fixed_subset,
+                            int_or_all, positive_int, subset_size)
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"[evaluate] {eval_model} ({eval_weights}) at {image_size}px, cache {cache_dir}", file=sys.stderr)
     phi_train, y_train = features(train, train_k)
     phi_test, y_test = features(test, test_k)
-    lam = args.lam if args.lam is not None else float(cfg.get("lam", 0.1))
+    lam = args.lam if args.lam is not None else float(cfg.get("lam", DEFAULT_LAM))
     transform = FeatureTransform.fit(args.features or cfg.get("features", "center-l2"), phi_train)
     augment = build_augment(args.augment)
     draws = args.aug_draws if args.augment != "none" else 1
