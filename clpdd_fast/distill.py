@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from clpdd_fast import artifacts
+from clpdd_fast import artifacts, validation
 from clpdd_fast.augment import build_augment
 from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_TAU, EMBEDDED_SUBSET, HelpFormatter,
                             default_image_size, fixed_subset, int_or_all, positive_float, positive_int, subset_size)
@@ -172,6 +172,7 @@ def setup(args: argparse.Namespace) -> Setup:
     first, stop = world.block(len(y_train))  # this rank's shard of the real rows
     real_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     real_x = transform.apply_chunked(phi_train[first:stop], dtype=real_dtype).to(device)
+    validation.finite("real features (after --features)", real_x)  # once here; the step skips this check
 
     # The random real images per class serve twice: the synthetic set's initialisation and the baseline.
     picks = _pick_per_class(y_train, num_classes, args.ipc, torch.Generator().manual_seed(args.seed + 1))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clpdd_fast import validation as check
 from clpdd_fast.augment import Augment
 from clpdd_fast.distributed import World
 from clpdd_fast.ops import clpdd_loss
@@ -44,12 +45,18 @@ def _chunks(start: int, stop: int, size: int, device) -> list[Tensor]:
     return [torch.arange(s, min(s + size, stop), device=device) for s in range(start, stop, size)]
 
 
+def _features(images: Tensor, inputs: StepInputs) -> Tensor:
+    with torch.autocast(images.device.type, dtype=inputs.autocast_dtype or torch.float32,
+                        enabled=inputs.autocast_dtype is not None):
+        out = inputs.encoder(images)
+    return out if out.dtype == torch.float64 else out.float()  # float64 encoders (tests) keep their precision
+
+
 def _encode(synthetic: SyntheticImages, inputs: StepInputs, idx: Tensor, aug_params) -> Tensor:
     with nvtx_range("decode_augment"):
         images = inputs.augment.apply(synthetic.decode(idx), aug_params.select(idx), inputs.out_size)
-    with nvtx_range("encoder"), torch.autocast(images.device.type, dtype=inputs.autocast_dtype or torch.float32,
-                                               enabled=inputs.autocast_dtype is not None):
-        return inputs.encoder(images).float()
+    with nvtx_range("encoder"):
+        return _features(images, inputs)
 
 
 def _outer_loss(phi_s: Tensor, synthetic: SyntheticImages, inputs: StepInputs,
@@ -66,8 +73,11 @@ def _outer_loss(phi_s: Tensor, synthetic: SyntheticImages, inputs: StepInputs,
             local = torch.Generator().manual_seed(seed + inputs.world.rank)
             rows = torch.randperm(real_x.shape[0], generator=local)[:batch].to(real_x.device)
             real_x, real_y = real_x[rows], real_y[rows]
+    # The real features are constants checked once when the loop is built (distill.py); only the synthetic side is
+    # checked here, every step: a NaN there means the run diverged.
+    check.finite("synthetic features", phi_s)
     return clpdd_loss(inputs.transform(phi_s), synthetic.labels, real_x, real_y, inputs.lam, inputs.tau,
-                      outer=inputs.outer, num_classes=inputs.num_classes)
+                      outer=inputs.outer, num_classes=inputs.num_classes, check_finite=False)
 
 
 def clpdd_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Generator) -> Tensor:
@@ -134,13 +144,6 @@ def lgm_draws(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.G
     real_params = inputs.augment.sample(n, generator, device)
     synthetic_params = inputs.augment.sample(n, generator, device)
     return real_images.to(device), real_labels.to(device), real_params, synthetic_params
-
-
-def _features(images: Tensor, inputs: StepInputs) -> Tensor:
-    with torch.autocast(images.device.type, dtype=inputs.autocast_dtype or torch.float32,
-                        enabled=inputs.autocast_dtype is not None):
-        out = inputs.encoder(images)
-    return out if out.dtype == torch.float64 else out.float()  # float64 encoders (tests) keep their precision
 
 
 def lgm_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Generator) -> Tensor:

@@ -36,9 +36,9 @@ def resolve_backend(backend: str, device: torch.device):
     return triton_backend
 
 
-def _chunk_size(chunk_size, num_classes: int) -> int:
+def _chunk_size(chunk_size, num_classes: int, feature_dim: int) -> int:
     if chunk_size is None:
-        return reference.default_chunk_size(num_classes)
+        return reference.default_chunk_size(num_classes, feature_dim)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
     return chunk_size
@@ -184,7 +184,8 @@ def linear_softmax_ce(x: Tensor, w: Tensor, target: Tensor, tau: float = 1.0, re
         target: (N,) int64/int32 class indices in [0, C), or ignore_index.
         tau: temperature, > 0 (a runtime float).
         reduction: "mean" (over non-ignored rows, like torch's cross_entropy), "sum" or "none".
-        chunk_size: rows per chunk; None picks one that keeps a chunk's fp32 logits within 128 MiB.
+        chunk_size: rows per chunk; None picks one that keeps a chunk's fp32 logits and fp32 copy of its rows
+            of x within 128 MiB.
         ignore_index: rows with this target contribute neither loss nor gradient.
         backend: "auto" | "torch" | "triton".
         check_finite: reject NaN/inf in x and w (one device sync; pass False to skip).
@@ -201,7 +202,7 @@ def linear_softmax_ce(x: Tensor, w: Tensor, target: Tensor, tau: float = 1.0, re
     check.compatible_dtypes(x=x, w=w)
     tau = check.positive("tau", tau)
     check.choice("reduction", reduction, REDUCTIONS)
-    chunk_size = _chunk_size(chunk_size, w.shape[1])
+    chunk_size = _chunk_size(chunk_size, w.shape[1], w.shape[0])
     check.labels("target", target, w.shape[1], ignore_index)
     if check_finite:
         check.finite("x", x)
@@ -277,5 +278,5 @@ def clpdd_loss(phi_s: Tensor, y_s: Tensor, phi_r: Tensor, y_r: Tensor, lam: floa
     if outer == "mse":
         if check_finite:
             check.finite("phi_r", phi_r)
-        return _mse_outer(phi_r, w, y_r, _chunk_size(chunk_size, num_classes))
+        return _mse_outer(phi_r, w, y_r, _chunk_size(chunk_size, num_classes, phi_r.shape[1]))
     return linear_softmax_ce(phi_r, w, y_r, tau, "mean", chunk_size, backend=backend, check_finite=check_finite)

@@ -22,9 +22,10 @@ def choose_mode(m: int, d: int, mode: str) -> str:
     return "dual" if m <= d else "primal"
 
 
-def default_chunk_size(num_classes: int, budget_bytes: int = 128 * 2**20) -> int:
-    """Rows per chunk so that one chunk's fp32 logits stay within `budget_bytes` (128 MiB by default)."""
-    return max(1, budget_bytes // (4 * max(1, num_classes)))
+def default_chunk_size(num_classes: int, feature_dim: int, budget_bytes: int = 128 * 2**20) -> int:
+    """Rows per chunk so that one chunk's fp32 logits and its fp32 copy of the features fit in `budget_bytes`
+    (128 MiB by default)."""
+    return max(1, budget_bytes // (4 * (max(1, num_classes) + max(1, feature_dim))))
 
 
 # ----------------------------------------------------------------------------------------------- gram

@@ -155,3 +155,11 @@ def test_nvtx_ranges_cover_the_step(encoder, monkeypatch):
     for expected in ["encoder_forward", "decode_augment", "encoder", "outer_loss", "ridge_solve[dual]",
                      "linear_softmax_ce", "loss_backward", "encoder_reforward", "encoder_backward"]:
         assert expected in names, expected
+
+
+def test_diverged_synthetic_features_raise(encoder):
+    inputs = step_inputs(encoder, 2)
+    inputs.encoder = lambda images: torch.full((images.shape[0], encoder.feature_dim), float("nan"))
+    synthetic = build_synthetic("pixel", torch.tensor([0, 1, 2]), 32, None)
+    with pytest.raises(ValueError, match="synthetic features"):
+        clpdd_step(synthetic, inputs, torch.Generator().manual_seed(0))
