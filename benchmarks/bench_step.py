@@ -8,6 +8,7 @@ it; it is skipped by itself where it would not fit). Rows go to benchmarks/RESUL
     python3 benchmarks/bench_step.py                      # CPU here: Lite0 (random weights) at 64 px, m and N swept
     python3 benchmarks/bench_step.py --imagenet           # GPU: ViT-B/14 at 224 px, m = 1000, N = 1,281,167, d = 768
     python3 benchmarks/bench_step.py --m 10,100 --n 5000 --reps 2 --no-append
+    python3 benchmarks/bench_step.py --method clpdd,lgm --m 10,40 --n 5000   # both methods in one run
 
 Memory: on CUDA the peak allocated during the step beyond what was allocated before it; on CPU the peak resident
 set sampled every millisecond from /proc/self/statm during the timed steps, minus the resident set before them.
@@ -37,7 +38,7 @@ IMAGENET = dict(model="vit_base_patch14_dinov2", image_size=224, synthetic_size=
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--imagenet", action="store_true", help="the ImageNet-1K shape of the issue (needs a GPU)")
-    p.add_argument("--method", default="clpdd", help="distillation method (see clpdd_fast.methods.METHODS)")
+    p.add_argument("--method", default="clpdd", help="comma list of methods (clpdd, lgm); ratios are to clpdd's step")
     p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model, random weights")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--synthetic-size", type=int, default=None)
@@ -159,37 +160,34 @@ def main(argv=None) -> int:
         print("bench_step --imagenet needs a CUDA GPU", file=sys.stderr)
         return 2
     command = "python3 benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    where = device_name(args.device) if args.device == "cuda" else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    where = (device_name(args.device) if args.device == "cuda"
+             else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     table = Table(None if args.no_append else args.results,
                   results_header("bench_step", where, command),
                   ["method", "model @ px", "m", "N real", "chunk", "variant", "median s/step", "peak extra MiB",
-                   "plain / step time", "plain / step memory"])
-    variants = ["step"] if args.no_plain or args.method == "lgm" else ["step", "plain"]  # no one-graph twin for lgm
-    label = f"lgm (K={args.augs_per_batch})" if args.method == "lgm" else args.method
+                   "time / clpdd step", "memory / clpdd step"])
+    runs = [(method, "step") for method in args.method.split(",")]
+    if "clpdd" in args.method.split(",") and not args.no_plain:
+        runs.insert(1, ("clpdd", "plain"))  # the same loss through one autograd graph: no bounded memory
     for m in map(int, args.m.split(",")):
         for n in map(int, args.n.split(",")):
             got = {}
-            for variant in variants:
-                cfg = dict(vars(args), m=m, n=n, variant=variant)
+            for method, variant in runs:
+                cfg = dict(vars(args), m=m, n=n, method=method, variant=variant)
                 cfg.pop("one")
                 proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True,
                                       text=True)
+                label = f"lgm (K={args.augs_per_batch})" if method == "lgm" else method
+                cells = [label, f"{args.model} @ {args.image_size}", m, n, args.chunk_size, variant]
                 if proc.returncode != 0:
                     reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
-                    got[variant] = None
-                    table.row(label, f"{args.model} @ {args.image_size}", m, n, args.chunk_size, variant,
-                              "-", "-", "-", f"failed: {reason[:80]}")
+                    table.row(*cells, "-", "-", "-", f"failed: {reason[:80]}")
                     continue
-                got[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-            ratio_t = ratio_m = "-"
-            if got.get("step") and got.get("plain"):
-                ratio_t = f"{got['plain']['median_s'] / got['step']['median_s']:.2f}"
-                ratio_m = f"{got['plain']['peak_mib'] / max(got['step']['peak_mib'], 1e-9):.2f}"
-            for variant, r in got.items():
-                if r is not None:
-                    table.row(label, f"{args.model} @ {args.image_size}", m, n, args.chunk_size, variant,
-                              f"{r['median_s']:.3f}", f"{r['peak_mib']:.0f}",
-                              ratio_t if variant == "step" else "", ratio_m if variant == "step" else "")
+                r = got[(method, variant)] = json.loads(proc.stdout.strip().splitlines()[-1])
+                base = got.get(("clpdd", "step"))
+                ratio_t = f"{r['median_s'] / base['median_s']:.2f}" if base else "-"
+                ratio_m = f"{r['peak_mib'] / max(base['peak_mib'], 1.0):.2f}" if base else "-"
+                table.row(*cells, f"{r['median_s']:.3f}", f"{r['peak_mib']:.0f}", ratio_t, ratio_m)
     return 0
 
 
