@@ -51,7 +51,7 @@ def rows(ipc: int, sweep: bool) -> list[tuple[str, list[str] | None, list[str]]]
         ("clpdd-ce-aug", base + ["--method", "clpdd", "--outer", "ce", "--augment", "standard"], []),
     ]
     if sweep:
-        for lam in ("0.01", "1", "10"):
+        for lam in ("0.01", "0.1", "10"):  # around the default lam = 1
             table.append((f"sweep-lam{lam}", base + ["--method", "clpdd", "--lam", lam], []))
         for tau in ("0.01", "0.2", "1"):
             table.append((f"sweep-tau{tau}", base + ["--method", "clpdd", "--tau", tau], []))
