@@ -72,6 +72,18 @@ def command(args: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def run_logged(name: str, stage: str, cmd: list[str], folder: Path) -> tuple[float, float] | None:
+    """Run one stage ('distill' or 'eval') of a row with its output in folder/<stage>.log; (wall s, peak RSS MiB),
+    or None (said on stdout) when it failed."""
+    print(f"[fidelity] {stage} {name}: {command(cmd)}", flush=True)
+    with open(folder / f"{stage}.log", "w") as log:
+        wall, rss, rc = run_child(cmd, log)
+    if rc != 0:
+        print(f"[fidelity] {name}: {stage} failed (rc {rc}), see {folder / f'{stage}.log'}")
+        return None
+    return wall, rss
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ipc", type=int, default=1)
@@ -100,12 +112,10 @@ def main(argv=None) -> int:
             if args.force or not distill_json.exists():
                 for stale in ("checkpoint.pt", "distilled.pt"):
                     (folder / stale).unlink(missing_ok=True)
-                print(f"[fidelity] distill {name}: {command(d_cmd)}", flush=True)
-                with open(folder / "distill.log", "w") as log:
-                    wall, rss, rc = run_child(d_cmd, log)
-                if rc != 0:
-                    print(f"[fidelity] {name}: distillation failed (rc {rc}), see {folder / 'distill.log'}")
+                done = run_logged(name, "distill", d_cmd, folder)
+                if done is None:
                     continue
+                wall, rss = done
                 ridge = json.loads((folder / "results.json").read_text())["ridge_top1"]
                 distill_json.write_text(json.dumps({"wall_s": wall, "peak_rss_mib": rss, "ridge_top1": ridge,
                                                     "command": command(d_cmd)}, indent=2))
@@ -115,11 +125,7 @@ def main(argv=None) -> int:
             e_cmd = [PY, "-m", "clpdd_fast.evaluate", *eval_args, "--json", str(rel / "eval.json"),
                      "--seeds", str(args.seeds)]
         if args.force or not eval_json.exists():
-            print(f"[fidelity] evaluate {name}: {command(e_cmd)}", flush=True)
-            with open(folder / "eval.log", "w") as log:
-                wall, rss, rc = run_child(e_cmd, log)
-            if rc != 0:
-                print(f"[fidelity] {name}: evaluation failed (rc {rc}), see {folder / 'eval.log'}")
+            if run_logged(name, "eval", e_cmd, folder) is None:
                 continue
         ev = json.loads(eval_json.read_text())
         dj = json.loads(distill_json.read_text()) if distill_json.exists() else None
