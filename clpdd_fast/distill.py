@@ -153,7 +153,7 @@ def setup(args: argparse.Namespace) -> Setup:
     set_enabled(args.nvtx)
     embedded = args.data is None
     train, test = open_dataset(args.data, "train"), open_dataset(args.data, "test")
-    encoder = build_encoder(args.model, args.weights, device)
+    encoder = build_encoder(args.model, args.weights, device, image_size=args.image_size)
     image_size = args.image_size or default_image_size(train, encoder)
     synthetic_size = args.synthetic_size or (image_size if args.augment == "none" else image_size * 8 // 7)
     store_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16

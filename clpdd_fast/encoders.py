@@ -89,7 +89,8 @@ class FrozenEncoder(nn.Module):
             raise TypeError(f"images: expected a float tensor in [0, 1], got dtype {images.dtype}")
         if self.fixed_input_size and tuple(images.shape[-2:]) != (self.default_image_size,) * 2:
             raise ValueError(f"images: model {self.name} only accepts {self.default_image_size}x"
-                             f"{self.default_image_size} inputs, got {images.shape[-2]}x{images.shape[-1]}")
+                             f"{self.default_image_size} inputs, got {images.shape[-2]}x{images.shape[-1]}; build "
+                             "it for another size with build_encoder(..., image_size=N) (the CLIs' --image-size)")
         feats = self.model(self.normalize(images))
         if feats.dim() != 2 or feats.shape[1] != self.feature_dim:
             raise RuntimeError(f"encoder {self.name} returned features of shape {tuple(feats.shape)}, expected "
@@ -263,7 +264,22 @@ def timm_cached_weights(name: str) -> tuple[str, str]:
         f"(~/.cache/huggingface, or $HF_HOME) here, or pass a local file with --weights PATH")
 
 
-def build_encoder(name: str = DEFAULT_MODEL, weights: str = "default", device="cpu") -> FrozenEncoder:
+def _size_kwargs(name: str, image_size: int | None) -> dict:
+    """timm arguments that build a fixed-input-size model (ViTs) for `image_size` (position embeddings resampled
+    from the pretrained ones by timm); empty for models that take any size, or when no size is asked."""
+    import timm
+
+    if image_size is None:
+        return {}
+    cfg = timm.models.get_pretrained_cfg(name.split(".")[0]) if "." not in name else None
+    fixed = getattr(cfg, "fixed_input_size", None)
+    if fixed is None:  # a tagged name, or an older timm: read it off a throw-away model's config
+        fixed = bool((timm.create_model(name, pretrained=False).pretrained_cfg or {}).get("fixed_input_size"))
+    return {"img_size": int(image_size)} if fixed else {}
+
+
+def build_encoder(name: str = DEFAULT_MODEL, weights: str = "default", device="cpu",
+                  image_size: int | None = None) -> FrozenEncoder:
     """Create a frozen timm encoder.
 
     name: any timm model name (optionally with a pretrained tag, e.g. "vit_base_patch14_dinov2.lvd142m").
@@ -271,10 +287,14 @@ def build_encoder(name: str = DEFAULT_MODEL, weights: str = "default", device="c
         any other model: same as "timm"), "timm" (timm's pretrained weights from the local cache, offline),
         "none" (random init with a fixed seed), or a path to a .pth/.pt/.safetensors state dict (classifier keys ignored).
     device: where the encoder lives.
+    image_size: the input resolution to build for, for models with a fixed input size (ViTs: e.g. 224 for a DINOv2
+        model whose config says 518; timm resamples the pretrained position embeddings). None: the model's own size.
+        Models that accept any size ignore it.
     """
     import timm
 
     _check_name(name)
+    size = _size_kwargs(name, image_size)
     if not isinstance(weights, str) or not weights:
         raise ValueError(f"weights: expected 'default', 'timm', 'none' or a file path, got {weights!r}")
     arch = name.split(".")[0]
@@ -289,14 +309,28 @@ def build_encoder(name: str = DEFAULT_MODEL, weights: str = "default", device="c
         weights = "timm"
     if weights == "timm":
         path, tag = timm_cached_weights(name)
-        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path})
-        return FrozenEncoder(model, name, f"{tag}:{file_identity(path)}", path).to(device)
+        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path}, **size)
+        return _sized(FrozenEncoder(model, name, f"{tag}:{file_identity(path)}", path), size).to(device)
     if weights == "none":
         # A fixed seed makes "random weights" one reproducible encoder, so its features can be cached and compared.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = timm.create_model(name, pretrained=False, num_classes=0)
-        return FrozenEncoder(model, name, f"random-init-seed{RANDOM_INIT_SEED}", "none").to(device)
+            model = timm.create_model(name, pretrained=False, num_classes=0, **size)
+        return _sized(FrozenEncoder(model, name, f"random-init-seed{RANDOM_INIT_SEED}", "none"), size).to(device)
     path = os.path.abspath(os.path.expanduser(weights))
-    model = _load_file_into(name, path)
-    return FrozenEncoder(model, name, "file:" + file_identity(path), path).to(device)
+    if size:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights: no such file {weights!r}")
+        # timm's own loader resamples the position embeddings to the requested size
+        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path}, **size)
+    else:
+        model = _load_file_into(name, path)
+    return _sized(FrozenEncoder(model, name, "file:" + file_identity(path), path), size).to(device)
+
+
+def _sized(encoder: FrozenEncoder, size: dict) -> FrozenEncoder:
+    """Record a fixed-size model's built resolution (its pretrained config still names the original one)."""
+    if size:
+        encoder.default_image_size = size["img_size"]
+        encoder.fingerprint["input_size"] = str(size["img_size"])
+    return encoder

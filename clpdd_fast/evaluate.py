@@ -130,9 +130,9 @@ def run(args: argparse.Namespace) -> dict:
     if test.num_classes != train.num_classes:
         raise SystemExit(f"error: train split has {train.num_classes} classes, test split {test.num_classes}")
     num_classes = train.num_classes
-    encoder = build_encoder(eval_model, eval_weights, device)
-    image_size = args.image_size or (cfg.get("image_size") if payload and not cross else None) or \
-        default_image_size(train, encoder)
+    requested_size = args.image_size or (cfg.get("image_size") if payload and not cross else None)
+    encoder = build_encoder(eval_model, eval_weights, device, image_size=requested_size)
+    image_size = requested_size or default_image_size(train, encoder)
     embedded = data is None
 
     def rows_used(flag, key):  # the distillation's subsets unless asked otherwise

@@ -184,3 +184,23 @@ def test_forward_rejects_bad_input(enc):
 
 def test_is_frozen_encoder_type(enc):
     assert isinstance(enc, FrozenEncoder) and isinstance(enc, torch.nn.Module)
+
+
+def test_fixed_size_model_is_built_for_the_requested_size():
+    """ViTs take one input size: image_size builds them for it (what --image-size does), else the config's size."""
+    enc = build_encoder("test_vit", "none", image_size=64)
+    assert enc.default_image_size == 64 and enc.fingerprint["input_size"] == "64"
+    assert enc(torch.rand(2, 3, 64, 64)).shape == (2, enc.feature_dim)
+    with pytest.raises(ValueError, match="image_size"):
+        build_encoder("test_vit", "none")(torch.rand(2, 3, 64, 64))
+    assert build_encoder("test_efficientnet", "none", image_size=64).default_image_size == 160  # any size works
+
+
+def test_fixed_size_model_from_a_file_at_another_size(tmp_path):
+    """A checkpoint saved at the config's size loads into a model built for another one (embeddings resampled),
+    and its patch embedding is the checkpoint's."""
+    full = timm.create_model("test_vit", pretrained=False)
+    torch.save(full.state_dict(), tmp_path / "vit.pth")
+    enc = build_encoder("test_vit", str(tmp_path / "vit.pth"), image_size=64)
+    assert enc.default_image_size == 64 and enc(torch.rand(1, 3, 64, 64)).shape == (1, enc.feature_dim)
+    torch.testing.assert_close(enc.model.patch_embed.proj.weight, full.patch_embed.proj.weight)
