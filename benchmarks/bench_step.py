@@ -96,17 +96,14 @@ class RssSampler:
 def measure(cfg: dict) -> dict:
     """Build one configuration and time `cfg['variant']` ('step' or 'plain') over cfg['reps'] steps."""
     from clpdd_fast.augment import build_augment
-    from clpdd_fast.encoders import FrozenEncoder
-    import timm
+    from clpdd_fast.encoders import build_encoder
     from clpdd_fast.methods import METHODS, StepInputs, clpdd_loss_plain
     from clpdd_fast.probe import FeatureTransform
     from clpdd_fast.synthetic import build_synthetic
 
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
-    kwargs = {"img_size": cfg["image_size"]} if "vit" in cfg["model"] else {}
-    model = timm.create_model(cfg["model"], pretrained=False, num_classes=0, **kwargs)
-    encoder = FrozenEncoder(model, cfg["model"], "random-init").to(device)
+    encoder = build_encoder(cfg["model"], "none", device, image_size=cfg["image_size"])  # random weights
     m, n, c = cfg["m"], cfg["n"], cfg["classes"]
     real_dtype = torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32
     real = torch.randn(n, encoder.feature_dim, device=device, dtype=real_dtype)
