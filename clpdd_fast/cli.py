@@ -55,3 +55,18 @@ def fixed_subset(n: int, k: int | None) -> np.ndarray | None:
 def default_image_size(dataset, encoder) -> int:
     """64 px for IDX data (28 px sources such as Fashion-MNIST), the encoder's own input size otherwise."""
     return 64 if type(dataset).__name__.startswith("Idx") else encoder.default_image_size
+
+
+def run_main(main) -> None:
+    """Run a CLI's main(): bad input (ValueError, TypeError, FileNotFoundError: their messages name the argument)
+    ends the program with that message and status 2 instead of a traceback; CLPDD_TRACEBACK=1 keeps the traceback."""
+    import os
+    import sys
+
+    try:
+        main()
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        if os.environ.get("CLPDD_TRACEBACK") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -17,8 +17,10 @@ import torch
 
 from clpdd_fast import artifacts, validation
 from clpdd_fast.augment import build_augment
+from clpdd_fast.baselines import random_real_indices
 from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_TAU, EMBEDDED_SUBSET, HelpFormatter,
-                            default_image_size, fixed_subset, int_or_all, positive_float, positive_int, subset_size)
+                            default_image_size, fixed_subset, int_or_all, positive_float, positive_int, run_main,
+                            subset_size)
 from clpdd_fast.distributed import World, init_from_env
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder
@@ -111,17 +113,6 @@ def _prepare_out(args: argparse.Namespace, world: World) -> tuple[Path, dict | N
     return out, None
 
 
-def _pick_per_class(labels: torch.Tensor, num_classes: int, ipc: int, generator: torch.Generator) -> torch.Tensor:
-    """ipc random row indices of each class, class by class."""
-    picks = []
-    for c in range(num_classes):
-        rows = torch.nonzero(labels == c).flatten()
-        if len(rows) < ipc:
-            raise SystemExit(f"error: class {c} has {len(rows)} real images, fewer than --ipc {ipc}")
-        picks.append(rows[torch.randperm(len(rows), generator=generator)[:ipc]])
-    return torch.cat(picks)
-
-
 @dataclass
 class Setup:
     """Everything the loop needs, built once from the arguments."""
@@ -175,7 +166,7 @@ def setup(args: argparse.Namespace) -> Setup:
     validation.finite("real features (after --features)", real_x)  # once here; the step skips this check
 
     # The random real images per class serve twice: the synthetic set's initialisation and the baseline.
-    picks = _pick_per_class(y_train, num_classes, args.ipc, torch.Generator().manual_seed(args.seed + 1))
+    picks = random_real_indices(y_train, num_classes, args.ipc, seed=args.seed + 1)
     if world.size > len(picks):
         raise SystemExit(f"error: {world.size} ranks but only {len(picks)} synthetic images: use fewer ranks")
     pick_dataset_rows = picks.numpy() if train_rows is None else train_rows[picks.numpy()]
@@ -309,4 +300,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,7 +23,7 @@ import torch
 from clpdd_fast import artifacts
 from clpdd_fast.augment import build_augment
 from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, HelpFormatter, default_image_size, fixed_subset,
-                            int_or_all, positive_int, subset_size)
+                            int_or_all, positive_int, run_main, subset_size)
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder
@@ -227,4 +227,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -163,3 +163,12 @@ def test_diverged_synthetic_features_raise(encoder):
     synthetic = build_synthetic("pixel", torch.tensor([0, 1, 2]), 32, None)
     with pytest.raises(ValueError, match="synthetic features"):
         clpdd_step(synthetic, inputs, torch.Generator().manual_seed(0))
+
+
+def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "clpdd_fast.distill", "--data", str(tmp_path / "nowhere"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: data:" in proc.stderr and "Traceback" not in proc.stderr
