@@ -46,16 +46,17 @@ def rows(ipc: int, sweep: bool) -> list[tuple[str, list[str] | None, list[str]]]
         ("lgm-noaug", base + ["--method", "lgm", "--augment", "none", "--augs-per-batch", str(LGM_K)], []),
         ("lgm-aug-k3", base + ["--method", "lgm", "--augment", "standard", "--augs-per-batch", "3"], []),
         ("lgm-noaug-k3", base + ["--method", "lgm", "--augment", "none", "--augs-per-batch", "3"], []),
-        ("clpdd-ce", base + ["--method", "clpdd", "--outer", "ce"], []),
-        ("clpdd-mse", base + ["--method", "clpdd", "--outer", "mse"], []),
+        ("clpdd-ce", base + ["--method", "clpdd", "--outer", "ce", "--augment", "none"], []),
+        ("clpdd-mse", base + ["--method", "clpdd", "--outer", "mse", "--augment", "none"], []),
         ("clpdd-ce-aug", base + ["--method", "clpdd", "--outer", "ce", "--augment", "standard"], []),
     ]
     if sweep:
         for lam in ("0.01", "0.1", "10"):  # around the default lam = 1
-            table.append((f"sweep-lam{lam}", base + ["--method", "clpdd", "--lam", lam], []))
+            table.append((f"sweep-lam{lam}", base + ["--method", "clpdd", "--augment", "none", "--lam", lam], []))
         for tau in ("0.01", "0.2", "1"):
-            table.append((f"sweep-tau{tau}", base + ["--method", "clpdd", "--tau", tau], []))
-        table.append(("sweep-features-raw", base + ["--method", "clpdd", "--features", "raw"], []))
+            table.append((f"sweep-tau{tau}", base + ["--method", "clpdd", "--augment", "none", "--tau", tau], []))
+        table.append(("sweep-features-raw", base + ["--method", "clpdd", "--augment", "none", "--features", "raw"],
+                      []))
     return table
 
 

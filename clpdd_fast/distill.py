@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="pyramid: steps between activations of the next finer level (0: all levels from the start)")
     a("--decorrelate", action=argparse.BooleanOptionalAction, default=True, help="colour decorrelation")
     a("--init", default="real", choices=["real", "noise"], help="initialise from random real images or noise")
-    a("--augment", default="none", choices=["none", "standard"],
+    a("--augment", default="standard", choices=["none", "standard"],
       help="augmentation of synthetic images (standard: flip, random-resized-crop, noise)")
     a("--real-batch", type=int_or_all, default=None, metavar="N|all",
       help="real feature rows sampled per step (default: all)")
