@@ -1,0 +1,43 @@
+"""Run outputs: atomic writes, the metrics log across a resume, the image grid."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from clpdd_fast import artifacts
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "config.json"
+    artifacts.save_json({"a": 1}, path)
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write("{half")
+        raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError):
+        artifacts.atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left behind
+
+
+def test_metrics_log_drops_rows_after_the_checkpoint_on_resume(tmp_path):
+    log = artifacts.MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(1, 6):
+        log.append({"step": step, "loss": 1.0 / step})
+    artifacts.MetricsLog(tmp_path / "metrics.jsonl", keep_until_step=3).append({"step": 4, "loss": 9.0})
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 9.0
+    artifacts.MetricsLog(tmp_path / "metrics.jsonl")  # a new run starts an empty log
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_grid_has_one_row_per_class(tmp_path):
+    images = torch.rand(6, 3, 40, 40)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    artifacts.save_grid_png(images, labels, ["a", "b", "c"], tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as img:
+        assert img.height == 3 * (40 + 2)
+        assert img.width > 2 * (40 + 2)

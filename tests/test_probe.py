@@ -1,0 +1,49 @@
+"""Feature normalisation of the probe and the ridge probe's accuracy, against direct numpy computations."""
+import numpy as np
+import pytest
+import torch
+
+from clpdd_fast.probe import FeatureTransform, ridge_probe_accuracy
+
+
+def feats(n, d, seed, offset=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) + offset  # a large common component, like raw CNN features
+
+
+@pytest.mark.parametrize("norm", ["raw", "center", "l2", "center-l2"])
+def test_transform_matches_its_definition(norm):
+    real, x = feats(57, 9, 0), feats(11, 9, 1)
+    t = FeatureTransform.fit(norm, real, chunk_size=10)  # the mean is accumulated over several chunks
+    expect = x.numpy().astype(np.float64)
+    if norm.startswith("center"):
+        expect = expect - real.numpy().astype(np.float64).mean(0)
+    if norm.endswith("l2"):
+        expect = expect / np.linalg.norm(expect, axis=1, keepdims=True)
+    np.testing.assert_allclose(t(x).numpy(), expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(t.apply_chunked(x, chunk_size=4, dtype=torch.float32).numpy(), t(x).numpy())
+
+
+def test_transform_keeps_gradients():
+    t = FeatureTransform.fit("center-l2", feats(20, 5, 2))
+    x = feats(4, 5, 3).requires_grad_()
+    t(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_unknown_normalisation_is_refused():
+    with pytest.raises(ValueError, match="features"):
+        FeatureTransform.fit("zscore", feats(5, 3, 4))
+
+
+def test_ridge_probe_accuracy_matches_numpy():
+    train, test = feats(40, 6, 5, 0.0), feats(33, 6, 6, 0.0)
+    y_train, y_test = torch.arange(40) % 3, torch.arange(33) % 3
+    train[:, :3] += 2.0 * torch.nn.functional.one_hot(y_train, 3)  # make the classes partly separable
+    test[:, :3] += 2.0 * torch.nn.functional.one_hot(y_test, 3)
+    t = FeatureTransform.fit("center", train)
+    got = ridge_probe_accuracy(train, y_train, test, y_test, 0.7, 3, t, chunk_size=8)
+    x, z = t(train).double().numpy(), t(test).double().numpy()
+    w = np.linalg.solve(x.T @ x + 0.7 * np.eye(6), x.T @ np.eye(3)[y_train.numpy()])
+    expect = float(((z @ w).argmax(1) == y_test.numpy()).mean())
+    assert got == pytest.approx(expect) and 0.34 < got <= 1.0
