@@ -32,6 +32,8 @@ def save_json(obj, path: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a progress record must survive a crash
     atomic_write(path, write)
 
 

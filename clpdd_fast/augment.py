@@ -21,7 +21,7 @@ dtype, so the same params give the same noise for fp32, fp64 and bf16 images on 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +69,6 @@ class AugmentParams:
     def to(self, device) -> "AugmentParams":
         """Moves flip, boxes and noise flags; seeds stay on the CPU (they are read as Python ints)."""
         return AugmentParams(self.flip.to(device), self.boxes.to(device), self.noise.to(device), self.seeds)
-
-    def state_dict(self) -> dict:
-        return {f.name: getattr(self, f.name).cpu() for f in fields(self)}
-
-    @classmethod
-    def from_state_dict(cls, state: dict, device=None) -> "AugmentParams":
-        return cls(**{k: state[k] for k in ("flip", "boxes", "noise", "seeds")}).to(device or "cpu")
 
 
 class Augment:
@@ -226,5 +219,3 @@ def build_augment(name: str, **overrides) -> Augment:
         raise ValueError(f"augment: expected one of {sorted(_PRESETS)}, got {name!r}")
     return Augment(**{**_PRESETS[name], **overrides})
 
-
-AUGMENTATIONS = tuple(_PRESETS)

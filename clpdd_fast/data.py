@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clpdd_fast.artifacts import save_json
+
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"]
@@ -395,15 +397,6 @@ def cache_path(cache_dir: str, fingerprint: dict) -> str:
     return os.path.join(os.path.abspath(cache_dir), name)
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _pack_header(header: dict) -> bytes:
     blob = _MAGIC + json.dumps(header, sort_keys=True).encode()
     if len(blob) > _HEADER_BYTES - 1:
@@ -533,7 +526,7 @@ def _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, 
         with open(partial, "wb") as f:
             f.write(_pack_header({"fingerprint": expected, "complete": False}))
             f.truncate(nbytes)
-        _write_json_atomic(sidecar, {"fingerprint": expected, "rows_done": 0, "crc32": 0})
+        save_json({"fingerprint": expected, "rows_done": 0, "crc32": 0}, sidecar)
     out = _open_memmap(partial, np_dtype, shape, "r+")
     bar = _Progress(shape[0], f"extracting {expected['encoder.model']} features ({expected['dataset.split']}, "
                               f"{size}px)", progress, initial=done)
@@ -558,7 +551,7 @@ def _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, 
                 out[s:s + len(idx)] = block.numpy()
                 crc = zlib.crc32(memoryview(np.ascontiguousarray(out[s:s + len(idx)])).cast("B"), crc)
                 out.flush()  # data reaches the file before the progress record says so
-                _write_json_atomic(sidecar, {"fingerprint": expected, "rows_done": s + len(idx), "crc32": crc})
+                save_json({"fingerprint": expected, "rows_done": s + len(idx), "crc32": crc}, sidecar)
                 bar.update(len(idx))
     finally:
         bar.close()
