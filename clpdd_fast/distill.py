@@ -23,7 +23,7 @@ from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_TAU, EMBEDDED_SU
                             subset_size)
 from clpdd_fast.distributed import World, init_from_env
 from clpdd_fast.data import load_or_extract_features, open_dataset
-from clpdd_fast.encoders import build_encoder
+from clpdd_fast.encoders import build_encoder, encode_images
 from clpdd_fast.methods import METHODS, StepInputs
 from clpdd_fast.probe import FEATURE_NORMS, FeatureTransform, ridge_probe_accuracy
 from clpdd_fast.profiling import nvtx_range, set_enabled
@@ -263,10 +263,7 @@ def finish(args: argparse.Namespace, s: Setup, steps: int) -> dict:
         artifacts.save_torch({"images": images.cpu(), "labels": labels.cpu(), "config": s.config},
                              s.out / "distilled.pt")
         artifacts.save_grid_png(images, labels, s.train.class_names, s.out / "distilled.png")
-        resized = torch.nn.functional.interpolate(images, size=s.image_size, mode="bilinear", antialias=True,
-                                                  align_corners=False).clamp(0, 1)
-        phi_distilled = torch.cat([s.encoder(resized[i:i + args.chunk_size]).float().cpu()
-                                   for i in range(0, len(resized), args.chunk_size)])
+        phi_distilled = encode_images(s.encoder, images, s.image_size, args.chunk_size)
     num_classes = s.config["num_classes"]
 
     def ridge(x, y):

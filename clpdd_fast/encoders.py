@@ -13,6 +13,7 @@ import os
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -334,3 +335,17 @@ def _sized(encoder: FrozenEncoder, size: dict) -> FrozenEncoder:
         encoder.default_image_size = size["img_size"]
         encoder.fingerprint["input_size"] = str(size["img_size"])
     return encoder
+
+
+@torch.no_grad()
+def encode_images(encoder: FrozenEncoder, images: Tensor, size: int, batch_size: int = 256) -> Tensor:
+    """Features (n, d) float32 on the CPU of images (n, 3, S, S) in [0, 1] (any device), resized to size x size
+    (bilinear, antialiased) and encoded without augmentation in batches on the encoder's device."""
+    device = next(encoder.parameters()).device
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size].to(device, torch.float32)
+        if batch.shape[-1] != size or batch.shape[-2] != size:
+            batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        out.append(encoder(batch).float().cpu())
+    return torch.cat(out)

@@ -26,7 +26,7 @@ from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, HelpFormatter, default_i
                             int_or_all, positive_int, run_main, subset_size)
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
 from clpdd_fast.data import load_or_extract_features, open_dataset
-from clpdd_fast.encoders import build_encoder
+from clpdd_fast.encoders import build_encoder, encode_images
 from clpdd_fast.linear_probe import augmented_features, summarize, train_linear_probe
 from clpdd_fast.probe import FEATURE_NORMS, FeatureTransform, ridge_probe_accuracy
 
@@ -159,17 +159,12 @@ def run(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seeds))
     epochs = args.epochs or (DEFAULT_FULL_EPOCHS if args.baseline == "full" else DEFAULT_EPOCHS)
 
-    @torch.no_grad()
-    def plain_features(images):
-        resized = torch.nn.functional.interpolate(images.float(), size=image_size, mode="bilinear", antialias=True,
-                                                  align_corners=False).clamp(0, 1)
-        return torch.cat([encoder(resized[s:s + 256].to(device)).float().cpu() for s in range(0, len(resized), 256)])
-
     def evaluate_images(images, labels, seed_list, pool_seed):
         pool = augmented_features(encoder, images, augment, draws, image_size,
                                   torch.Generator().manual_seed(pool_seed), device=device)
         per_seed = train_linear_probe(pool, labels, phi_test, y_test, num_classes, epochs=epochs, seeds=seed_list)
-        ridge = ridge_probe_accuracy(plain_features(images), labels, phi_test, y_test, lam, num_classes, transform)
+        plain = encode_images(encoder, images, image_size)  # un-augmented, as distill's ridge number
+        ridge = ridge_probe_accuracy(plain, labels, phi_test, y_test, lam, num_classes, transform)
         return per_seed, ridge
 
     def dataset_images(rows):

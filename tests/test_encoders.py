@@ -204,3 +204,15 @@ def test_fixed_size_model_from_a_file_at_another_size(tmp_path):
     enc = build_encoder("test_vit", str(tmp_path / "vit.pth"), image_size=64)
     assert enc.default_image_size == 64 and enc(torch.rand(1, 3, 64, 64)).shape == (1, enc.feature_dim)
     torch.testing.assert_close(enc.model.patch_embed.proj.weight, full.patch_embed.proj.weight)
+
+
+def test_encode_images_resizes_and_batches():
+    from clpdd_fast.encoders import encode_images
+    enc = build_encoder("test_efficientnet", "none")
+    images = torch.rand(5, 3, 40, 40)
+    got = encode_images(enc, images, 32, batch_size=2)
+    resized = torch.nn.functional.interpolate(images, size=32, mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        expect = enc(resized.clamp(0, 1))
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encode_images(enc, resized, 32), expect, rtol=1e-5, atol=1e-5)  # no resize needed
