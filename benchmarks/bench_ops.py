@@ -5,7 +5,8 @@ torch.cuda.max_memory_allocated, achieved TFLOP/s and the ratio to the dense mat
 Rows are printed and appended to a markdown file (default benchmarks/RESULTS.md) under a header that names the
 date, GPU, commit and command.
 
-    python3 benchmarks/bench_ops.py                 # all shapes of the issue (ImageNet-1K/100 CE, ridge m=100..10000)
+    python3 benchmarks/bench_ops.py                 # all shapes of the issue (ImageNet-1K/100 CE, ridge m=100..10000,
+                                                    # small systems m=10..128: one launch vs the blocked path)
     python3 benchmarks/bench_ops.py --quick         # small shapes: a smoke run in seconds
     python3 benchmarks/bench_ops.py --ops ce --ce-shapes imagenet100 --no-compile --results /tmp/rows.md
 
@@ -36,9 +37,12 @@ HERE = Path(__file__).resolve().parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes (CE N=65537, ridge m in {100, 1000})")
-    p.add_argument("--ops", default="matmul,ce,ridge,gram", help="comma list of matmul,ce,ridge,gram")
+    p.add_argument("--ops", default="matmul,ce,ridge,ridge-small,gram",
+                   help="comma list of matmul,ce,ridge,ridge-small,gram")
     p.add_argument("--ce-shapes", default="imagenet1k,imagenet100", help=f"comma list of {sorted(CE_SHAPES)}")
     p.add_argument("--ridge-m", default=",".join(map(str, RIDGE_M)), help="comma list of m (d=768, C=1000)")
+    p.add_argument("--small-m", default="10,32,64,128", help="comma list of m for the one-launch small ridge "
+                   "kernel against the blocked path (d=768, C=m/2)")
     p.add_argument("--tau", type=float, default=0.1)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines (they compile ~1 min)")
     p.add_argument("--no-mixed", action="store_true", help="skip the bf16-x / fp32-w CE rows")
@@ -225,6 +229,38 @@ def bench_ridge(table: Table, args, rates: dict):
                       f"{peak:.0f}", f"{flops / med / 1e9:.1f}", "-", "")
 
 
+def bench_ridge_small(table: Table, args, rates: dict):
+    """The one-launch small-system kernel against the blocked Triton path and torch, dual systems of m images."""
+    from clpdd_fast import ops
+    from clpdd_fast.kernels import small_ridge as ksmall
+    default_max = ksmall.MAX_SIZE
+    for m in (int(v) for v in args.small_m.split(",")):
+        num_classes = max(1, m // 2)   # two images per class
+        g = torch.Generator(device="cuda").manual_seed(m)
+        phi = torch.randn(m, RIDGE_D, device="cuda", generator=g).requires_grad_()
+        y = F.one_hot(torch.arange(m, device="cuda") % num_classes, num_classes).float()
+        gw = torch.randn(RIDGE_D, num_classes, device="cuda", generator=g)
+        shape = f"m={m} d={RIDGE_D} C={num_classes} dual"
+        for impl, backend, max_size in (("triton one launch (small_ridge)", "triton", ksmall.LIMIT),
+                                        ("triton blocked (Gram + Cholesky + solves)", "triton", 0),
+                                        ("torch (cuBLAS + cuSOLVER)", "torch", 0)):
+            if not wanted(args, impl) or (max_size and m > ksmall.LIMIT):
+                continue
+            for what in ("fwd", "fwd + bwd (dphi)"):
+                def step():
+                    phi.grad = None
+                    w = ops.ridge_solve(phi, y, 1.0, "dual", backend=backend, check_finite=False)
+                    if what != "fwd":
+                        w.backward(gw)
+                ksmall.MAX_SIZE = max_size
+                try:
+                    med, p20, p80, peak = bench(step)
+                finally:
+                    ksmall.MAX_SIZE = default_max
+                table.row("ridge_solve (small)", shape, "fp32", impl, f"{med:.3f}", f"{p20:.3f}-{p80:.3f}",
+                          f"{peak:.0f}", "-", "-", what + f"; backend sends n <= {default_max} to small_ridge")
+
+
 def bench_gram(table: Table, args, rates: dict):
     from clpdd_fast.kernels import gram as kgram
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -251,13 +287,16 @@ def main(argv=None) -> int:
     header = results_header("bench_ops", torch.cuda.get_device_name(), command)
     table = Table(None if args.no_append else args.results, header, COLUMNS)
     rates = matmul_rates(table) if "matmul" in ops_wanted or "ce" in ops_wanted or "gram" in ops_wanted else {}
-    if "ridge" in ops_wanted:
-        bench_ridge(table, args, rates)
-    if "gram" in ops_wanted:
-        bench_gram(table, args, rates)
+    # the CE (the issue's headline target) first, so that a time limit cuts the smaller rows, not it
     if "ce" in ops_wanted:
         for name in args.ce_shapes.split(","):
             bench_ce(table, name, args, rates)
+    if "ridge" in ops_wanted:
+        bench_ridge(table, args, rates)
+    if "ridge-small" in ops_wanted:
+        bench_ridge_small(table, args, rates)
+    if "gram" in ops_wanted:
+        bench_gram(table, args, rates)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 `clpdd_fast.ops.resolve_backend` returns this module for CUDA tensors (and for backend="triton" on CPU tensors
 under TRITON_INTERPRET=1). Every matrix product, factorisation and solve below is a Triton launch from
-kernels/gram.py, kernels/cholesky.py or kernels/linear_ce.py; torch is used only to allocate, cast and add.
+kernels/gram.py, kernels/cholesky.py, kernels/small_ridge.py (systems of size <= small_ridge.MAX_SIZE, one
+launch) or kernels/linear_ce.py; torch is used only to allocate, cast and add.
 Inputs fp16/bf16/fp32 compute in fp32 and return fp32; fp64 inputs compute (and return) fp64.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import Tensor
 from . import cholesky as _chol
 from . import gram as _gram
 from . import linear_ce as _ce
+from . import small_ridge as _small
 
 
 def gram(x: Tensor, lam: float = 0.0) -> Tensor:
@@ -30,6 +32,11 @@ def ridge_forward(phi: Tensor, y: Tensor, lam: float, mode: str) -> tuple[Tensor
     info an int32 0-D tensor, 0 on success, else the 1-based index of the first non-positive pivot
     (w is then not meaningful; the public op raises NotPositiveDefiniteError).
     """
+    size = phi.shape[0] if mode == "dual" else phi.shape[1]
+    if size <= _small.MAX_SIZE:   # one fused launch (plus phi^T y for the primal form)
+        if mode == "dual":
+            return _small.small_ridge_solve(phi, y, lam, project=True)
+        return _small.small_ridge_solve(phi.T, _gram.matmul(phi.T, y), lam, project=False)
     factor, info = _chol.cholesky(_system(phi, lam, mode))
     if mode == "dual":
         alpha = _chol.cholesky_solve(y, factor)              # (m, C)

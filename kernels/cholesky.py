@@ -44,6 +44,36 @@ def _lower_inverse(lkk, offs, B: tl.constexpr):
 
 
 @triton.jit
+def _factor_in_registers(a, offs, DT: tl.constexpr, B: tl.constexpr):
+    """Unblocked right-looking Cholesky of a symmetric (B, B) register tile (lower part read).
+
+    Returns (L, pivots): L lower triangular with zeros above the diagonal, pivots (B,) the values whose square
+    roots are L's diagonal (a pivot that is not > 0 makes the rest of L meaningless; the caller reports it).
+    """
+    r = offs[:, None]
+    c = offs[None, :]
+    low = tl.zeros_like(a)
+    pivots = tl.zeros((B,), dtype=DT)
+    for kk in range(B):
+        piv = tl.sum(tl.sum(tl.where((r == kk) & (c == kk), a, 0.0), axis=1), axis=0)
+        pivots = tl.where(offs == kk, piv, pivots)
+        col = tl.sum(tl.where(c == kk, a, 0.0), axis=1) / tl.sqrt(piv)
+        col = tl.where(offs >= kk, col, 0.0)
+        low = tl.where(c == kk, col[:, None], low)
+        below = tl.where(offs > kk, col, 0.0)
+        a -= below[:, None] * below[None, :]
+    return low, pivots
+
+
+@triton.jit
+def _first_bad_pivot(pivots, offs, n_valid, B: tl.constexpr):
+    """1-based index of the first pivot among the first n_valid that is not > 0 (NaN included), 0 if none."""
+    bad = (~(pivots > 0.0)) & (offs < n_valid)
+    first = tl.min(tl.where(bad, offs + 1, B + 1), axis=0)
+    return tl.where(first == B + 1, 0, first).to(tl.int32)
+
+
+@triton.jit
 def _load_tile(ptr, rows, cols, s0, s1, n_rows, n_cols, DT: tl.constexpr):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(ptr + rows[:, None] * s0 + cols[None, :] * s1, mask=mask, other=0.0).to(DT)
@@ -68,23 +98,11 @@ def _cholesky_step_kernel(a_ptr, l_ptr, info_ptr, n, k, s_a0, s_a1, s_l0, s_l1,
     # rows beyond n are padding: make them an identity block so they factor trivially
     pad = krows >= n
     akk = tl.where(pad[:, None] | pad[None, :], tl.where(r == c, 1.0, 0.0), akk)
-    # unblocked right-looking Cholesky of the register tile
-    lkk = tl.zeros_like(akk)
-    pivots = tl.zeros((B,), dtype=DT)
-    for kk in range(B):
-        piv = tl.sum(tl.sum(tl.where((r == kk) & (c == kk), akk, 0.0), axis=1), axis=0)
-        pivots = tl.where(offs == kk, piv, pivots)
-        col = tl.sum(tl.where(c == kk, akk, 0.0), axis=1) / tl.sqrt(piv)
-        col = tl.where(offs >= kk, col, 0.0)
-        lkk = tl.where(c == kk, col[:, None], lkk)
-        below = tl.where(offs > kk, col, 0.0)
-        akk -= below[:, None] * below[None, :]
+    lkk, pivots = _factor_in_registers(akk, offs, DT, B)
     if pid == 0:
         mask = (krows[:, None] < n) & (krows[None, :] < n)
         tl.store(l_ptr + krows[:, None] * s_l0 + krows[None, :] * s_l1, lkk.to(l_ptr.dtype.element_ty), mask=mask)
-        bad = (~(pivots > 0.0)) & (krows < n)
-        first = tl.min(tl.where(bad, offs + 1, B + 1), axis=0)
-        tl.store(info_ptr + k, tl.where(first == B + 1, 0, first).to(tl.int32))
+        tl.store(info_ptr + k, _first_bad_pivot(pivots, offs, n - kb, B))
     else:
         inv = _lower_inverse(lkk, offs, B)
         irows = (k + pid).to(tl.int64) * B + offs

@@ -28,6 +28,7 @@ from clpdd_fast.kernels import backend as kbackend  # noqa: E402
 from clpdd_fast.kernels import cholesky as kchol  # noqa: E402
 from clpdd_fast.kernels import gram as kgram  # noqa: E402
 from clpdd_fast.kernels import linear_ce as kce  # noqa: E402
+from clpdd_fast.kernels import small_ridge as ksmall  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 SMALL = {"BN": 16, "BC": 16, "BD": 16}   # several tiles in every dimension at the test shapes
@@ -156,13 +157,84 @@ def test_cholesky_reports_the_first_bad_pivot_like_lapack(case):
 
 
 # ----------------------------------------------------------------------------------------------- ridge
+@pytest.fixture(params=["fused", "blocked"])
+def ridge_path(request, monkeypatch):
+    """Run a ridge test through the one-launch small-system kernel and through the blocked Cholesky path."""
+    monkeypatch.setattr(ksmall, "MAX_SIZE", ksmall.LIMIT if request.param == "fused" else 0)
+    return request.param
+
+
+def small_system(n, r, k, dtype, lam, seed):
+    """s (n, r), b (n, k) and the float64 solution of (s s^T + lam I) x = b with its factor."""
+    s = rand(n, r, dtype=dtype, seed=seed)
+    b = rand(n, k, dtype=dtype, seed=seed + 1)
+    a = s.double() @ s.double().T + lam * torch.eye(n, dtype=torch.float64, device=DEVICE)
+    factor = torch.linalg.cholesky(a)
+    return s, b, factor, torch.cholesky_solve(b.double(), factor)
+
+
+@pytest.mark.parametrize("n,r,k", [(1, 19, 3), (17, 37, 40), (64, 23, 5), (100, 130, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("project", [True, False])
+def test_small_ridge_one_launch_matches_float64(n, r, k, dtype, project):
+    lam = 0.3
+    s, b, factor_ex, x_ex = small_system(n, r, k, dtype, lam, seed=n)
+    exact = s.double().T @ x_ex if project else x_ex
+    # the torch path in the kernel's compute precision, as the reference of the attainable error
+    ref_dt = torch.float64 if dtype == torch.float64 else torch.float32
+    s_ref, b_ref = s.to(ref_dt), b.to(ref_dt)
+    factor_ref = torch.linalg.cholesky(s_ref @ s_ref.T + lam * torch.eye(n, dtype=ref_dt, device=DEVICE))
+    x_ref = torch.cholesky_solve(b_ref, factor_ref)
+    out, factor, info = ksmall.small_ridge_solve(s, b, lam, project)
+    assert int(info) == 0 and out.shape == exact.shape and factor.shape == (n, n)
+    assert out.dtype == factor.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(torch.triu(factor, 1), torch.zeros_like(factor))
+    tol = tol_for(dtype) * 10
+    close_to_exact(factor, factor_ref, factor_ex, tol)
+    close_to_exact(out, s_ref.T @ x_ref if project else x_ref, exact, tol)
+
+
+def test_small_ridge_strided_mixed_inputs_and_lam_edges():
+    s = rand(41, 23, seed=3).T                  # (23, 41) transposed view
+    b = rand(23, 9, dtype=torch.bfloat16, seed=4)
+    for lam in (1e-7, 1e3):
+        a = s.double() @ s.double().T + lam * torch.eye(23, dtype=torch.float64, device=DEVICE)
+        x_ex = torch.linalg.solve(a, b.double())
+        out, factor, info = ksmall.small_ridge_solve(s, b, lam, project=False)
+        assert int(info) == 0
+        x_ref = torch.linalg.solve(a.float(), b.float())
+        close_to_exact(out, x_ref, x_ex, 1e-5)
+    with pytest.raises(ValueError, match="n <= 128"):
+        ksmall.small_ridge_solve(rand(129, 4), rand(129, 2), 1.0, project=False)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("case", ["negative_lam", "nan", "singular_row"])
+def test_small_ridge_reports_the_first_bad_pivot_like_lapack(case):
+    n, r = 37, 45
+    s = rand(n, r, dtype=torch.float64, seed=5)
+    lam = 0.5
+    if case == "negative_lam":
+        s[:20] *= 10.0                              # rows 0..19 dominate: the first bad pivot is past them
+        lam = -4.0 * r
+    elif case == "nan":
+        s[23, 7] = float("nan")
+    else:
+        s[30] = 0.0                                 # a zero row with lam = 0: an exactly zero pivot at row 31
+        lam = 0.0
+    a = s @ s.T + lam * torch.eye(n, dtype=torch.float64, device=DEVICE)
+    _, expected = torch.linalg.cholesky_ex(a.cpu())
+    _, _, info = ksmall.small_ridge_solve(s, rand(n, 3, dtype=torch.float64), lam, project=True)
+    assert int(info) == int(expected) > 0
+
+
 RIDGE_CASES = [(29, 19, 7, "primal"), (29, 19, 7, "dual"), (13, 37, 5, "dual"), (13, 37, 5, "primal")]
 
 
 @pytest.mark.parametrize("m,d,num_classes,mode", RIDGE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lam", [0.3, 1e3])
-def test_ridge_forward_backward_match_reference_and_float64(m, d, num_classes, mode, dtype, lam):
+def test_ridge_forward_backward_match_reference_and_float64(ridge_path, m, d, num_classes, mode, dtype, lam):
     phi = rand(m, d, dtype=dtype, seed=m)
     y = rand(m, num_classes, dtype=dtype, seed=d)
     w, factor, info = kbackend.ridge_forward(phi, y, lam, mode)
@@ -181,7 +253,7 @@ def test_ridge_forward_backward_match_reference_and_float64(m, d, num_classes, m
     assert kbackend.ridge_backward(phi, y, w, factor, g, mode, False, False) == (None, None)
 
 
-def test_ridge_low_precision_inputs_and_tiny_lam():
+def test_ridge_low_precision_inputs_and_tiny_lam(ridge_path):
     phi = rand(13, 37, dtype=torch.float16, seed=4)
     y = rand(13, 5, dtype=torch.float16, seed=5)
     w, factor, info = kbackend.ridge_forward(phi, y, 1e-6, "dual")
@@ -280,7 +352,7 @@ def test_public_linear_softmax_ce_triton_matches_torch(reduction):
 
 
 @pytest.mark.parametrize("mode", ["dual", "primal"])
-def test_public_ridge_solve_and_gram_triton_match_torch(mode):
+def test_public_ridge_solve_and_gram_triton_match_torch(ridge_path, mode):
     results = {}
     for backend, dtype in (("torch", torch.float32), ("triton", torch.float32), ("torch", torch.float64)):
         phi = rand(29, 19, dtype=dtype, seed=2).requires_grad_()
@@ -294,7 +366,7 @@ def test_public_ridge_solve_and_gram_triton_match_torch(mode):
         close_to_exact(fast, ref, exact, 1e-5)
 
 
-def test_public_clpdd_loss_triton_matches_torch():
+def test_public_clpdd_loss_triton_matches_torch(ridge_path):
     out = {}
     for backend, dtype in (("torch", torch.float32), ("triton", torch.float32), ("torch", torch.float64)):
         phi_s = rand(10, 19, dtype=dtype, seed=1).requires_grad_()
@@ -309,7 +381,7 @@ def test_public_clpdd_loss_triton_matches_torch():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
-def test_public_ridge_solve_raises_not_positive_definite_on_overflowing_features():
+def test_public_ridge_solve_raises_not_positive_definite_on_overflowing_features(ridge_path):
     phi = torch.full((6, 5), 1e20, device=DEVICE)        # the Gram matrix overflows: inf / NaN pivots
     y = rand(6, 3)
     for backend in ("torch", "triton"):
@@ -317,7 +389,7 @@ def test_public_ridge_solve_raises_not_positive_definite_on_overflowing_features
             ops.ridge_solve(phi, y, 1e-3, "dual", backend=backend)
 
 
-def test_triton_path_never_calls_torch_linalg_or_cross_entropy(monkeypatch):
+def test_triton_path_never_calls_torch_linalg_or_cross_entropy(ridge_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the Triton path called a torch routine it replaces")
     for owner, name in [(torch.linalg, "cholesky"), (torch.linalg, "cholesky_ex"), (torch, "cholesky_solve"),
@@ -413,7 +485,7 @@ AOT_SCRIPT = r"""
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from clpdd_fast.kernels import cholesky as c, gram as g, linear_ce as ce
+from clpdd_fast.kernels import cholesky as c, gram as g, linear_ce as ce, small_ridge as sr
 TL = {"bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
 failed = []
 def comp(fn, types, consts, warps, stages, name):
@@ -437,6 +509,11 @@ for dt in ("fp32", "fp64"):
          dict(DT=TL[dt], B=c.BLOCK), c.NUM_WARPS, 3, "cholesky step " + dt)
     comp(c._cholesky_solve_kernel, {"l_ptr": "*" + dt, "x_ptr": "*" + dt},
          dict(DT=TL[dt], B=c.BLOCK, BR=c.BLOCK_RHS), c.NUM_WARPS, 3, "cholesky solve " + dt)
+for dt, size, project in [("fp32", 16, True), ("fp32", 64, False), ("fp32", sr.LIMIT, True), ("fp64", 64, True)]:
+    comp(sr._small_ridge_kernel, {"s_ptr": "*" + dt, "b_ptr": "*" + dt, "l_ptr": "*" + dt, "out_ptr": "*" + dt,
+                                  "info_ptr": "*i32", "lam_ptr": "*" + dt},
+         dict(PROJECT=project, DT=TL[dt], M=size, BR=sr.BLOCK_R, BC=sr.BLOCK_RHS), 4 if size <= 32 else 8, 3,
+         f"small ridge {dt} M={size}")
 for xd, acc, blk in [("bf16", "fp32", ce.BLOCKS), ("fp32", "fp32", ce.BLOCKS), ("fp64", "fp64", ce.BLOCKS_FP64)]:
     consts = dict(DOT_DTYPE=TL[xd], ACC_DTYPE=TL[acc], PRECISION="ieee", BN=blk["BN"], BC=blk["BC"], BD=blk["BD"])
     warps, stages = blk.get("num_warps", ce.NUM_WARPS), blk.get("num_stages", ce.NUM_STAGES)
