@@ -1,16 +1,17 @@
 """Blocked Cholesky factorisation A = L L^T and the triangular solves of the ridge system, without cuSOLVER.
 
-Factorisation (`cholesky`): left-looking by block columns of width BLOCK (one launch per block column k).
-Program 0 of launch k updates the diagonal block, A_kk - sum_{j<k} L_kj L_kj^T (a tiled product), factors it in
-registers and writes L_kk; program p > 0 does the same diagonal work redundantly (it needs L_kk^-1 and there is no
-grid-wide barrier inside a launch), updates its panel block A_ik - sum_{j<k} L_ij L_kj^T and solves it against
-L_kk by multiplying with the in-register inverse L_kk^-T. Pivots that are not > 0 (NaN included) are recorded
-per block column and folded into one LAPACK-style `info` (1-based index of the first bad pivot, 0 when A is
-positive definite) on the device, without a host sync.
+Factorisation (`cholesky`): left-looking by block columns of width BLOCK with a one-block look-ahead, one launch per
+block column and no redundant work. Launch -1 factors diagonal block 0. Launch k >= 0 has one program per block row
+i > k: each computes L_ik = (A_ik - sum_{j<k} L_ij L_kj^T) L_kk^-T with the inverse L_kk^-1 stored by the launch that
+factored block k; program 0 (i = k + 1) then also updates diagonal block k + 1 with the L_{k+1,k} it holds in
+registers, factors it in registers, and stores L_{k+1,k+1} and its inverse for launch k + 1. Pivots that are not > 0
+(NaN included) are recorded per diagonal block and folded into one LAPACK-style `info` (1-based index of the first
+bad pivot, 0 when A is positive definite) on the device, without a host sync.
 
-Solve (`cholesky_solve`): one launch; each program owns a tile of right-hand-side columns and runs the forward
-substitution L Z = B and then the backward substitution L^T X = Z over all block rows, in place in the output,
-with a block barrier between a block row's store and the next one's loads.
+Solve (`cholesky_solve`): one launch inverts every diagonal block of L in parallel; then one launch in which each
+program owns a tile of right-hand-side columns runs the forward substitution L Z = B and the backward substitution
+L^T X = Z over all block rows, in place in the output, with a block barrier between a block row's store and the
+next one's loads.
 
 Precision: fp32 operands with exact fp32 products (input_precision="ieee"); fp64 operands in fp64.
 """
@@ -80,59 +81,80 @@ def _load_tile(ptr, rows, cols, s0, s1, n_rows, n_cols, DT: tl.constexpr):
 
 
 @triton.jit
-def _cholesky_step_kernel(a_ptr, l_ptr, info_ptr, n, k, s_a0, s_a1, s_l0, s_l1,
-                          DT: tl.constexpr, B: tl.constexpr):
-    pid = tl.program_id(0)
+def _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, i, li_prev, s_a0, s_a1, s_l0, s_l1,
+                       DT: tl.constexpr, B: tl.constexpr):
+    """Factor diagonal block i: A_ii - sum_{j < i-1} L_ij L_ij^T - P P^T (P = L_{i,i-1}, given in registers
+    by the caller that just computed it; zeros for i = 0). Writes L_ii, its inverse and the block's info."""
     offs = tl.arange(0, B).to(tl.int64)
     r = offs[:, None]
     c = offs[None, :]
-    kb = k * B
-    krows = kb + offs
-    # diagonal block: A_kk - sum_{j<k} L_kj L_kj^T (lower part only is used)
-    akk = _load_tile(a_ptr, krows, krows, s_a0, s_a1, n, n, DT)
-    for j in range(0, k):
-        jcols = j * B + offs
-        lkj = _load_tile(l_ptr, krows, jcols, s_l0, s_l1, n, n, DT)
-        akk -= tl.dot(lkj, tl.trans(lkj), input_precision="ieee", out_dtype=DT)
-    akk = tl.where(r >= c, akk, 0.0)
+    irows = i * B + offs
+    aii = _load_tile(a_ptr, irows, irows, s_a0, s_a1, n, n, DT)
+    for j in range(0, i - 1):
+        lij = _load_tile(l_ptr, irows, j * B + offs, s_l0, s_l1, n, n, DT)
+        aii -= tl.dot(lij, tl.trans(lij), input_precision="ieee", out_dtype=DT)
+    aii -= tl.dot(li_prev, tl.trans(li_prev), input_precision="ieee", out_dtype=DT)
+    aii = tl.where(r >= c, aii, 0.0)
     # rows beyond n are padding: make them an identity block so they factor trivially
-    pad = krows >= n
-    akk = tl.where(pad[:, None] | pad[None, :], tl.where(r == c, 1.0, 0.0), akk)
-    lkk, pivots = _factor_in_registers(akk, offs, DT, B)
-    if pid == 0:
-        mask = (krows[:, None] < n) & (krows[None, :] < n)
-        tl.store(l_ptr + krows[:, None] * s_l0 + krows[None, :] * s_l1, lkk.to(l_ptr.dtype.element_ty), mask=mask)
-        tl.store(info_ptr + k, _first_bad_pivot(pivots, offs, n - kb, B))
+    pad = irows >= n
+    aii = tl.where(pad[:, None] | pad[None, :], tl.where(r == c, 1.0, 0.0), aii)
+    lii, pivots = _factor_in_registers(aii, offs, DT, B)
+    tl.store(l_ptr + irows[:, None] * s_l0 + irows[None, :] * s_l1, lii.to(l_ptr.dtype.element_ty),
+             mask=(irows[:, None] < n) & (irows[None, :] < n))
+    tl.store(info_ptr + i, _first_bad_pivot(pivots, offs, n - i * B, B))
+    inv = _lower_inverse(lii, offs, B)
+    tl.store(inv_ptr + i * B * B + r * B + c, inv.to(inv_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _cholesky_step_kernel(a_ptr, l_ptr, inv_ptr, info_ptr, n, k, s_a0, s_a1, s_l0, s_l1,
+                          DT: tl.constexpr, B: tl.constexpr):
+    """Launch k >= 0: block column k below the diagonal, and (program 0) diagonal block k + 1.
+    Launch k = -1: diagonal block 0 alone."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, B).to(tl.int64)
+    if k < 0:
+        _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, 0, tl.zeros((B, B), dtype=DT),
+                           s_a0, s_a1, s_l0, s_l1, DT, B)
     else:
-        inv = _lower_inverse(lkk, offs, B)
-        irows = (k + pid).to(tl.int64) * B + offs
+        krows = k * B + offs
+        irows = (k + 1 + pid).to(tl.int64) * B + offs
+        # L_ik = (A_ik - sum_{j<k} L_ij L_kj^T) L_kk^-T, with L_kk^-1 from the launch that factored block k
         p = _load_tile(a_ptr, irows, krows, s_a0, s_a1, n, n, DT)
         for j in range(0, k):
             jcols = j * B + offs
             lij = _load_tile(l_ptr, irows, jcols, s_l0, s_l1, n, n, DT)
             lkj = _load_tile(l_ptr, krows, jcols, s_l0, s_l1, n, n, DT)
             p -= tl.dot(lij, tl.trans(lkj), input_precision="ieee", out_dtype=DT)
+        inv = tl.load(inv_ptr + k * B * B + offs[:, None] * B + offs[None, :])
         lik = tl.dot(p, tl.trans(inv), input_precision="ieee", out_dtype=DT)
-        mask = (irows[:, None] < n) & (krows[None, :] < n)
-        tl.store(l_ptr + irows[:, None] * s_l0 + krows[None, :] * s_l1, lik.to(l_ptr.dtype.element_ty), mask=mask)
+        tl.store(l_ptr + irows[:, None] * s_l0 + krows[None, :] * s_l1, lik.to(l_ptr.dtype.element_ty),
+                 mask=(irows[:, None] < n) & (krows[None, :] < n))
+        if pid == 0:   # look-ahead: block k + 1's diagonal needs only this program's L_{k+1,k} beyond stored L
+            _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, k + 1, lik, s_a0, s_a1, s_l0, s_l1, DT, B)
 
 
 @triton.jit
-def _diag_factor_inverse(l_ptr, krows, s_l0, s_l1, n, offs, DT: tl.constexpr, B: tl.constexpr):
+def _diag_inverse_kernel(l_ptr, inv_ptr, n, s_l0, s_l1, DT: tl.constexpr, B: tl.constexpr):
+    """Program k: the inverse of L's diagonal block k (padding rows as identity), for the solves."""
+    k = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, B).to(tl.int64)
     r = offs[:, None]
     c = offs[None, :]
+    krows = k * B + offs
     lkk = _load_tile(l_ptr, krows, krows, s_l0, s_l1, n, n, DT)
     lkk = tl.where(r >= c, lkk, 0.0)
     pad = krows >= n
     lkk = tl.where(pad[:, None] | pad[None, :], tl.where(r == c, 1.0, 0.0), lkk)
-    return _lower_inverse(lkk, offs, B)
+    tl.store(inv_ptr + k * B * B + r * B + c, _lower_inverse(lkk, offs, B).to(inv_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _cholesky_solve_kernel(l_ptr, x_ptr, n, nrhs, s_l0, s_l1, s_x0, s_x1,
+def _cholesky_solve_kernel(l_ptr, inv_ptr, x_ptr, n, nrhs, s_l0, s_l1, s_x0, s_x1,
                            DT: tl.constexpr, B: tl.constexpr, BR: tl.constexpr):
     pid = tl.program_id(0)
     offs = tl.arange(0, B).to(tl.int64)
+    tile = offs[:, None] * B + offs[None, :]
     cols = pid.to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
     nb = tl.cdiv(n, B)
     # forward substitution: L Z = B, Z overwrites B block row by block row
@@ -144,7 +166,7 @@ def _cholesky_solve_kernel(l_ptr, x_ptr, n, nrhs, s_l0, s_l1, s_x0, s_x1,
             lkj = _load_tile(l_ptr, krows, jrows, s_l0, s_l1, n, n, DT)
             zj = _load_tile(x_ptr, jrows, cols, s_x0, s_x1, n, nrhs, DT)
             acc -= tl.dot(lkj, zj, input_precision="ieee", out_dtype=DT)
-        inv = _diag_factor_inverse(l_ptr, krows, s_l0, s_l1, n, offs, DT, B)
+        inv = tl.load(inv_ptr + k * B * B + tile)
         z = tl.dot(inv, acc, input_precision="ieee", out_dtype=DT)
         mask = (krows[:, None] < n) & (cols[None, :] < nrhs)
         tl.store(x_ptr + krows[:, None] * s_x0 + cols[None, :] * s_x1, z.to(x_ptr.dtype.element_ty), mask=mask)
@@ -159,7 +181,7 @@ def _cholesky_solve_kernel(l_ptr, x_ptr, n, nrhs, s_l0, s_l1, s_x0, s_x1,
             ljk = _load_tile(l_ptr, jrows, krows, s_l0, s_l1, n, n, DT)
             xj = _load_tile(x_ptr, jrows, cols, s_x0, s_x1, n, nrhs, DT)
             acc -= tl.dot(tl.trans(ljk), xj, input_precision="ieee", out_dtype=DT)
-        inv = _diag_factor_inverse(l_ptr, krows, s_l0, s_l1, n, offs, DT, B)
+        inv = tl.load(inv_ptr + k * B * B + tile)
         xk = tl.dot(tl.trans(inv), acc, input_precision="ieee", out_dtype=DT)
         mask = (krows[:, None] < n) & (cols[None, :] < nrhs)
         tl.store(x_ptr + krows[:, None] * s_x0 + cols[None, :] * s_x1, xk.to(x_ptr.dtype.element_ty), mask=mask)
@@ -188,10 +210,11 @@ def cholesky(a: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     nb = triton.cdiv(n, block)
     factor = torch.zeros((n, n), dtype=dt, device=a.device)   # the upper triangle stays zero
     block_info = torch.empty(nb, dtype=torch.int32, device=a.device)
-    for k in range(nb):
-        _cholesky_step_kernel[(nb - k,)](a, factor, block_info, n, k, a.stride(0), a.stride(1),
-                                        factor.stride(0), factor.stride(1), DT=TL_DTYPES[dt], B=block,
-                                        num_warps=NUM_WARPS)
+    inverses = torch.empty((nb, block, block), dtype=dt, device=a.device)   # L_kk^-1, for the panels
+    for k in range(-1, nb - 1):
+        _cholesky_step_kernel[(max(1, nb - 1 - k),)](a, factor, inverses, block_info, n, k, a.stride(0),
+                                                     a.stride(1), factor.stride(0), factor.stride(1),
+                                                     DT=TL_DTYPES[dt], B=block, num_warps=NUM_WARPS)
     # first bad pivot over all block columns, on the device (no host sync)
     starts = torch.arange(nb, device=a.device, dtype=torch.int32) * block
     never = torch.iinfo(torch.int32).max
@@ -214,7 +237,12 @@ def cholesky_solve(b: Tensor, factor: Tensor, block: int = BLOCK, block_rhs: int
                          f"{tuple(factor.shape)}")
     n, nrhs = b.shape
     x = b.to(factor.dtype, copy=True).contiguous()
+    nb = triton.cdiv(n, block)
+    dt = TL_DTYPES[factor.dtype]
+    inverses = torch.empty((nb, block, block), dtype=factor.dtype, device=factor.device)
+    _diag_inverse_kernel[(nb,)](factor, inverses, n, factor.stride(0), factor.stride(1), DT=dt, B=block,
+                                num_warps=NUM_WARPS)
     grid = (triton.cdiv(nrhs, block_rhs),)
-    _cholesky_solve_kernel[grid](factor, x, n, nrhs, factor.stride(0), factor.stride(1), x.stride(0), x.stride(1),
-                                 DT=TL_DTYPES[factor.dtype], B=block, BR=block_rhs, num_warps=NUM_WARPS)
+    _cholesky_solve_kernel[grid](factor, inverses, x, n, nrhs, factor.stride(0), factor.stride(1), x.stride(0),
+                                 x.stride(1), DT=dt, B=block, BR=block_rhs, num_warps=NUM_WARPS)
     return x

@@ -114,7 +114,7 @@ def spd(n, dtype, seed=0, lam=0.1):
     return (x @ x.T + lam * torch.eye(n, dtype=torch.float64, device=DEVICE)).to(dtype)
 
 
-@pytest.mark.parametrize("n", [29, 37])
+@pytest.mark.parametrize("n", [29, 37, 83])   # 2, 3 and 6 blocks of 16: the look-ahead crosses several
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cholesky_and_solve_match_float64(n, dtype):
     a = spd(n, dtype, seed=n)
@@ -505,9 +505,11 @@ for dd, acc, sym, blk in [("bf16", "fp32", False, g.LARGE), ("fp32", "fp32", Fal
          dict(SYMMETRIC=sym, ACCUMULATE=not sym, ADD_DIAG=sym, DOT_DTYPE=TL[dd], ACC_DTYPE=TL[acc],
               PRECISION="ieee", BM=b["BM"], BN=b["BN"], BK=b["BK"]), b["num_warps"], b["num_stages"], "matmul " + dd)
 for dt in ("fp32", "fp64"):
-    comp(c._cholesky_step_kernel, {"a_ptr": "*" + dt, "l_ptr": "*" + dt, "info_ptr": "*i32"},
+    comp(c._cholesky_step_kernel, {"a_ptr": "*" + dt, "l_ptr": "*" + dt, "inv_ptr": "*" + dt, "info_ptr": "*i32"},
          dict(DT=TL[dt], B=c.BLOCK), c.NUM_WARPS, 3, "cholesky step " + dt)
-    comp(c._cholesky_solve_kernel, {"l_ptr": "*" + dt, "x_ptr": "*" + dt},
+    comp(c._diag_inverse_kernel, {"l_ptr": "*" + dt, "inv_ptr": "*" + dt},
+         dict(DT=TL[dt], B=c.BLOCK), c.NUM_WARPS, 3, "diagonal inverses " + dt)
+    comp(c._cholesky_solve_kernel, {"l_ptr": "*" + dt, "inv_ptr": "*" + dt, "x_ptr": "*" + dt},
          dict(DT=TL[dt], B=c.BLOCK, BR=c.BLOCK_RHS), c.NUM_WARPS, 3, "cholesky solve " + dt)
 for dt, size, project in [("fp32", 16, True), ("fp32", 64, False), ("fp32", sr.LIMIT, True), ("fp64", 64, True)]:
     comp(sr._small_ridge_kernel, {"s_ptr": "*" + dt, "b_ptr": "*" + dt, "l_ptr": "*" + dt, "out_ptr": "*" + dt,
