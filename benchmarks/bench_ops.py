@@ -15,6 +15,7 @@ Needs a CUDA GPU: exits with status 2 and a message otherwise.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -119,9 +120,15 @@ def bench_ce(table: Table, shape_name: str, args, rates: dict):
                 fn().backward()
             return step
 
-        impls = [
-            ("triton (fused)", run(lambda: ops.linear_softmax_ce(x, w, t, args.tau, backend="triton",
-                                                                  check_finite=False)), "fwd + dW"),
+        def triton_ce():
+            return ops.linear_softmax_ce(x, w, t, args.tau, backend="triton", check_finite=False)
+
+        mixed = wdt == torch.float32
+        impls = [("triton (fused)" + (", w as two bf16 halves" if mixed else ""), run(triton_ce), "fwd + dW")]
+        if mixed:   # the exact-fp32-products alternative to the default split
+            impls.append(("triton (fused), CLPDD_CE_PRECISION=ieee", with_env(run(triton_ce), "ieee"),
+                          "fwd + dW; fp32 FMA products"))
+        impls += [
             ("torch eager, chunked reference", run(lambda: ops.linear_softmax_ce(x, w, t, args.tau, backend="torch",
                                                                                   check_finite=False)), "fwd + dW"),
             ("torch eager, full logits", run(lambda: _ce_naive(x, w, t, args.tau)), "fwd + dW; N x C logits"),
@@ -146,6 +153,21 @@ def bench_ce(table: Table, shape_name: str, args, rates: dict):
                       f"{tflops:.0f}", ratio, note + "; ratio = time / (3 dense GEMMs at the measured rate)")
         del w
         torch.cuda.empty_cache()
+
+
+def with_env(fn, precision: str):
+    """fn (a whole forward + backward: the backward reads it too) run with CLPDD_CE_PRECISION=precision."""
+    def call():
+        old = os.environ.get("CLPDD_CE_PRECISION")
+        os.environ["CLPDD_CE_PRECISION"] = precision
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["CLPDD_CE_PRECISION"]
+            else:
+                os.environ["CLPDD_CE_PRECISION"] = old
+    return call
 
 
 def _external_ce(x, w, t, tau):

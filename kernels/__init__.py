@@ -9,6 +9,7 @@
 
 Environment variables: TRITON_INTERPRET=1 (set before triton is imported) runs everything on CPU tensors in
 Triton's interpreter; CLPDD_AUTOTUNE=1 autotunes the CE kernels (fixed tiles otherwise);
-CLPDD_CE_PRECISION=tf32 lets the CE use TF32 products for fp32 operands (exact "ieee" by default).
+CLPDD_CE_PRECISION (CE only): "auto" (default) splits an fp32 w paired with bf16 x into two bf16 halves for the
+tensor cores, "ieee" keeps exact fp32 products for every fp32 operand, "tf32" uses TF32 for fp32 operands.
 Gram and Cholesky always use exact fp32 products.
 """

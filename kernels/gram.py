@@ -49,9 +49,10 @@ def dot_dtype(a: Tensor, b: Tensor) -> torch.dtype:
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, a2_ptr, b2_ptr, M, N, K, k_per_split,
                    s_am, s_ak, s_bk, s_bn, s_cs, s_cm, s_cn, alpha, lam_ptr,
                    SYMMETRIC: tl.constexpr, ACCUMULATE: tl.constexpr, ADD_DIAG: tl.constexpr,
+                   HAS_A2: tl.constexpr, HAS_B2: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -69,11 +70,20 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
     for k0 in range(k_start, k_stop, BK):
         ks = k0 + tl.arange(0, BK).to(tl.int64)
         kmask = ks < k_stop
-        a = tl.load(a_ptr + rows[:, None] * s_am + ks[None, :] * s_ak,
-                    mask=(rows[:, None] < M) & kmask[None, :], other=0.0)
-        b = tl.load(b_ptr + ks[:, None] * s_bk + cols[None, :] * s_bn,
-                    mask=kmask[:, None] & (cols[None, :] < N), other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        a_offs = rows[:, None] * s_am + ks[None, :] * s_ak
+        a_mask = (rows[:, None] < M) & kmask[None, :]
+        b_offs = ks[:, None] * s_bk + cols[None, :] * s_bn
+        b_mask = kmask[:, None] & (cols[None, :] < N)
+        a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0).to(DOT_DTYPE)
+        b = tl.load(b_ptr + b_offs, mask=b_mask, other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        # split operands (a + a2)(b + b2): the low parts' cross terms; a2 b2 is below the precision kept
+        if HAS_B2:
+            b2 = tl.load(b2_ptr + b_offs, mask=b_mask, other=0.0).to(DOT_DTYPE)
+            acc = tl.dot(a, b2, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_A2:
+            a2 = tl.load(a2_ptr + a_offs, mask=a_mask, other=0.0).to(DOT_DTYPE)
+            acc = tl.dot(a2, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     acc = acc * alpha
     if ADD_DIAG:
         lam = tl.load(lam_ptr).to(ACC_DTYPE)   # from memory: a Python float argument would be rounded to fp32
@@ -91,8 +101,12 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split,
 
 def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.0, accumulate: bool = False,
            splits: int = 1, precision: str = "ieee", symmetric: bool = False, lam: float = 0.0,
-           blocks: dict | None = None) -> Tensor:
+           blocks: dict | None = None, a_lo: Tensor | None = None, b_lo: Tensor | None = None) -> Tensor:
     """out = alpha * a @ b (+ lam I) (+ out when accumulate), computed by one Triton launch.
+
+    With a_lo / b_lo (same shape and strides as a / b) the operands are the split pairs a + a_lo and b + b_lo,
+    and the product is a @ b + a @ b_lo + a_lo @ b (the a_lo @ b_lo term is dropped): two bf16 halves of an fp32
+    operand (`linear_ce.split_bf16`) multiplied on tensor cores.
 
     Args:
         a: (M, K), b: (K, N), any strides, fp16/bf16/fp32/fp64 (mixed low precisions compute in fp32).
@@ -110,6 +124,9 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
     k2, n = b.shape
     if k != k2:
         raise ValueError(f"matmul: inner dimensions differ, got a {tuple(a.shape)} and b {tuple(b.shape)}")
+    for name, main, low in (("a_lo", a, a_lo), ("b_lo", b, b_lo)):
+        if low is not None and (low.shape != main.shape or low.stride() != main.stride() or low.dtype != main.dtype):
+            raise ValueError(f"matmul: {name} must match its main part in shape, strides and dtype")
     acc_dt = accumulate_dtype(a, b)
     if out is None:
         out = torch.empty((splits, m, n) if splits > 1 else (m, n), dtype=acc_dt, device=a.device)
@@ -124,9 +141,11 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
     prec = precision if ddt == torch.float32 else "ieee"
     lam_t = torch.full((1,), lam, dtype=acc_dt, device=a.device)
     grid = (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]), splits)
-    _matmul_kernel[grid](a, b, out, m, n, k, k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    _matmul_kernel[grid](a, b, out, a if a_lo is None else a_lo, b if b_lo is None else b_lo, m, n, k,
+                         k_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                          s_cs, s_cm, s_cn, float(alpha), lam_t,
                          SYMMETRIC=symmetric, ACCUMULATE=accumulate, ADD_DIAG=lam != 0.0,
+                         HAS_A2=a_lo is not None, HAS_B2=b_lo is not None,
                          DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc_dt], PRECISION=prec,
                          **meta)
     return out

@@ -16,8 +16,12 @@ coefficients):
 Extra memory: one coefficient chunk (<= COEF_BUDGET_BYTES) + splits x d x C fp32 partials; never N x C.
 
 Precision: when x and w are both bf16 (or both fp16) the products use tensor cores in that dtype with fp32
-accumulation; otherwise operands are fp32 and the products are exact fp32 ("ieee") unless CLPDD_CE_PRECISION=tf32.
-fp64 inputs compute in fp64.
+accumulation. When x is bf16 and w fp32 (what a bf16 feature cache and the fp32 ridge probe give), w is split into
+two bf16 halves, w = hi + lo to about 2^-17 relative, and x w = x hi + x lo runs as two tensor-core products with
+fp32 accumulation (x is exact in bf16, so each product is exact); the backward splits its coefficients the same way.
+Otherwise operands are fp32 and the products are exact fp32 ("ieee"). CLPDD_CE_PRECISION: "auto" (default, the
+above), "ieee" (exact fp32 products whenever an operand is fp32: no split), "tf32" (TF32 products for fp32 operands,
+no split). fp64 inputs compute in fp64.
 
 Tiles: fixed defaults below; CLPDD_AUTOTUNE=1 (read at import) autotunes the two CE kernels over a few configs.
 """
@@ -30,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gram import LARGE, LARGE_FP32, TL_DTYPES, accumulate_dtype, dot_dtype, matmul
+from .gram import LARGE, LARGE_FP32, TL_DTYPES, accumulate_dtype, dot_dtype, interpreting, matmul
 
 # default tiles: rows, classes, features per step; on the interpreter the same sizes run (fewer numpy steps)
 BLOCKS = {"BN": 64, "BC": 128, "BD": 64}
@@ -46,31 +50,55 @@ _CONFIGS = [triton.Config({"BN": bn, "BC": bc, "BD": bd}, num_warps=w, num_stage
 
 
 def fp32_precision() -> str:
-    value = os.environ.get("CLPDD_CE_PRECISION", "ieee")
-    if value not in ("ieee", "tf32"):
-        raise ValueError(f"CLPDD_CE_PRECISION: expected 'ieee' or 'tf32', got {value!r}")
+    value = os.environ.get("CLPDD_CE_PRECISION", "auto")
+    if value not in ("auto", "ieee", "tf32"):
+        raise ValueError(f"CLPDD_CE_PRECISION: expected 'auto', 'ieee' or 'tf32', got {value!r}")
     return value
 
 
+def split_bf16(t: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 t -> (hi, lo): hi = t rounded to bf16, lo = (t - hi) rounded to bf16, so hi + lo = t to ~2^-17.
+
+    Stored as bf16 for the tensor cores; under the interpreter (no bf16 arithmetic) as fp32 holding the same values.
+    """
+    hi = t.to(torch.bfloat16)
+    lo = (t - hi.float()).to(torch.bfloat16)
+    store = torch.float32 if interpreting() else torch.bfloat16
+    return hi.to(store).contiguous(), lo.to(store).contiguous()
+
+
 @triton.jit
-def _logits_tile(x_ptr, w_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
-                 DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+def _round_to_bf16(v):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32, by integer arithmetic on the bits: the same
+    on a GPU and in the interpreter (whose casts to bf16 truncate). For finite v."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _logits_tile(x_ptr, w_ptr, w2_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
+                 SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                  BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
-    """(BN, BC) tile of x w / tau with -inf in the columns past C."""
+    """(BN, BC) tile of x w / tau with -inf in the columns past C; with SPLIT, w is the pair w + w2."""
     acc = tl.zeros((BN, BC), dtype=ACC_DTYPE)
     for d0 in range(0, D, BD):
         ds = d0 + tl.arange(0, BD).to(tl.int64)
         xt = tl.load(x_ptr + rows[:, None] * s_x0 + ds[None, :] * s_x1,
-                     mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
-        wt = tl.load(w_ptr + ds[:, None] * s_w0 + cols[None, :] * s_w1,
-                     mask=(ds[:, None] < D) & (cols[None, :] < C), other=0.0)
-        acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                     mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0).to(DOT_DTYPE)
+        w_offs = ds[:, None] * s_w0 + cols[None, :] * s_w1
+        w_mask = (ds[:, None] < D) & (cols[None, :] < C)
+        wt = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
+        acc = tl.dot(xt, wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        if SPLIT:
+            wt2 = tl.load(w2_ptr + w_offs, mask=w_mask, other=0.0)
+            acc = tl.dot(xt, wt2.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     return tl.where(cols[None, :] < C, acc * inv_tau, float("-inf"))
 
 
 @triton.jit
-def _ce_forward_kernel(x_ptr, w_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, s_x0, s_x1, s_w0, s_w1,
-                       inv_tau_ptr, ignore_index,
+def _ce_forward_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, s_x0, s_x1, s_w0, s_w1,
+                       inv_tau_ptr, ignore_index, SPLIT: tl.constexpr,
                        DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                        BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)
@@ -83,8 +111,8 @@ def _ce_forward_kernel(x_ptr, w_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, s_x0, s_
     picked = tl.zeros((BN,), dtype=ACC_DTYPE)
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC).to(tl.int64)
-        logits = _logits_tile(x_ptr, w_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
-                              DOT_DTYPE, ACC_DTYPE, PRECISION, BN, BC, BD)
+        logits = _logits_tile(x_ptr, w_ptr, w2_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
+                              SPLIT, DOT_DTYPE, ACC_DTYPE, PRECISION, BN, BC, BD)
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
         m_i = m_new
@@ -96,8 +124,8 @@ def _ce_forward_kernel(x_ptr, w_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, s_x0, s_
 
 
 @triton.jit
-def _ce_coef_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, coef_ptr, N, D, C, s_x0, s_x1, s_w0, s_w1,
-                    s_c0, s_c1, inv_tau_ptr,
+def _ce_coef_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, lse_ptr, g_ptr, coef_ptr, coef2_ptr, N, D, C,
+                    s_x0, s_x1, s_w0, s_w1, s_c0, s_c1, inv_tau_ptr, SPLIT: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                     BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -110,12 +138,18 @@ def _ce_coef_kernel(x_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, coef_ptr, N, D, C, s_x0
     tgt = tl.load(t_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(ACC_DTYPE)
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(ACC_DTYPE) * inv_tau
-    logits = _logits_tile(x_ptr, w_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
-                          DOT_DTYPE, ACC_DTYPE, PRECISION, BN, BC, BD)
+    logits = _logits_tile(x_ptr, w_ptr, w2_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
+                          SPLIT, DOT_DTYPE, ACC_DTYPE, PRECISION, BN, BC, BD)
     p = tl.exp(logits - lse[:, None])
     coef = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
-    tl.store(coef_ptr + rows[:, None] * s_c0 + cols[None, :] * s_c1, coef.to(coef_ptr.dtype.element_ty),
-             mask=rmask[:, None] & (cols[None, :] < C))
+    c_offs = rows[:, None] * s_c0 + cols[None, :] * s_c1
+    c_mask = rmask[:, None] & (cols[None, :] < C)
+    if SPLIT:   # bf16 high part and the bf16 rounding of the remainder, for the tensor-core dW / dX products
+        hi = _round_to_bf16(coef)
+        tl.store(coef_ptr + c_offs, hi.to(coef_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(coef2_ptr + c_offs, (coef - hi).to(coef2_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        tl.store(coef_ptr + c_offs, coef.to(coef_ptr.dtype.element_ty), mask=c_mask)
 
 
 if AUTOTUNE:
@@ -138,10 +172,15 @@ def _launch_meta(blocks: dict | None, acc: torch.dtype) -> dict:
     return meta
 
 
-def _precision(x: Tensor, w: Tensor) -> tuple[torch.dtype, torch.dtype, str]:
+def _precision(x: Tensor, w: Tensor) -> tuple[torch.dtype, torch.dtype, str, bool]:
+    """(accumulate dtype, tl.dot operand dtype, input_precision, split): split when x is bf16 and w fp32 under
+    CLPDD_CE_PRECISION=auto (the default): w enters as two bf16 halves (`split_bf16`) on tensor cores."""
+    mode = fp32_precision()
     acc = accumulate_dtype(x, w)
+    if mode == "auto" and x.dtype == torch.bfloat16 and w.dtype == torch.float32:
+        return acc, (torch.float32 if interpreting() else torch.bfloat16), "ieee", True
     ddt = dot_dtype(x, w)
-    return acc, ddt, (fp32_precision() if ddt == torch.float32 else "ieee")
+    return acc, ddt, ("tf32" if mode == "tf32" and ddt == torch.float32 else "ieee"), False
 
 
 def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
@@ -158,14 +197,15 @@ def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_i
     """
     n, d = x.shape
     num_classes = w.shape[1]
-    acc, ddt, prec = _precision(x, w)
+    acc, ddt, prec, split = _precision(x, w)
+    w_hi, w_lo = split_bf16(w) if split else (w, w)
     loss = torch.empty(n, dtype=acc, device=x.device)
     lse = torch.empty(n, dtype=acc, device=x.device)
     meta = _launch_meta(blocks, acc)
     grid = lambda m: (triton.cdiv(n, m["BN"]),)  # noqa: E731
-    _ce_forward_kernel[grid](x, w, target, loss, lse, n, d, num_classes, x.stride(0), x.stride(1),
-                             w.stride(0), w.stride(1), _inv_tau(tau, acc, x.device), int(ignore_index),
-                             DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
+    _ce_forward_kernel[grid](x, w_hi, w_lo, target, loss, lse, n, d, num_classes, x.stride(0), x.stride(1),
+                             w_hi.stride(0), w_hi.stride(1), _inv_tau(tau, acc, x.device), int(ignore_index),
+                             SPLIT=split, DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
     return loss, lse
 
 
@@ -194,13 +234,16 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Te
     """
     n, d = x.shape
     num_classes = w.shape[1]
-    acc, ddt, prec = _precision(x, w)
+    acc, ddt, prec, split = _precision(x, w)
     if not (need_x or need_w):
         return None, None
+    w_hi, w_lo = split_bf16(w) if split else (w, w)
+    # coefficients: bf16 on the bf16 path, a bf16 pair (hi, lo) on the split path, fp32/fp64 otherwise
     coef_dt = torch.bfloat16 if ddt == torch.bfloat16 else acc
-    coef_bytes = torch.empty((), dtype=coef_dt).element_size()
+    coef_bytes = torch.empty((), dtype=coef_dt).element_size() * (2 if split else 1)
     rows = max(1, min(chunk_size, n, COEF_BUDGET_BYTES // (coef_bytes * num_classes)))
     coef = torch.empty((rows, num_classes), dtype=coef_dt, device=x.device)
+    coef_lo = torch.empty_like(coef) if split else coef
     # matmul tiles of the backward GEMMs: large on a GPU, the default 64-wide ones for fp64 and for test overrides
     mm = None
     if acc != torch.float64 and blocks is None:
@@ -217,15 +260,18 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Te
         nrows = stop - start
         xc = x[start:stop]
         grid = lambda m: (triton.cdiv(nrows, m["BN"]), triton.cdiv(num_classes, m["BC"]))  # noqa: E731
-        _ce_coef_kernel[grid](xc, w, target[start:stop], lse[start:stop], grad_rows[start:stop], coef,
-                              nrows, d, num_classes, xc.stride(0), xc.stride(1), w.stride(0), w.stride(1),
-                              coef.stride(0), coef.stride(1), inv_tau,
+        _ce_coef_kernel[grid](xc, w_hi, w_lo, target[start:stop], lse[start:stop], grad_rows[start:stop], coef,
+                              coef_lo, nrows, d, num_classes, xc.stride(0), xc.stride(1), w_hi.stride(0),
+                              w_hi.stride(1), coef.stride(0), coef.stride(1), inv_tau, SPLIT=split,
                               DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
         cchunk = coef[:nrows]
-        if need_w:
-            matmul(xc.T, cchunk, out=parts, accumulate=start > 0, splits=splits, precision=prec, blocks=mm)
-        if need_x:
-            matmul(cchunk, w.T, out=grad_x[start:stop], precision=prec, blocks=mm)
+        clow = coef_lo[:nrows] if split else None
+        if need_w:   # x is exact in bf16: x^T (coef_hi + coef_lo)
+            matmul(xc.T, cchunk, out=parts, accumulate=start > 0, splits=splits, precision=prec, blocks=mm,
+                   b_lo=clow)
+        if need_x:   # (coef_hi + coef_lo)(w_hi + w_lo)^T without the lo x lo term
+            matmul(cchunk, w_hi.T, out=grad_x[start:stop], precision=prec, blocks=mm, a_lo=clow,
+                   b_lo=w_lo.T if split else None)
     grad_w = None
     if need_w:
         grad_w = parts[0].clone()

@@ -20,6 +20,7 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
                        "(tests/conftest.py sets it: run them through pytest from the repository)")
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from clpdd_fast import reference  # noqa: E402
 from clpdd_fast import ops  # noqa: E402
@@ -324,6 +325,61 @@ def test_linear_ce_default_tiles_mixed_dtypes_and_strided_inputs():
     close_to_exact(gw, gw_ref, gw_ex, 1e-5)
 
 
+@pytest.mark.parametrize("mode", ["auto", "ieee", "tf32"])
+def test_linear_ce_bf16_x_fp32_w_splits_w_into_bf16_halves(mode, monkeypatch):
+    """bf16 features with an fp32 probe (the bf16 pipeline): by default w enters as hi + lo bf16 halves on tensor
+    cores; CLPDD_CE_PRECISION=ieee/tf32 keeps fp32 operands. Either way close to the float64 result."""
+    monkeypatch.setenv("CLPDD_CE_PRECISION", mode)
+    calls = []
+    real_split = kce.split_bf16
+    monkeypatch.setattr(kce, "split_bf16", lambda t: calls.append(t.shape) or real_split(t))
+    n, d, num_classes = CE_SHAPE
+    x = rand(n, d, dtype=torch.bfloat16, seed=7)
+    w = rand(d, num_classes, seed=8, scale=0.3)
+    t = labels(n, num_classes, seed=4, ignore=(3,))
+    g = rand(n, seed=9).abs() * (t != -100)
+    tau = 0.05                                  # logits of ~100: the split's ~2^-17 relative error shows most here
+    loss, lse = kce.linear_ce_forward(x, w, t, tau, -100, 8, blocks=SMALL)
+    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, g, -100, 8, True, True, blocks=SMALL, splits=3)
+    assert len(calls) == (2 if mode == "auto" else 0)
+    xd, wd = x.double(), w.double()
+    loss_ex, lse_ex = reference.linear_ce_forward(xd, wd, t, tau, -100, 8)
+    gx_ex, gw_ex = reference.linear_ce_backward(xd, wd, t, tau, lse_ex, g.double(), -100, 8, True, True)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, tau, lse, g, -100, 8, True, True)
+    tol = 1e-3 if mode == "tf32" else 1e-5     # tf32 products are ~2^-11 relative (the interpreter ignores it)
+    close_to_exact(loss, reference.linear_ce_forward(x, w, t, tau, -100, 8)[0], loss_ex, tol)
+    close_to_exact(gw, gw_ref, gw_ex, tol)
+    close_to_exact(gx, gx_ref, gx_ex, tol)
+
+
+def test_split_bf16_halves_reconstruct_fp32_and_bad_precision_setting_raises(monkeypatch):
+    w = rand(19, 23, seed=3) * torch.logspace(-20, 20, 23, device=DEVICE)
+    hi, lo = kce.split_bf16(w)
+    assert torch.equal(hi.float(), w.to(torch.bfloat16).float())             # hi is w rounded to bf16
+    assert torch.equal(lo.float(), lo.to(torch.bfloat16).float())            # lo is bf16 too
+    rel = ((hi.double() + lo.double() - w.double()).abs() / w.double().abs()).max().item()
+    assert 0 < rel <= 2.0**-16
+    monkeypatch.setenv("CLPDD_CE_PRECISION", "fast")
+    with pytest.raises(ValueError, match="CLPDD_CE_PRECISION"):
+        kce.linear_ce_forward(rand(5, 3, dtype=torch.bfloat16), w[:3, :4], labels(5, 4), 1.0, -100, 8)
+
+
+@triton.jit
+def _round_to_bf16_probe(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(src_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(dst_ptr + offs, kce._round_to_bf16(v), mask=offs < n)
+
+
+def test_in_kernel_bf16_rounding_is_round_to_nearest_even_like_torch():
+    v = rand(1000, seed=12) * torch.logspace(-30, 30, 1000, device=DEVICE)
+    ties = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8), 2.0**-8 * 3], device=DEVICE)
+    v = torch.cat([v, ties, torch.zeros(1, device=DEVICE)])
+    out = torch.full_like(v, float("nan"))
+    _round_to_bf16_probe[(triton.cdiv(v.numel(), 256),)](v, out, v.numel(), BLOCK=256)
+    assert torch.equal(out, v.to(torch.bfloat16).float())
+
+
 def test_linear_ce_backward_is_bitwise_reproducible():
     n, d, num_classes = CE_SHAPE
     x, w, t = rand(n, d, seed=7), rand(d, num_classes, seed=8), labels(n, num_classes, seed=4)
@@ -426,6 +482,16 @@ def test_gpu_bf16_linear_ce_and_ridge():
     # bf16 coefficients: ~2^-9 relative per term
     assert (gw.double() - gw_ex).abs().max() <= 1e-2 * gw_ex.abs().max()
     assert (gx.double() - gx_ex).abs().max() <= 1e-2 * gx_ex.abs().max()
+    # bf16 x with an fp32 w: w split into bf16 halves, far more accurate than bf16 w
+    w32 = rand(d, num_classes, seed=2, scale=0.05)
+    loss, lse = kbackend.linear_ce_forward(x, w32, t, 0.1, -100, 4096)
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w32.double(), t, 0.1, -100, 4096)
+    torch.testing.assert_close(loss.double(), loss_ex, rtol=1e-5, atol=1e-5)
+    gx, gw = kbackend.linear_ce_backward(x, w32, t, 0.1, lse, g, -100, 4096, True, True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w32.double(), t, 0.1, lse_ex, g.double(), -100, 4096,
+                                                True, True)
+    assert (gw.double() - gw_ex).abs().max() <= 1e-4 * gw_ex.abs().max()
+    assert (gx.double() - gx_ex).abs().max() <= 1e-4 * gx_ex.abs().max()
     phi = rand(1000, 768, dtype=torch.bfloat16, seed=3)
     y = torch.nn.functional.one_hot(torch.arange(1000, device=DEVICE) % 100, 100).to(torch.bfloat16)
     for mode in ("dual", "primal"):
@@ -501,8 +567,9 @@ for dd, acc, sym, blk in [("bf16", "fp32", False, g.LARGE), ("fp32", "fp32", Fal
                           ("fp32", "fp32", True, {}), ("fp64", "fp64", True, {})]:
     b = {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3, **blk}
     comp(g._matmul_kernel, {"a_ptr": "*" + dd, "b_ptr": "*" + dd, "c_ptr": "*" + acc, "lam_ptr": "*" + acc,
-                            "alpha": "fp32"},
-         dict(SYMMETRIC=sym, ACCUMULATE=not sym, ADD_DIAG=sym, DOT_DTYPE=TL[dd], ACC_DTYPE=TL[acc],
+                            "a2_ptr": "*" + dd, "b2_ptr": "*" + dd, "alpha": "fp32"},
+         dict(SYMMETRIC=sym, ACCUMULATE=not sym, ADD_DIAG=sym, HAS_A2=dd == "bf16", HAS_B2=dd == "bf16",
+              DOT_DTYPE=TL[dd], ACC_DTYPE=TL[acc],
               PRECISION="ieee", BM=b["BM"], BN=b["BN"], BK=b["BK"]), b["num_warps"], b["num_stages"], "matmul " + dd)
 for dt in ("fp32", "fp64"):
     comp(c._cholesky_step_kernel, {"a_ptr": "*" + dt, "l_ptr": "*" + dt, "inv_ptr": "*" + dt, "info_ptr": "*i32"},
@@ -516,15 +583,18 @@ for dt, size, project in [("fp32", 16, True), ("fp32", 64, False), ("fp32", sr.L
                                   "info_ptr": "*i32", "lam_ptr": "*" + dt},
          dict(PROJECT=project, DT=TL[dt], M=size, BR=sr.BLOCK_R, BC=sr.BLOCK_RHS), 4 if size <= 32 else 8, 3,
          f"small ridge {dt} M={size}")
-for xd, acc, blk in [("bf16", "fp32", ce.BLOCKS), ("fp32", "fp32", ce.BLOCKS), ("fp64", "fp64", ce.BLOCKS_FP64)]:
-    consts = dict(DOT_DTYPE=TL[xd], ACC_DTYPE=TL[acc], PRECISION="ieee", BN=blk["BN"], BC=blk["BC"], BD=blk["BD"])
+for xd, acc, blk, split in [("bf16", "fp32", ce.BLOCKS, False), ("bf16", "fp32", ce.BLOCKS, True),
+                            ("fp32", "fp32", ce.BLOCKS, False), ("fp64", "fp64", ce.BLOCKS_FP64, False)]:
+    consts = dict(SPLIT=split, DOT_DTYPE=TL[xd], ACC_DTYPE=TL[acc], PRECISION="ieee", BN=blk["BN"], BC=blk["BC"],
+                  BD=blk["BD"])
     warps, stages = blk.get("num_warps", ce.NUM_WARPS), blk.get("num_stages", ce.NUM_STAGES)
-    common = {"x_ptr": "*" + xd, "w_ptr": "*" + xd, "t_ptr": "*i64", "inv_tau_ptr": "*" + acc}
+    common = {"x_ptr": "*" + xd, "w_ptr": "*" + xd, "w2_ptr": "*" + xd, "t_ptr": "*i64", "inv_tau_ptr": "*" + acc}
+    name = xd + (" split" if split else "")
     comp(ce._ce_forward_kernel, {**common, "loss_ptr": "*" + acc, "lse_ptr": "*" + acc}, consts, warps, stages,
-         "ce forward " + xd)
-    comp(ce._ce_coef_kernel, {**common, "lse_ptr": "*" + acc, "g_ptr": "*" + acc,
-                              "coef_ptr": "*bf16" if xd == "bf16" else "*" + acc}, consts, warps, stages,
-         "ce coef " + xd)
+         "ce forward " + name)
+    coef_t = "*bf16" if xd == "bf16" else "*" + acc
+    comp(ce._ce_coef_kernel, {**common, "lse_ptr": "*" + acc, "g_ptr": "*" + acc, "coef_ptr": coef_t,
+                              "coef2_ptr": coef_t}, consts, warps, stages, "ce coef " + name)
 assert not failed, "\n".join(failed)
 """
 
