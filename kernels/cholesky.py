@@ -56,10 +56,10 @@ def _factor_in_registers(a, offs, DT: tl.constexpr, B: tl.constexpr):
     low = tl.zeros_like(a)
     pivots = tl.zeros((B,), dtype=DT)
     for kk in range(B):
-        piv = tl.sum(tl.sum(tl.where((r == kk) & (c == kk), a, 0.0), axis=1), axis=0)
+        col = tl.sum(tl.where(c == kk, a, 0.0), axis=1)               # A[:, kk]: one 2-D reduction per column
+        piv = tl.sum(tl.where(offs == kk, col, 0.0), axis=0)          # A[kk, kk]
         pivots = tl.where(offs == kk, piv, pivots)
-        col = tl.sum(tl.where(c == kk, a, 0.0), axis=1) / tl.sqrt(piv)
-        col = tl.where(offs >= kk, col, 0.0)
+        col = tl.where(offs >= kk, col / tl.sqrt(piv), 0.0)
         low = tl.where(c == kk, col[:, None], low)
         below = tl.where(offs > kk, col, 0.0)
         a -= below[:, None] * below[None, :]
