@@ -422,13 +422,16 @@ def test_public_ridge_solve_and_gram_triton_match_torch(ridge_path, mode):
         close_to_exact(fast, ref, exact, 1e-5)
 
 
-def test_public_clpdd_loss_triton_matches_torch(ridge_path):
+@pytest.mark.parametrize("real_dtype", [torch.float32, torch.bfloat16])   # bf16: the --precision bf16 pipeline
+def test_public_clpdd_loss_triton_matches_torch(ridge_path, real_dtype):
     out = {}
     for backend, dtype in (("torch", torch.float32), ("triton", torch.float32), ("torch", torch.float64)):
         phi_s = rand(10, 19, dtype=dtype, seed=1).requires_grad_()
         y_s = torch.arange(10, device=DEVICE) % 5
-        phi_r, y_r = rand(37, 19, dtype=dtype, seed=2), labels(37, 5)
-        loss = ops.clpdd_loss(phi_s, y_s, phi_r, y_r, lam=0.3, tau=0.5, num_classes=5, backend=backend)
+        # real features rounded to real_dtype first, so that every backend sees the same values
+        phi_r, y_r = rand(37, 19, dtype=real_dtype, seed=2), labels(37, 5)
+        phi_r = phi_r if dtype == torch.float32 else phi_r.to(dtype)
+        loss = ops.clpdd_loss(phi_s, y_s, phi_r, y_r, lam=0.3, tau=0.05, num_classes=5, backend=backend)
         loss.backward()
         out[backend, dtype] = (loss.detach(), phi_s.grad)
     for fast, ref, exact in zip(out["triton", torch.float32], out["torch", torch.float32],
