@@ -508,20 +508,21 @@ def test_gpu_bf16_linear_ce_and_ridge():
 def test_gpu_large_shapes_bitwise_determinism_and_memory():
     n, d, num_classes = 200_003, 768, 1000
     x = rand(n, d, dtype=torch.bfloat16, seed=4)
-    w = rand(d, num_classes, dtype=torch.bfloat16, seed=5, scale=0.05)
     t = labels(n, num_classes)
-    loss, lse = kbackend.linear_ce_forward(x, w, t, 0.1, -100, 16384)
     g = torch.full((n,), 1.0 / n, device=DEVICE)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    _, gw1 = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 16384, False, True)
-    extra = torch.cuda.max_memory_allocated() - base
-    assert extra < 100 * 2**20, f"backward used {extra / 2**20:.1f} MiB beyond its inputs"
-    _, gw2 = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 16384, False, True)
-    assert torch.equal(gw1, gw2), "two runs must give bitwise-identical dW"
-    loss_ref, _ = reference.linear_ce_forward(x, w, t, 0.1, -100, 16384)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
+    for w_dtype in (torch.bfloat16, torch.float32):   # bf16 pair, and bf16 x with fp32 w (split into halves)
+        w = rand(d, num_classes, dtype=w_dtype, seed=5, scale=0.05)
+        loss, lse = kbackend.linear_ce_forward(x, w, t, 0.1, -100, 16384)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _, gw1 = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 16384, False, True)
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra < 100 * 2**20, f"backward ({w_dtype}) used {extra / 2**20:.1f} MiB beyond its inputs"
+        _, gw2 = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 16384, False, True)
+        assert torch.equal(gw1, gw2), f"two runs must give bitwise-identical dW ({w_dtype})"
+        loss_ref, _ = reference.linear_ce_forward(x, w, t, 0.1, -100, 16384)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
     a = spd(1000, torch.float32, seed=6)
     f1, _ = kchol.cholesky(a)
     f2, _ = kchol.cholesky(a)
