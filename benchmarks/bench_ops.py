@@ -38,8 +38,8 @@ HERE = Path(__file__).resolve().parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes (CE N=65537, ridge m in {100, 1000})")
-    p.add_argument("--ops", default="matmul,ce,ridge,ridge-small,gram",
-                   help="comma list of matmul,ce,ridge,ridge-small,gram")
+    p.add_argument("--ops", default="matmul,ce,ridge,ridge-small,gram,cholesky-tiles",
+                   help="comma list of matmul,ce,ridge,ridge-small,gram,cholesky-tiles")
     p.add_argument("--ce-shapes", default="imagenet1k,imagenet100", help=f"comma list of {sorted(CE_SHAPES)}")
     p.add_argument("--ridge-m", default=",".join(map(str, RIDGE_M)), help="comma list of m (d=768, C=1000)")
     p.add_argument("--small-m", default="10,32,64,128", help="comma list of m for the one-launch small ridge "
@@ -283,6 +283,38 @@ def bench_ridge_small(table: Table, args, rates: dict):
                           f"{peak:.0f}", "-", "-", what + f"; backend sends n <= {default_max} to small_ridge")
 
 
+def bench_cholesky_tiles(table: Table, args, rates: dict):
+    """Block width and warps of the blocked Cholesky + solve at n = d = 768 (the primal system that ridge_solve
+    factors for every m > 768), against cuSOLVER: which setting kernels/cholesky.py should default to."""
+    from clpdd_fast.kernels import cholesky as kchol
+    from clpdd_fast.kernels import gram as kgram
+    n = RIDGE_D
+    g = torch.Generator(device="cuda").manual_seed(7)
+    a = kgram.gram(torch.randn(n, 2 * n, device="cuda", generator=g), 1.0)
+    y = torch.randn(n, RIDGE_C, device="cuda", generator=g)
+    default = kchol.NUM_WARPS
+    configs = [(block, warps) for block in (16, 32, 64) for warps in (2, 4)]
+    for impl, block, warps in [("cuSOLVER cholesky_ex + cholesky_solve", 0, 0)] + \
+            [(f"triton block {b}, {w} warps", b, w) for b, w in configs]:
+        if block:
+            def fn():
+                return kchol.cholesky_solve(y, kchol.cholesky(a, block)[0], block)
+        else:
+            def fn():
+                return torch.cholesky_solve(y, torch.linalg.cholesky_ex(a)[0])
+        kchol.NUM_WARPS = warps or default
+        try:
+            med, p20, p80, peak = bench(fn)
+        except Exception as err:   # e.g. a register tile too large for the block: record and go on
+            table.row("cholesky+solve", f"n={n} rhs={RIDGE_C}", "fp32", impl, "-", "-", "-", "-", "-",
+                      f"failed: {type(err).__name__}: {str(err)[:80]}")
+            continue
+        finally:
+            kchol.NUM_WARPS = default
+        table.row("cholesky+solve", f"n={n} rhs={RIDGE_C}", "fp32", impl, f"{med:.3f}", f"{p20:.3f}-{p80:.3f}",
+                  f"{peak:.0f}", "-", "-", f"defaults: block {kchol.BLOCK}, {default} warps")
+
+
 def bench_gram(table: Table, args, rates: dict):
     from clpdd_fast.kernels import gram as kgram
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -319,6 +351,8 @@ def main(argv=None) -> int:
         bench_ridge_small(table, args, rates)
     if "gram" in ops_wanted:
         bench_gram(table, args, rates)
+    if "cholesky-tiles" in ops_wanted:
+        bench_cholesky_tiles(table, args, rates)
     return 0
 
 

@@ -575,13 +575,15 @@ for dd, acc, sym, blk in [("bf16", "fp32", False, g.LARGE), ("fp32", "fp32", Fal
          dict(SYMMETRIC=sym, ACCUMULATE=not sym, ADD_DIAG=sym, HAS_A2=dd == "bf16", HAS_B2=dd == "bf16",
               DOT_DTYPE=TL[dd], ACC_DTYPE=TL[acc],
               PRECISION="ieee", BM=b["BM"], BN=b["BN"], BK=b["BK"]), b["num_warps"], b["num_stages"], "matmul " + dd)
-for dt in ("fp32", "fp64"):
+# the default block, and the other widths bench_ops.py --ops cholesky-tiles compares
+for dt, blk, warps in [("fp32", c.BLOCK, c.NUM_WARPS), ("fp64", c.BLOCK, c.NUM_WARPS), ("fp32", 16, 2), ("fp32", 64, 2)]:
+    name = f"{dt} block {blk}"
     comp(c._cholesky_step_kernel, {"a_ptr": "*" + dt, "l_ptr": "*" + dt, "inv_ptr": "*" + dt, "info_ptr": "*i32"},
-         dict(DT=TL[dt], B=c.BLOCK), c.NUM_WARPS, 3, "cholesky step " + dt)
+         dict(DT=TL[dt], B=blk), warps, 3, "cholesky step " + name)
     comp(c._diag_inverse_kernel, {"l_ptr": "*" + dt, "inv_ptr": "*" + dt},
-         dict(DT=TL[dt], B=c.BLOCK), c.NUM_WARPS, 3, "diagonal inverses " + dt)
+         dict(DT=TL[dt], B=blk), warps, 3, "diagonal inverses " + name)
     comp(c._cholesky_solve_kernel, {"l_ptr": "*" + dt, "inv_ptr": "*" + dt, "x_ptr": "*" + dt},
-         dict(DT=TL[dt], B=c.BLOCK, BR=c.BLOCK_RHS), c.NUM_WARPS, 3, "cholesky solve " + dt)
+         dict(DT=TL[dt], B=blk, BR=c.BLOCK_RHS), warps, 3, "cholesky solve " + name)
 for dt, size, project in [("fp32", 16, True), ("fp32", 64, False), ("fp32", sr.LIMIT, True), ("fp64", 64, True)]:
     comp(sr._small_ridge_kernel, {"s_ptr": "*" + dt, "b_ptr": "*" + dt, "l_ptr": "*" + dt, "out_ptr": "*" + dt,
                                   "info_ptr": "*i32", "lam_ptr": "*" + dt},
