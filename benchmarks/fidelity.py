@@ -2,7 +2,7 @@
 
     python benchmarks/fidelity.py                  # ipc = 1: every row + the lam / tau sweep, then FIDELITY.md
     python benchmarks/fidelity.py --ipc 10 --no-sweep
-    python benchmarks/fidelity.py --only clpdd-ce,random   # a subset of rows (finished rows are reused)
+    python benchmarks/fidelity.py --only clpdd-ce,random   # run a subset of rows (the report keeps every finished row)
 
 Every row is two ordinary CLI commands run as child processes (printed in the table, so each row can be reproduced by
 hand): `python -m clpdd_fast.distill ...` (distilled rows only) and `python -m clpdd_fast.evaluate ... --json`.
@@ -100,17 +100,19 @@ def main(argv=None) -> int:
     selected = set(args.only.split(",")) if args.only else None
     results = []
     for name, distill_args, eval_args in rows(args.ipc, not args.no_sweep):
-        if selected and name not in selected:
-            continue
         folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
         eval_json = folder / "eval.json"
         distill_json = folder / "distill.json"
+        # rows left out by --only still appear in the report when they finished earlier
+        run_it = not selected or name in selected
+        if not run_it and not eval_json.exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
         rel = folder.relative_to(ROOT)
         d_cmd = None
         if distill_args is not None:
             d_cmd = [PY, "-m", "clpdd_fast.distill", *distill_args, "--out", str(rel)]
-            if args.force or not distill_json.exists():
+            if run_it and (args.force or not distill_json.exists()):
                 for stale in ("checkpoint.pt", "distilled.pt"):
                     (folder / stale).unlink(missing_ok=True)
                 done = run_logged(name, "distill", d_cmd, folder)
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
         else:
             e_cmd = [PY, "-m", "clpdd_fast.evaluate", *eval_args, "--json", str(rel / "eval.json"),
                      "--seeds", str(args.seeds)]
-        if args.force or not eval_json.exists():
+        if run_it and (args.force or not eval_json.exists()):
             if run_logged(name, "eval", e_cmd, folder) is None:
                 continue
         ev = json.loads(eval_json.read_text())
