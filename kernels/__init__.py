@@ -3,7 +3,8 @@
     gram.py       strided matmul kernel (split-K into fixed partial slices, accumulate, symmetric lower-tile mode)
                   and the Gram matrix x x^T + lam I built on it
     cholesky.py   blocked left-looking Cholesky (LAPACK-style info) and the many-RHS cholesky_solve
-    small_ridge.py  Gram + Cholesky + solve (+ projection) of a small ridge system in one launch
+    small_ridge.py  Gram + Cholesky + solve (+ projection) of a small ridge system in one launch; its dual
+                  backward in one launch
     linear_ce.py  fused linear temperature-softmax CE forward; deterministic chunked backward (dW, dX)
     backend.py    the five backend functions of clpdd_fast.reference, implemented with the kernels above
 

@@ -2,8 +2,8 @@
 
 `clpdd_fast.ops.resolve_backend` returns this module for CUDA tensors (and for backend="triton" on CPU tensors
 under TRITON_INTERPRET=1). Every matrix product, factorisation and solve below is a Triton launch from
-kernels/gram.py, kernels/cholesky.py, kernels/small_ridge.py (systems of size <= small_ridge.MAX_SIZE, one
-launch) or kernels/linear_ce.py; torch is used only to allocate, cast and add.
+kernels/gram.py, kernels/cholesky.py, kernels/small_ridge.py (systems of size <= small_ridge.MAX_SIZE: one
+launch forward, one for the dual backward) or kernels/linear_ce.py; torch is used only to allocate, cast and add.
 Inputs fp16/bf16/fp32 compute in fp32 and return fp32; fp64 inputs compute (and return) fp64.
 """
 from __future__ import annotations
@@ -51,6 +51,8 @@ def ridge_backward(phi: Tensor, y: Tensor, w: Tensor, factor: Tensor, grad_w: Te
     """Gradients through W = ridge(phi, y), reusing the forward's factor (formulas in clpdd_fast.reference)."""
     dt = factor.dtype
     g = grad_w.to(dt)
+    if mode == "dual" and phi.shape[0] <= _small.MAX_SIZE:   # one fused launch
+        return _small.small_ridge_backward(phi, y, factor, g, need_phi, need_y)
     grad_phi = grad_y = None
     if mode == "dual":
         beta = _chol.cholesky_solve(_gram.matmul(phi, g), factor)                  # A^-1 phi G   (m, C)

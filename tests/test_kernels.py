@@ -195,6 +195,30 @@ def test_small_ridge_one_launch_matches_float64(n, r, k, dtype, project):
     close_to_exact(out, s_ref.T @ x_ref if project else x_ref, exact, tol)
 
 
+@pytest.mark.parametrize("need_phi,need_y", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_ridge_backward_one_launch_matches_float64(need_phi, need_y, dtype):
+    m, d, num_classes, lam = 23, 45, 40, 0.7           # two right-hand-side tiles of 32, feature tails
+    phi = rand(m, d, dtype=dtype, seed=21)
+    y = rand(m, num_classes, dtype=dtype, seed=22)
+    g = rand(d, num_classes, dtype=dtype, seed=23)
+    w_ref, factor_ref, _ = reference.ridge_forward(phi, y, lam, "dual")
+    w_ex, factor_ex, _ = reference.ridge_forward(phi.double(), y.double(), lam, "dual")
+    _, factor, info = ksmall.small_ridge_solve(phi, y, lam, project=True)
+    assert int(info) == 0
+    gp, gy = ksmall.small_ridge_backward(phi, y, factor, g, need_phi, need_y)
+    gp_ref, gy_ref = reference.ridge_backward(phi, y, w_ref, factor_ref, g, "dual", need_phi, need_y)
+    gp_ex, gy_ex = reference.ridge_backward(phi.double(), y.double(), w_ex, factor_ex, g.double(), "dual",
+                                            need_phi, need_y)
+    assert (gp is None) == (not need_phi) and (gy is None) == (not need_y)
+    tol = tol_for(dtype) * 10
+    if need_phi:
+        close_to_exact(gp, gp_ref, gp_ex, tol)
+    if need_y:
+        close_to_exact(gy, gy_ref, gy_ex, tol)
+    assert ksmall.small_ridge_backward(phi, y, factor, g, False, False) == (None, None)
+
+
 def test_small_ridge_strided_mixed_inputs_and_lam_edges():
     s = rand(41, 23, seed=3).T                  # (23, 41) transposed view
     b = rand(23, 9, dtype=torch.bfloat16, seed=4)
@@ -589,6 +613,10 @@ for dt, size, project in [("fp32", 16, True), ("fp32", 64, False), ("fp32", sr.L
                                   "info_ptr": "*i32", "lam_ptr": "*" + dt},
          dict(PROJECT=project, DT=TL[dt], M=size, BR=sr.BLOCK_R, BC=sr.BLOCK_RHS), 4 if size <= 32 else 8, 3,
          f"small ridge {dt} M={size}")
+    comp(sr._small_ridge_backward_kernel, {"phi_ptr": "*" + dt, "y_ptr": "*" + dt, "g_ptr": "*" + dt,
+                                           "l_ptr": "*" + dt, "dphi_ptr": "*" + dt, "dy_ptr": "*" + dt},
+         dict(NEED_PHI=True, NEED_Y=project, DT=TL[dt], M=size, BR=sr.BLOCK_R, BC=sr.BLOCK_RHS),
+         4 if size <= 32 else 8, 3, f"small ridge backward {dt} M={size}")
 for xd, acc, blk, split in [("bf16", "fp32", ce.BLOCKS, False), ("bf16", "fp32", ce.BLOCKS, True),
                             ("fp32", "fp32", ce.BLOCKS, False), ("fp64", "fp64", ce.BLOCKS_FP64, False)]:
     consts = dict(SPLIT=split, DOT_DTYPE=TL[xd], ACC_DTYPE=TL[acc], PRECISION="ieee", BN=blk["BN"], BC=blk["BC"],
