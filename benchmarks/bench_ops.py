@@ -349,10 +349,10 @@ def main(argv=None) -> int:
         bench_ridge(table, args, rates)
     if "ridge-small" in ops_wanted:
         bench_ridge_small(table, args, rates)
-    if "gram" in ops_wanted:
-        bench_gram(table, args, rates)
     if "cholesky-tiles" in ops_wanted:
         bench_cholesky_tiles(table, args, rates)
+    if "gram" in ops_wanted:
+        bench_gram(table, args, rates)
     return 0
 
 
