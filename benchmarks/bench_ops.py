@@ -148,9 +148,13 @@ def bench_ce(table: Table, shape_name: str, args, rates: dict):
                 torch.cuda.empty_cache()
                 continue
             tflops = flops / med / 1e9
-            ratio = f"{med / (flops / rate / 1e9):.2f}" if rate else "-"
+            # the split runs on bf16 tensor cores (two products per GEMM): compare it with the bf16 rate
+            impl_rate, rate_name = (rates.get("bf16"), "bf16") if "two bf16 halves" in impl else \
+                (rate, "bf16" if wdt == torch.bfloat16 else "fp32")
+            ratio = f"{med / (flops / impl_rate / 1e9):.2f}" if impl_rate else "-"
             table.row("linear_softmax_ce", shape, dname, impl, f"{med:.2f}", f"{p20:.2f}-{p80:.2f}", f"{peak:.0f}",
-                      f"{tflops:.0f}", ratio, note + "; ratio = time / (3 dense GEMMs at the measured rate)")
+                      f"{tflops:.0f}", ratio, note + f"; ratio = time / (3 dense GEMMs at the measured {rate_name} "
+                      "rate)")
         del w
         torch.cuda.empty_cache()
 
