@@ -463,6 +463,24 @@ def test_public_clpdd_loss_triton_matches_torch(ridge_path, real_dtype):
         close_to_exact(fast, ref, exact, 1e-5)
 
 
+@pytest.mark.parametrize("mode", ["dual", "primal"])
+def test_ridge_gradcheck_through_the_triton_backend(ridge_path, mode):
+    """Finite differences against the kernels' own backward (fp64), not only against the torch backward
+    (fast_mode: random directional derivatives, a few interpreted launches instead of one per input)."""
+    phi = rand(5, 4, dtype=torch.float64, seed=31).requires_grad_()
+    y = rand(5, 3, dtype=torch.float64, seed=32).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p, t: ops.ridge_solve(p, t, 0.45, mode, backend="triton"), (phi, y),
+                                    fast_mode=True)
+
+
+def test_linear_ce_gradcheck_through_the_triton_backend():
+    x = rand(7, 4, dtype=torch.float64, seed=33).requires_grad_()
+    w = rand(4, 5, dtype=torch.float64, seed=34).requires_grad_()
+    t = labels(7, 5, ignore=(2,))
+    assert torch.autograd.gradcheck(lambda a, b: ops.linear_softmax_ce(a, b, t, 0.7, "mean", 3, backend="triton"),
+                                    (x, w), fast_mode=True)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
 def test_public_ridge_solve_raises_not_positive_definite_on_overflowing_features(ridge_path):
     phi = torch.full((6, 5), 1e20, device=DEVICE)        # the Gram matrix overflows: inf / NaN pivots
