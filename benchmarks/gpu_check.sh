@@ -40,7 +40,7 @@ echo "== kernel tests (GPU)" | tee "$LOGS/tests.txt"
 # pytest-xdist is there (the GPU image has it); the Triton cache on disk is shared between the workers
 PARALLEL=()
 if "$PY" -c "import xdist" 2>/dev/null; then PARALLEL=(-n 8); fi
-timeout 100 "$PY" -m pytest -q -rs -p no:cacheprovider "${PARALLEL[@]}" tests/test_kernels.py 2>&1 | tee -a "$LOGS/tests.txt"
+timeout 100 "$PY" -m pytest -q -rs -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} tests/test_kernels.py 2>&1 | tee -a "$LOGS/tests.txt"
 TEST_RC=${PIPESTATUS[0]}
 echo "tests exit status: $TEST_RC" | tee -a "$LOGS/tests.txt"
 
