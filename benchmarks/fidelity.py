@@ -2,6 +2,7 @@
 
     python benchmarks/fidelity.py                  # ipc = 1: every row + the lam / tau sweep, then FIDELITY.md
     python benchmarks/fidelity.py --ipc 10 --no-sweep
+    python benchmarks/fidelity.py --sweep-aug       # lam / tau around the defaults with augmentation (own section)
     python benchmarks/fidelity.py --only clpdd-ce,random   # run a subset of rows (the report keeps every finished row)
 
 Every row is two ordinary CLI commands run as child processes (printed in the table, so each row can be reproduced by
@@ -35,9 +36,15 @@ PY = "python"
 LGM_K = 10  # LGM's default number of augmented copies per step; the -k3 rows use its authors' ImageNet-1K setting
 
 
-def rows(ipc: int, sweep: bool) -> list[tuple[str, list[str] | None, list[str]]]:
-    """(row name, distill arguments or None for a baseline, evaluate arguments of a baseline)."""
+def rows(ipc: int, sweep: bool, sweep_aug: bool = False) -> list[tuple[str, list[str] | None, list[str]]]:
+    """(row name, distill arguments or None for a baseline, evaluate arguments of a baseline). sweep_aug: only the
+    lam / tau sweep with the default augmentation, around the defaults (lam 1, tau 0.05), all flags explicit."""
     base = ["--ipc", str(ipc)]
+    if sweep_aug:
+        aug = base + ["--method", "clpdd", "--augment", "standard"]
+        points = [("default", "1", "0.05"), ("lam0.1", "0.1", "0.05"), ("lam10", "10", "0.05"),
+                  ("tau0.01", "1", "0.01"), ("tau0.2", "1", "0.2")]
+        return [(f"sweep-aug-{name}", aug + ["--lam", lam, "--tau", tau], []) for name, lam, tau in points]
     table = [
         ("full", None, ["--baseline", "full"]),
         ("random", None, ["--baseline", "random", "--ipc", str(ipc)]),
@@ -89,6 +96,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--no-sweep", action="store_true", help="skip the lam / tau sweep")
+    p.add_argument("--sweep-aug", action="store_true", help="only the lam / tau sweep with --augment standard, in a "
+                   "report section of its own")
     p.add_argument("--only", default=None, help="comma list of row names")
     p.add_argument("--force", action="store_true", help="rerun finished rows")
     p.add_argument("--seeds", type=int, default=5)
@@ -99,7 +108,7 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     selected = set(args.only.split(",")) if args.only else None
     results = []
-    for name, distill_args, eval_args in rows(args.ipc, not args.no_sweep):
+    for name, distill_args, eval_args in rows(args.ipc, not args.no_sweep, args.sweep_aug):
         folder = root / name
         eval_json = folder / "eval.json"
         distill_json = folder / "distill.json"
@@ -139,12 +148,13 @@ def main(argv=None) -> int:
         results.append({"name": name, "eval": ev, "distill": dj, "distill_cmd": d_cmd and command(d_cmd),
                         "eval_cmd": command(e_cmd)})
         print(f"[fidelity] {name}: top-1 {100 * ev['top1_mean']:.2f} +- {100 * ev['top1_std']:.2f} %", flush=True)
-    write_report(Path(args.report), args.ipc, results, args.seeds)
+    write_report(Path(args.report), args.ipc, results, args.seeds, " sweep-aug" if args.sweep_aug else "")
     return 0
 
 
-def write_report(path: Path, ipc: int, results: list[dict], seeds: int) -> None:
-    lines = [f"<!-- fidelity ipc={ipc} begin -->", f"### ipc = {ipc} ({date.today().isoformat()}, "
+def write_report(path: Path, ipc: int, results: list[dict], seeds: int, section: str = "") -> None:
+    key = f"ipc={ipc}{section}"
+    lines = [f"<!-- fidelity {key} begin -->", f"### ipc = {ipc}{section} ({date.today().isoformat()}, "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch CPU)", "",
              f"| row | protocol top-1 % (mean ± std, {seeds} seeds) | top-5 % | ridge top-1 % | distill wall s | "
              "median s/step | distill peak RSS MiB | commands |", "|---|---|---|---|---|---|---|---|"]
@@ -158,10 +168,11 @@ def write_report(path: Path, ipc: int, results: list[dict], seeds: int) -> None:
                      f"| {r['name']} | {100 * ev['top1_mean']:.2f} ± {100 * ev['top1_std']:.2f} | "
                      f"{100 * ev['top5_mean']:.2f} ± {100 * ev['top5_std']:.2f} | {100 * ev['ridge_top1_mean']:.2f} | "
                      f"– | – | – | {cmds} |")
-    lines.append(f"<!-- fidelity ipc={ipc} end -->")
+    lines.append(f"<!-- fidelity {key} end -->")
     block = "\n".join(lines) + "\n"
     text = path.read_text() if path.exists() else "# Fidelity\n\n"
-    pattern = re.compile(rf"<!-- fidelity ipc={ipc} begin -->.*?<!-- fidelity ipc={ipc} end -->\n", re.S)
+    mark = re.escape(key)
+    pattern = re.compile(rf"<!-- fidelity {mark} begin -->.*?<!-- fidelity {mark} end -->\n", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
     print(f"[fidelity] table written to {path}")
