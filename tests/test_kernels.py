@@ -618,7 +618,8 @@ for dd, acc, sym, blk in [("bf16", "fp32", False, g.LARGE), ("fp32", "fp32", Fal
               DOT_DTYPE=TL[dd], ACC_DTYPE=TL[acc],
               PRECISION="ieee", BM=b["BM"], BN=b["BN"], BK=b["BK"]), b["num_warps"], b["num_stages"], "matmul " + dd)
 # the default block, and the other widths bench_ops.py --ops cholesky-tiles compares
-for dt, blk, warps in [("fp32", c.BLOCK, c.NUM_WARPS), ("fp64", c.BLOCK, c.NUM_WARPS), ("fp32", 16, 2), ("fp32", 64, 2)]:
+for dt, blk, warps in [("fp32", c.BLOCK, c.NUM_WARPS), ("fp64", c.BLOCK, c.NUM_WARPS),
+                       ("fp32", 16, 2), ("fp32", 64, 2)]:
     name = f"{dt} block {blk}"
     comp(c._cholesky_step_kernel, {"a_ptr": "*" + dt, "l_ptr": "*" + dt, "inv_ptr": "*" + dt, "info_ptr": "*i32"},
          dict(DT=TL[dt], B=blk), warps, 3, "cholesky step " + name)
