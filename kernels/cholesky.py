@@ -75,6 +75,14 @@ def _first_bad_pivot(pivots, offs, n_valid, B: tl.constexpr):
 
 
 @triton.jit
+def _pad_identity(a, rows, n, offs):
+    """a (B, B) with every row and column whose global index (rows) is >= n replaced by the identity's: padding
+    that factors, inverts and solves trivially."""
+    pad = rows >= n
+    return tl.where(pad[:, None] | pad[None, :], tl.where(offs[:, None] == offs[None, :], 1.0, 0.0), a)
+
+
+@triton.jit
 def _load_tile(ptr, rows, cols, s0, s1, n_rows, n_cols, DT: tl.constexpr):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(ptr + rows[:, None] * s0 + cols[None, :] * s1, mask=mask, other=0.0).to(DT)
@@ -94,10 +102,7 @@ def _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, i, li_prev, s_a0, s_a
         lij = _load_tile(l_ptr, irows, j * B + offs, s_l0, s_l1, n, n, DT)
         aii -= tl.dot(lij, tl.trans(lij), input_precision="ieee", out_dtype=DT)
     aii -= tl.dot(li_prev, tl.trans(li_prev), input_precision="ieee", out_dtype=DT)
-    aii = tl.where(r >= c, aii, 0.0)
-    # rows beyond n are padding: make them an identity block so they factor trivially
-    pad = irows >= n
-    aii = tl.where(pad[:, None] | pad[None, :], tl.where(r == c, 1.0, 0.0), aii)
+    aii = _pad_identity(tl.where(r >= c, aii, 0.0), irows, n, offs)
     lii, pivots = _factor_in_registers(aii, offs, DT, B)
     tl.store(l_ptr + irows[:, None] * s_l0 + irows[None, :] * s_l1, lii.to(l_ptr.dtype.element_ty),
              mask=(irows[:, None] < n) & (irows[None, :] < n))
@@ -143,9 +148,7 @@ def _diag_inverse_kernel(l_ptr, inv_ptr, n, s_l0, s_l1, DT: tl.constexpr, B: tl.
     c = offs[None, :]
     krows = k * B + offs
     lkk = _load_tile(l_ptr, krows, krows, s_l0, s_l1, n, n, DT)
-    lkk = tl.where(r >= c, lkk, 0.0)
-    pad = krows >= n
-    lkk = tl.where(pad[:, None] | pad[None, :], tl.where(r == c, 1.0, 0.0), lkk)
+    lkk = _pad_identity(tl.where(r >= c, lkk, 0.0), krows, n, offs)
     tl.store(inv_ptr + k * B * B + r * B + c, _lower_inverse(lkk, offs, B).to(inv_ptr.dtype.element_ty))
 
 

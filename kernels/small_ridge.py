@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .cholesky import _factor_in_registers, _first_bad_pivot, _load_tile, _lower_inverse
+from .cholesky import _factor_in_registers, _first_bad_pivot, _load_tile, _lower_inverse, _pad_identity
 from .gram import TL_DTYPES, accumulate_dtype
 
 MAX_SIZE = 64        # largest system the backend sends here (module variable: tests and benchmarks change it)
@@ -47,9 +47,7 @@ def _small_ridge_kernel(s_ptr, b_ptr, l_ptr, out_ptr, info_ptr, lam_ptr, n, r, n
         st = _load_tile(s_ptr, offs, ks, s_s0, s_s1, n, r, DT)
         g += tl.dot(st, tl.trans(st), input_precision="ieee", out_dtype=DT)
     lam = tl.load(lam_ptr).to(DT)   # from memory: a Python float argument would be rounded to fp32
-    g = tl.where(ri == ci, g + lam, g)
-    pad = offs >= n
-    g = tl.where(pad[:, None] | pad[None, :], tl.where(ri == ci, 1.0, 0.0), g)
+    g = _pad_identity(tl.where(ri == ci, g + lam, g), offs, n, offs)
     # 2. factor
     low, pivots = _factor_in_registers(g, offs, DT, M)
     tl.store(info_ptr, _first_bad_pivot(pivots, offs, n, M))
@@ -83,9 +81,7 @@ def _small_ridge_backward_kernel(phi_ptr, y_ptr, g_ptr, l_ptr, dphi_ptr, dy_ptr,
     offs = tl.arange(0, M).to(tl.int64)
     ri = offs[:, None]
     ci = offs[None, :]
-    low = _load_tile(l_ptr, offs, offs, s_l0, s_l1, m, m, DT)
-    pad = offs >= m
-    low = tl.where(pad[:, None] | pad[None, :], tl.where(ri == ci, 1.0, 0.0), tl.where(ri >= ci, low, 0.0))
+    low = _pad_identity(tl.where(ri >= ci, _load_tile(l_ptr, offs, offs, s_l0, s_l1, m, m, DT), 0.0), offs, m, offs)
     inv = _lower_inverse(low, offs, M)
     # phase 1, over right-hand-side tiles: beta (stored as dy) and the symmetric S = beta alpha^T + alpha beta^T
     sym = tl.zeros((M, M), dtype=DT)

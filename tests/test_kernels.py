@@ -217,6 +217,16 @@ def test_small_ridge_backward_one_launch_matches_float64(need_phi, need_y, dtype
     if need_y:
         close_to_exact(gy, gy_ref, gy_ex, tol)
     assert ksmall.small_ridge_backward(phi, y, factor, g, False, False) == (None, None)
+    with pytest.raises(ValueError, match="grad_w"):
+        ksmall.small_ridge_backward(phi, y, factor, g[:, :-1], True, True)
+
+
+def test_matmul_low_halves_must_match_their_main_part():
+    a, b = rand(5, 7), rand(7, 3)
+    with pytest.raises(ValueError, match="b_lo must match"):
+        kgram.matmul(a, b, b_lo=rand(3, 7).T)               # same shape, other strides
+    with pytest.raises(ValueError, match="a_lo must match"):
+        kgram.matmul(a, b, a_lo=rand(5, 7, dtype=torch.float64))
 
 
 def test_small_ridge_strided_mixed_inputs_and_lam_edges():
