@@ -21,7 +21,7 @@ from clpdd_fast.baselines import random_real_indices
 from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_TAU, EMBEDDED_SUBSET, HelpFormatter,
                             default_image_size, fixed_subset, int_or_all, positive_float, positive_int, run_main,
                             subset_size)
-from clpdd_fast.distributed import World, init_from_env
+from clpdd_fast.distributed import World, init_from_env, shutdown
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder, encode_images
 from clpdd_fast.methods import METHODS, StepInputs
@@ -287,9 +287,12 @@ def finish(args: argparse.Namespace, s: Setup, steps: int) -> dict:
 def run(args: argparse.Namespace) -> dict | None:
     """Distill, write the outputs into the run folder, evaluate with the ridge probe; returns the results dict
     (None on ranks other than 0 under torchrun)."""
-    s = setup(args)
-    steps = train_loop(args, s)
-    return finish(args, s, steps) if s.world.is_main else None
+    try:
+        s = setup(args)
+        steps = train_loop(args, s)
+        return finish(args, s, steps) if s.world.is_main else None
+    finally:
+        shutdown()   # also on errors and Ctrl-C: every rank leaves the process group before exiting
 
 
 def main(argv: list[str] | None = None) -> dict:

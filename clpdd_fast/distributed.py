@@ -64,9 +64,16 @@ class World:
             dist.barrier()
 
 
+# whether init_from_env created the default process group (then `shutdown` destroys it; a group the caller made
+# before calling us is theirs to destroy)
+_created_group = False
+
+
 def init_from_env(device: str | None) -> tuple[World, torch.device]:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK); NCCL with one
-    GPU per rank when CUDA is available, gloo on CPU. Without torchrun: World(0, 1) and the requested device."""
+    GPU per rank when CUDA is available, gloo on CPU. Without torchrun: World(0, 1) and the requested device.
+    Pair every call with `shutdown()` in a `finally`."""
+    global _created_group
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World(), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -76,5 +83,16 @@ def init_from_env(device: str | None) -> tuple[World, torch.device]:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        _created_group = True
     return (World(dist.get_rank(), dist.get_world_size()),
             torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def shutdown() -> None:
+    """Destroy the process group `init_from_env` created, if any: its communication threads are then stopped and
+    joined here rather than torn down at interpreter exit (where gloo can abort the process with SIGABRT, making
+    torchrun report a failed run). Safe to call more than once, and after an error or Ctrl-C."""
+    global _created_group
+    if _created_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _created_group = False

@@ -72,7 +72,7 @@ def gram(x: Tensor, lam: float = 0.0, *, backend: str = "auto", check_finite: bo
         backend: "auto" | "torch" | "triton".
         check_finite: reject NaN/inf in x (one device sync; pass False to skip).
     Returns:
-        (m, m) fp32 (fp64 for fp64 x), differentiable in x.
+        (m, m) fp32 (fp64 for fp64 x), exactly symmetric (K == K^T bitwise on every backend), differentiable in x.
     """
     check.tensor("x", x, 2)
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or lam == float("inf"):
@@ -274,9 +274,10 @@ def clpdd_loss(phi_s: Tensor, y_s: Tensor, phi_r: Tensor, y_r: Tensor, lam: floa
         num_classes = y_s.shape[1]
     check.same_device(phi_s=phi_s, y_s=y_s, phi_r=phi_r, y_r=y_r)
     check.labels("y_r", y_r, num_classes)
+    if check_finite:   # here, so that both outer losses check it and the error names the argument passed
+        check.finite("phi_r", phi_r)
     w = ridge_solve(phi_s, y_s, lam, mode, backend=backend, check_finite=check_finite)
     if outer == "mse":
-        if check_finite:
-            check.finite("phi_r", phi_r)
         return _mse_outer(phi_r, w, y_r, _chunk_size(chunk_size, num_classes, phi_r.shape[1]))
-    return linear_softmax_ce(phi_r, w, y_r, tau, "mean", chunk_size, backend=backend, check_finite=check_finite)
+    # phi_r is checked above and w comes from checked inputs: no second pass over the N real rows
+    return linear_softmax_ce(phi_r, w, y_r, tau, "mean", chunk_size, backend=backend, check_finite=False)

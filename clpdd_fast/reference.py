@@ -30,9 +30,14 @@ def default_chunk_size(num_classes: int, feature_dim: int, budget_bytes: int = 1
 
 # ----------------------------------------------------------------------------------------------- gram
 def gram(x: Tensor, lam: float = 0.0) -> Tensor:
-    """x (m, d) -> x x^T + lam I (m, m) in the compute dtype."""
+    """x (m, d) -> x x^T + lam I (m, m) in the compute dtype, exactly symmetric.
+
+    A BLAS product may sum (i, j) and (j, i) in different orders; the lower triangle is kept and mirrored so that
+    K == K^T bitwise, as the Triton kernel guarantees too.
+    """
     xc = x.to(compute_dtype(x))
     k = xc @ xc.T
+    k = k.tril() + k.tril(-1).T
     if lam:
         k.diagonal().add_(lam)
     return k

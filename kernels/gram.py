@@ -3,7 +3,8 @@
 One kernel, `_matmul_kernel`, does C = alpha * A @ B (+ lam on the diagonal) (+ C when accumulating), with
 arbitrary strides (so transposes are free), an optional split of the reduction dimension into fixed slices that
 write separate partial outputs (deterministic split-K: no atomics; the caller sums the slices in a fixed order),
-and a symmetric mode in which only the lower tiles are computed and each is mirrored into the upper triangle.
+and a symmetric mode in which only the lower tiles are computed and each is mirrored into the upper triangle
+(inside diagonal tiles too, so the result is exactly symmetric whatever order tl.dot sums in).
 
 Precision: operands are cast to `dot_dtype` inside the kernel and multiplied with `input_precision="ieee"`
 unless the caller asks for "tf32"; accumulation is fp32 (fp64 for fp64 operands).
@@ -85,6 +86,11 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, a2_ptr, b2_ptr, M, N, K, k_per_split,
             a2 = tl.load(a2_ptr + a_offs, mask=a_mask, other=0.0).to(DOT_DTYPE)
             acc = tl.dot(a2, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     acc = acc * alpha
+    if SYMMETRIC:
+        # a diagonal tile's (i, j) and (j, i) come out of tl.dot summed in orders nothing promises to be equal:
+        # keep its lower triangle and mirror it, so the result is exactly symmetric on every device
+        if pid_n == pid_m:
+            acc = tl.where(rows[:, None] >= cols[None, :], acc, tl.trans(acc))
     if ADD_DIAG:
         lam = tl.load(lam_ptr).to(ACC_DTYPE)   # from memory: a Python float argument would be rounded to fp32
         acc = tl.where(rows[:, None] == cols[None, :], acc + lam, acc)
@@ -155,7 +161,7 @@ def gram(x: Tensor, lam: float = 0.0) -> Tensor:
     """x (m, d), any strides, fp16/bf16/fp32/fp64 -> x x^T + lam I, (m, m) fp32 (fp64 for fp64 x).
 
     fp32 accumulation with exact fp32 products (input_precision="ieee": TF32 round-off can make a Gram matrix of
-    m > d features indefinite); only lower tiles are computed, each mirrored into the upper triangle.
+    m > d features indefinite); only the lower triangle is computed and mirrored, so K equals K^T exactly.
     """
     if x.dim() != 2:
         raise ValueError(f"gram: expected a 2-D tensor x, got shape {tuple(x.shape)}")

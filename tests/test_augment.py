@@ -114,6 +114,17 @@ def test_crop_scale_and_ratio_within_bounds():
     assert float(ratio.min()) < 0.8 and float(ratio.max()) > 1.25
 
 
+@pytest.mark.parametrize("scale", [(0.2, 0.5), (0.05, 0.3)])
+def test_crop_area_respects_both_scale_bounds(scale):
+    # upper bounds below 1 (every crop of these is valid, so no fallback box can stand in for a sampled one)
+    aug = Augment(scale=scale, noise_p=0.0)
+    area = aug.sample(5000, _gen(7), "cpu").boxes.double()[:, 2:].prod(1)
+    tol = 1e-5
+    assert float(area.min()) >= scale[0] - tol and float(area.max()) <= scale[1] + tol
+    span = scale[1] - scale[0]
+    assert float(area.min()) < scale[0] + 0.02 * span and float(area.max()) > scale[1] - 0.02 * span
+
+
 def test_crop_fallback_is_valid():
     # scales near 1 with extreme ratios are rarely valid: the fallback must still give a box inside the image
     aug = Augment(scale=(0.95, 1.0), ratio=(3.0, 4.0), noise_p=0.0)

@@ -131,7 +131,9 @@ def test_torchrun_two_ranks_equal_one_process(tiny_idx, tmp_path):
                   "--augment", "standard"))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "clpdd_fast.distill", *args], capture_output=True, text=True, timeout=600)
+    # torchrun exits 0 only when every rank did; a rank torn down by interpreter exit used to abort (SIGABRT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr and "Signal" not in proc.stderr, proc.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "distilled.pt")
     two = torch.load(tmp_path / "two" / "distilled.pt")
     assert two["config"]["world_size"] == 2

@@ -91,6 +91,17 @@ def test_gram_matches_float64(m, d, dtype, lam):
     close_to_exact(k, reference.gram(x, lam), exact, tol_for(dtype))
 
 
+def test_symmetric_mode_mirrors_the_lower_triangle_of_every_tile():
+    # with b != a^T the product is not symmetric, so what the symmetric mode keeps is visible: the lower triangle
+    # of a @ b, diagonal tiles included, mirrored bitwise into the upper one
+    a, b = rand(37, 19, seed=4), rand(19, 37, seed=5)
+    k = kgram.matmul(a, b, symmetric=True, blocks={"BM": 16, "BN": 16})
+    assert torch.equal(k, k.T)
+    exact = torch.tril(a.double() @ b.double())
+    exact = exact + torch.tril(exact, -1).T
+    close_to_exact(k, exact.float(), exact, 2e-5)
+
+
 def test_gram_of_a_transposed_view_and_bf16_is_fp32():
     x = rand(23, 41, seed=3)
     close_to_exact(kgram.gram(x.T, 0.5), reference.gram(x.T, 0.5), reference.gram(x.T.double(), 0.5), 2e-5)

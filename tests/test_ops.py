@@ -37,6 +37,7 @@ def ce_numpy(x, w, t, tau):
 def test_gram_matches_numpy(m, d, c):
     x = rand(m, d, seed=1)
     k = gram(x, 0.7)
+    assert torch.equal(k, k.T), "K must be exactly symmetric, whatever order the BLAS sums in"
     expect = x.numpy() @ x.numpy().T + 0.7 * np.eye(m)
     np.testing.assert_allclose(k.numpy(), expect, rtol=1e-12, atol=1e-12)
 
@@ -44,7 +45,7 @@ def test_gram_matches_numpy(m, d, c):
 def test_gram_low_precision_accumulates_in_fp32():
     x = rand(37, 301, seed=2, dtype=torch.float32).to(torch.bfloat16)
     k = gram(x)
-    assert k.dtype == torch.float32
+    assert k.dtype == torch.float32 and torch.equal(k, k.T)
     exact = x.double() @ x.double().T
     torch.testing.assert_close(k.double(), exact, rtol=1e-5, atol=1e-4)
 
@@ -244,6 +245,15 @@ def test_ridge_not_positive_definite_suggests_larger_lam():
 def test_bad_input_raises_naming_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("outer", ["ce", "mse"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_clpdd_loss_names_a_non_finite_real_feature(outer, bad):
+    phi_r = rand(9, 3, seed=4)
+    phi_r[7, 1] = bad
+    with pytest.raises(ValueError, match="^phi_r: contains 1 non-finite"):
+        clpdd_loss(rand(4, 3, seed=3), torch.tensor([0, 1, 2, 0]), phi_r, torch.arange(9) % 3, 1.0, outer=outer)
 
 
 def test_check_finite_opt_out_skips_the_check():
