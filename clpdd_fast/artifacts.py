@@ -24,7 +24,11 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save_torch(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # on disk before the rename, as in save_json: a checkpoint must survive a crash
+    atomic_write(path, write)
 
 
 def save_json(obj, path: Path) -> None:
@@ -37,6 +41,17 @@ def save_json(obj, path: Path) -> None:
     atomic_write(path, write)
 
 
+def _row_step(path: Path, line: str, last: bool) -> float:
+    """The step of a metrics row. Only the last row may be cut short (a run killed while appending it); it comes
+    after the checkpoint (rows are appended before the checkpoint that covers them), so it counts as dropped."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError as exc:
+        if last:
+            return float("inf")
+        raise ValueError(f"--resume: {path} is corrupt (a row before the last is not JSON: {exc})") from None
+
+
 class MetricsLog:
     """metrics.jsonl, one JSON object per step; on resume, rows after the checkpoint's step are dropped so the
     log of a resumed run equals that of an uninterrupted one (timings aside)."""
@@ -44,8 +59,9 @@ class MetricsLog:
     def __init__(self, path: Path, keep_until_step: int | None = None):
         self.path = Path(path)
         if keep_until_step is not None and self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            rows = [line for i, line in enumerate(lines)
+                    if _row_step(self.path, line, last=i == len(lines) - 1) <= keep_until_step]
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
         elif keep_until_step is None:
             self.path.write_text("")
