@@ -98,7 +98,8 @@ def _prepare_out(args: argparse.Namespace, world: World) -> tuple[Path, dict | N
         ckpt_path = out / "checkpoint.pt"
         if not ckpt_path.exists():
             raise SystemExit(f"error: --resume: no checkpoint.pt in {out}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = artifacts.load_torch(ckpt_path, "--resume", {"step", "synthetic", "optimizer", "generator",
+                                                             "torch_rng", "config"})
         saved, now = ckpt["config"], _config(args)
         diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
                 if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k)}
