@@ -20,25 +20,30 @@ from contextlib import contextmanager
 
 
 class Interrupts:
-    """Context manager: installs the SIGINT handler described above (main thread only) and restores the previous one
-    on exit. In other threads signals cannot be handled: nothing is installed and ``held()`` only watches."""
+    """Context manager: installs the SIGINT handler described above and restores the previous one on exit. Nothing is
+    installed outside the main thread (Python handles signals there only) or where SIGINT is ignored (a background
+    job started with it ignored stays so); ``held()`` then only marks the sections."""
 
     def __init__(self):
         self.presses = 0      # Ctrl-Cs received while installed
         self.pending = False  # a first Ctrl-C held back until the end of the held section
         self.aborted = False  # a Ctrl-C raised inside a held section: the in-memory state may be half-changed
         self._holding = False
+        self._installed = False
         self._previous = None
 
     def __enter__(self) -> "Interrupts":
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
         return self
 
     def __exit__(self, *exc) -> bool:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if self._installed:
+            # None: the previous handler was set outside Python and cannot be put back; SIG_DFL comes closest
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
         return False
 
     def _on_sigint(self, signum, frame) -> None:

@@ -10,9 +10,42 @@ import torch
 from clpdd_fast import methods
 from clpdd_fast.augment import Augment
 from clpdd_fast.distill import main
+from clpdd_fast.interrupts import Interrupts
 from clpdd_fast.synthetic import PyramidImages
 
 from test_distill import run_args
+
+def test_first_ctrl_c_waits_for_the_held_section_a_second_one_does_not():
+    before = signal.getsignal(signal.SIGINT)
+    with Interrupts() as interrupts:
+        with pytest.raises(KeyboardInterrupt):  # outside a held section: at once
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    finished = []
+    with Interrupts() as interrupts:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.held():
+                signal.raise_signal(signal.SIGINT)
+                finished.append(True)  # reached: the first Ctrl-C waits for the end of the section
+        assert finished and not interrupts.aborted
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.held():
+                signal.raise_signal(signal.SIGINT)  # the second one cuts the section
+                finished.append(False)
+        assert finished == [True] and interrupts.aborted
+
+
+def test_an_ignored_sigint_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a job started in the background with nohup
+    try:
+        with Interrupts() as interrupts:
+            with interrupts.held():
+                signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and interrupts.presses == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
 
 ITERATIONS = 4
 # Pyramid levels grow at steps 2 and 4 (upkeep matters), a sampled real batch and the augmentation draw from the
