@@ -1,6 +1,8 @@
-"""What a distillation run leaves on disk: atomic writes, the checkpoint, metrics, the distilled set and its picture."""
+"""What a distillation run leaves on disk: atomic writes, code-free loading, the checkpoint, metrics, the distilled set
+and its picture."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -24,7 +26,47 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save_torch(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # on disk before the rename, as in save_json: a checkpoint must survive a crash
+    atomic_write(path, write)
+
+
+# Lines of torch.load's weights_only error that say nothing about the file itself.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def safe_torch_load(path: Path, what: str, allow: tuple = ()):
+    """torch.load that never runs code from the file: files users exchange (distilled sets, checkpoints, weights) are
+    unpickled with weights_only=True, which builds tensors and plain Python values (dict, list, str, numbers, ...)
+    only and never calls a function the file names; `allow` adds plain-record classes (argparse.Namespace). Anything
+    else is refused with a ValueError naming `what` (the argument that gave the path); so is an unreadable file."""
+    scope = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; on 2.4, allowed for the process
+    if scope is None:
+        torch.serialization.add_safe_globals(list(allow))
+    try:
+        with scope(list(allow)) if scope is not None else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # refused objects, truncated file, not a torch file
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        refused = next((line for line in lines if "GLOBAL" in line), None)
+        if refused is not None:
+            raise ValueError(f"{what}: refusing to load {path}: it holds objects other than tensors and plain Python "
+                             f"values, and unpickling them could run code from the file ({refused})") from None
+        detail = next((line for line in lines if not line.startswith(_TORCH_BOILERPLATE)), type(exc).__name__)
+        raise ValueError(f"{what}: could not read {path}: not a file torch.save wrote, or truncated ({detail})") \
+            from None
+
+
+def load_torch(path: Path, what: str, keys: set[str]) -> dict:
+    """A file written by save_torch (a distilled set, a checkpoint), read by safe_torch_load: a dict with `keys`."""
+    obj = safe_torch_load(path, what)
+    if not isinstance(obj, dict) or not keys <= set(obj):
+        found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{what}: {path} is not what python -m clpdd_fast.distill writes (expected a dict with "
+                         f"{', '.join(sorted(keys))}; found {found})")
+    return obj
 
 
 def save_json(obj, path: Path) -> None:
@@ -37,6 +79,17 @@ def save_json(obj, path: Path) -> None:
     atomic_write(path, write)
 
 
+def _row_step(path: Path, line: str, last: bool) -> float:
+    """The step of a metrics row. Only the last row may be cut short (a run killed while appending it); it comes
+    after the checkpoint (rows are appended before the checkpoint that covers them), so it counts as dropped."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError as exc:
+        if last:
+            return float("inf")
+        raise ValueError(f"--resume: {path} is corrupt (a row before the last is not JSON: {exc})") from None
+
+
 class MetricsLog:
     """metrics.jsonl, one JSON object per step; on resume, rows after the checkpoint's step are dropped so the
     log of a resumed run equals that of an uninterrupted one (timings aside)."""
@@ -44,8 +97,9 @@ class MetricsLog:
     def __init__(self, path: Path, keep_until_step: int | None = None):
         self.path = Path(path)
         if keep_until_step is not None and self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            rows = [line for i, line in enumerate(lines)
+                    if _row_step(self.path, line, last=i == len(lines) - 1) <= keep_until_step]
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
         elif keep_until_step is None:
             self.path.write_text("")

@@ -24,6 +24,7 @@ from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_TAU, EMBEDDED_SU
 from clpdd_fast.distributed import World, init_from_env, shutdown
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder, encode_images
+from clpdd_fast.interrupts import Interrupts
 from clpdd_fast.methods import METHODS, StepInputs
 from clpdd_fast.probe import FEATURE_NORMS, FeatureTransform, ridge_probe_accuracy
 from clpdd_fast.profiling import nvtx_range, set_enabled
@@ -97,7 +98,8 @@ def _prepare_out(args: argparse.Namespace, world: World) -> tuple[Path, dict | N
         ckpt_path = out / "checkpoint.pt"
         if not ckpt_path.exists():
             raise SystemExit(f"error: --resume: no checkpoint.pt in {out}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = artifacts.load_torch(ckpt_path, "--resume", {"step", "synthetic", "optimizer", "generator",
+                                                             "torch_rng", "config"})
         saved, now = ckpt["config"], _config(args)
         diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
                 if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k)}
@@ -202,57 +204,84 @@ def _say(world: World, text: str) -> None:
 
 
 def train_loop(args: argparse.Namespace, s: Setup) -> int:
-    """The outer loop: step, optimiser, metrics, checkpoints (rank 0 writes). Returns the number of steps done."""
+    """The outer loop: step, optimiser, metrics, checkpoints (rank 0 writes). Returns the number of steps done.
+
+    Ctrl-C stops it on a step boundary (clpdd_fast/interrupts.py): the checkpoint then holds the state after the last
+    completed step, so --resume continues exactly as if the run had not stopped."""
     optimizer = torch.optim.Adam(s.synthetic.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
-    start = 0
+    done = 0  # completed steps: the parameters, optimiser, generators and metrics log are those after `done` steps
     if s.ckpt is not None:
         s.synthetic.load_state_dict(s.ckpt["synthetic"])
         optimizer.load_state_dict(s.ckpt["optimizer"])
         generator.set_state(s.ckpt["generator"])
         torch.set_rng_state(s.ckpt["torch_rng"])
-        start = s.ckpt["step"]
-        _say(s.world, f"resuming {s.out} at step {start}")
+        done = s.ckpt["step"]
+        _say(s.world, f"resuming {s.out} at step {done}")
+    start = done
     main_rank = s.world.is_main
     if main_rank:
         artifacts.save_json(s.config, s.out / "config.json")
         metrics = artifacts.MetricsLog(s.out / "metrics.jsonl", keep_until_step=start if s.ckpt is not None else None)
     step_fn = METHODS[args.method]
+    saved = None  # the step of the last checkpoint this process wrote
 
-    def checkpoint(step: int) -> None:
+    def checkpoint() -> None:
+        nonlocal saved
         if main_rank:
-            artifacts.save_torch({"step": step, "synthetic": s.synthetic.state_dict(),
+            artifacts.save_torch({"step": done, "synthetic": s.synthetic.state_dict(),
                                   "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                                   "torch_rng": torch.get_rng_state(), "config": _config(args)},
                                  s.out / "checkpoint.pt")
+        saved = done
 
-    step = start
+    def rng_state():
+        return generator.get_state(), torch.get_rng_state()
+
+    boundary = rng_state()  # the generators after `done` steps: an interrupted step rewinds to them
     t_run = time.perf_counter()
-    try:
-        for step in range(start, args.iterations):
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = step_fn(s.synthetic, s.inputs, generator)
-            with nvtx_range("optimizer_step"):
-                optimizer.step()
-                s.synthetic.upkeep(step + 1)
-            dt = time.perf_counter() - t0
-            if main_rank:
-                metrics.append({"step": step + 1, "loss": float(loss), "step_time_s": dt})
-            if (step + 1) % args.log_every == 0 or step + 1 == args.iterations:
-                eta = (time.perf_counter() - t_run) / (step + 1 - start) * (args.iterations - step - 1)
-                _say(s.world, f"step {step + 1}/{args.iterations} loss {float(loss):.4f} {dt:.2f}s/step "
-                              f"eta {eta:.0f}s")
-            if (step + 1) % args.checkpoint_every == 0:
-                checkpoint(step + 1)
-            step += 1
-    except KeyboardInterrupt:
-        checkpoint(step)
-        _say(s.world, f"interrupted at step {step}; resume with: python -m clpdd_fast.distill --resume "
-                      f"--out {s.out} (and the same settings)")
-        raise SystemExit(130)
-    checkpoint(step)
-    return step
+    with Interrupts() as interrupts:
+        try:
+            while done < args.iterations:
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss = float(step_fn(s.synthetic, s.inputs, generator))  # changes only .grad and the generators
+                with interrupts.held():  # the commit: a first Ctrl-C waits for its end
+                    with nvtx_range("optimizer_step"):
+                        optimizer.step()
+                        s.synthetic.upkeep(done + 1)
+                    done += 1
+                    boundary = rng_state()
+                    dt = time.perf_counter() - t0
+                    if main_rank:
+                        metrics.append({"step": done, "loss": loss, "step_time_s": dt})
+                    if done % args.log_every == 0 or done == args.iterations:
+                        eta = (time.perf_counter() - t_run) / (done - start) * (args.iterations - done)
+                        _say(s.world, f"step {done}/{args.iterations} loss {loss:.4f} {dt:.2f}s/step eta {eta:.0f}s")
+                    if done % args.checkpoint_every == 0:
+                        checkpoint()
+            with interrupts.held():
+                if saved != done:
+                    checkpoint()
+        except KeyboardInterrupt:
+            if not interrupts.aborted:  # the step in progress changed only gradients and generators: drop it
+                generator.set_state(boundary[0])
+                torch.set_rng_state(boundary[1])
+                try:
+                    with interrupts.held():  # a second Ctrl-C here aborts the write; the old file stays whole
+                        if saved != done:
+                            checkpoint()
+                except KeyboardInterrupt:
+                    pass
+            if interrupts.aborted:
+                last = (f"{s.out / 'checkpoint.pt'} is intact and --resume continues from it"
+                        if (s.out / "checkpoint.pt").exists() else "no checkpoint had been written yet")
+                _say(s.world, f"aborted by a second Ctrl-C without saving: {last}")
+            else:
+                _say(s.world, f"interrupted after step {done}; resume with: python -m clpdd_fast.distill --resume "
+                              f"--out {s.out} (and the same settings)")
+            raise SystemExit(130) from None
+    return done
 
 
 def finish(args: argparse.Namespace, s: Setup, steps: int) -> dict:

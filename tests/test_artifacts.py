@@ -41,3 +41,13 @@ def test_grid_has_one_row_per_class(tmp_path):
     with Image.open(tmp_path / "grid.png") as img:
         assert img.height == 3 * (40 + 2)
         assert img.width > 2 * (40 + 2)
+
+
+def test_metrics_log_resume_drops_a_cut_last_row_and_refuses_a_cut_middle_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n{"step": 3, "lo')  # killed mid-append
+    artifacts.MetricsLog(path, keep_until_step=2).append({"step": 3, "loss": 0.125})
+    assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [1, 2, 3]
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3, "loss": 0.25}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl is corrupt"):
+        artifacts.MetricsLog(path, keep_until_step=3)

@@ -220,5 +220,5 @@ def test_cli_bad_input(tiny_idx, tmp_path):
     assert exc.value.code == 2
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")
-    with pytest.raises(SystemExit, match="could not read"):
+    with pytest.raises(ValueError, match="--distilled: could not read"):  # run_main: error line, status 2
         main(cli(tiny_idx, tmp_path, "--distilled", str(garbage)))
