@@ -58,8 +58,9 @@ def default_image_size(dataset, encoder) -> int:
 
 
 def run_main(main) -> None:
-    """Run a CLI's main(): bad input (ValueError, TypeError, FileNotFoundError: their messages name the argument)
-    ends the program with that message and status 2 instead of a traceback; CLPDD_TRACEBACK=1 keeps the traceback."""
+    """Run a CLI's main(): bad input (ValueError, TypeError, FileNotFoundError: their messages name the argument, and
+    SystemExit("error: ...") raised by the tools' own checks) ends the program with that message and status 2
+    instead of a traceback (or Python's status 1); CLPDD_TRACEBACK=1 keeps the traceback."""
     import os
     import sys
 
@@ -69,4 +70,9 @@ def run_main(main) -> None:
         if os.environ.get("CLPDD_TRACEBACK") == "1":
             raise
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):   # argparse's 0 / 2, an interrupt's 130: as they are
+            raise
+        print(stop.code, file=sys.stderr)
         raise SystemExit(2) from None

@@ -174,3 +174,18 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "error: data:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("stop,status", [(SystemExit("error: --resume: no checkpoint.pt in x"), 2),
+                                         (ValueError("lam: expected a finite number > 0"), 2),
+                                         (SystemExit(130), 130), (SystemExit(0), 0)])
+def test_run_main_ends_bad_input_with_status_2_and_one_line(capsys, stop, status):
+    from clpdd_fast.cli import run_main
+
+    def failing():
+        raise stop
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(failing)
+    assert exit_info.value.code == status
+    err = capsys.readouterr().err
+    assert err.count("error:") == (1 if status == 2 else 0) and "Traceback" not in err
