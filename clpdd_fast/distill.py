@@ -19,8 +19,8 @@ from clpdd_fast import artifacts, validation
 from clpdd_fast.augment import build_augment
 from clpdd_fast.baselines import random_real_indices
 from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_TAU, EMBEDDED_SUBSET, HelpFormatter,
-                            default_image_size, fixed_subset, int_or_all, positive_float, positive_int, run_main,
-                            subset_size)
+                            default_image_size, device_arg, fixed_subset, int_or_all, positive_float, positive_int,
+                            run_main, subset_size)
 from clpdd_fast.distributed import World, init_from_env, shutdown
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder, encode_images
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--synthetic-size", type=positive_int, default=None,
       help="stored synthetic resolution (default: image size, or 8/7 of it with --augment standard)")
     a("--precision", default="fp32", choices=["fp32", "bf16"], help="encoder passes and real-feature storage")
-    a("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    a("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     a("--seed", type=int, default=0, help="seed of initialisation, augmentation and sampling")
     a("--out", default=None, help="output folder (default: a new folder under runs/)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")

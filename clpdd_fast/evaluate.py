@@ -22,8 +22,8 @@ import torch
 
 from clpdd_fast import artifacts
 from clpdd_fast.augment import build_augment
-from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, HelpFormatter, default_image_size, fixed_subset,
-                            int_or_all, positive_int, run_main, subset_size)
+from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, HelpFormatter, default_image_size, device_arg,
+                            fixed_subset, int_or_all, positive_int, run_main, subset_size)
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder, encode_images
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--features", default=None, choices=FEATURE_NORMS,
       help="feature normalisation of the extra ridge-probe number (default: the distillation's, else center-l2)")
     a("--cache-dir", default=None, help=f"real-feature cache (default: the distillation's, else {DEFAULT_CACHE})")
-    a("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    a("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     a("--json", default=None, metavar="PATH", help="write the results (top1_mean, top1_std, top1_per_seed, top5_*)")
     return p
 

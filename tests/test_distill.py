@@ -174,3 +174,35 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "error: data:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "nonsense", "cpu:1", "meta"])
+def test_bad_device_is_an_argument_error(tiny_idx, tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > (7 if device == "cuda:7" else 0):
+        pytest.skip("this machine has that device")
+    with pytest.raises(SystemExit) as exc:
+        main(run_args(tiny_idx, tmp_path / "o", tmp_path / "c", "--device", device))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --device: " in err and repr(device) in err
+    assert not (tmp_path / "o").exists()  # stopped before anything was written
+
+
+def test_device_index_is_checked_against_the_gpus_present(monkeypatch):
+    import argparse
+
+    from clpdd_fast.cli import device_arg
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_arg("cuda") == "cuda" and device_arg("cuda:1") == "cuda:1" and device_arg("cpu") == "cpu"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        device_arg("cuda:2")
+
+
+def test_command_line_bad_device_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "clpdd_fast.distill", "--device", "cuda:7", "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("python -m clpdd_fast.distill: error: argument --device:")
