@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
            "image nearest each class-mean feature), full (probe on all real training features, the ceiling)")
     a("--ipc", type=positive_int, default=1, help="images per class of the random / centroids baselines (default 1)")
     a("--data", default=None, help="dataset (default: the distillation's; for baselines the embedded Fashion-MNIST)")
+    a("--skip-bad-images", action="store_true", default=None,
+      help="leave out images whose files cannot be decoded (each is named in a warning) instead of stopping "
+           "(default: the distillation's setting, else off)")
     a("--model", default="tf_efficientnet_lite0", help="baselines: encoder (default tf_efficientnet_lite0)")
     a("--weights", default="default", help="baselines: encoder weights (default, timm, none, or a file)")
     a("--eval-model", default=None, help="evaluate with another encoder (cross-model); default: the distillation's")
@@ -143,15 +146,16 @@ def run(args: argparse.Namespace) -> dict:
     train_k, test_k = rows_used(args.train_subset, "train_subset"), rows_used(args.test_subset, "test_subset")
     store_dtype = torch.bfloat16 if cfg.get("precision") == "bf16" else torch.float16
     cache_dir = args.cache_dir or cfg.get("cache_dir") or str(DEFAULT_CACHE)
-    train_rows = fixed_subset(len(train), train_k)
+    skip_bad = bool(args.skip_bad_images or cfg.get("skip_bad_images"))
 
-    def features(dataset, k):
+    def features(dataset, k):  # -> features, labels and the dataset rows they belong to (bad images left out)
         return load_or_extract_features(encoder, dataset, image_size, cache_dir, dtype=store_dtype, device=device,
-                                        indices=fixed_subset(len(dataset), k))
+                                        indices=fixed_subset(len(dataset), k), skip_bad_images=skip_bad,
+                                        return_rows=True)
 
     print(f"[evaluate] {eval_model} ({eval_weights}) at {image_size}px, cache {cache_dir}", file=sys.stderr)
-    phi_train, y_train = features(train, train_k)
-    phi_test, y_test = features(test, test_k)
+    phi_train, y_train, train_rows = features(train, train_k)
+    phi_test, y_test, _ = features(test, test_k)
     lam = args.lam if args.lam is not None else float(cfg.get("lam", DEFAULT_LAM))
     transform = FeatureTransform.fit(args.features or cfg.get("features", "center-l2"), phi_train)
     augment = build_augment(args.augment)
@@ -168,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
         return per_seed, ridge
 
     def dataset_images(rows):
-        return train.images(rows.numpy() if train_rows is None else train_rows[rows.numpy()], image_size)
+        return train.images(train_rows[rows.numpy()], image_size)
 
     selected = None
     if payload:

@@ -1,5 +1,6 @@
 """The distillation pipeline: chunked recomputation is exact, end to end runs, resume, clear errors."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -174,6 +175,32 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "error: data:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_skip_bad_images_end_to_end(broken_tree, tmp_path, capsys):
+    """Without --skip-bad-images the first undecodable file stops the run with the way out; with it the bad files are
+    named, left out of the real features, and never picked: class b's only good image is its initialisation, and
+    LGM's real batches (drawn from the good rows only) never reach a bad file."""
+    from clpdd_fast.data import open_dataset
+
+    root, bad, b_good = broken_tree
+    args = run_args(root, tmp_path / "run", tmp_path / "cache", "--iterations", "0", "--ipc", "1",
+                    "--augment", "none", "--image-size", "32")
+    with pytest.raises(ValueError, match=f"{bad['train'][0]}.*--skip-bad-images"):
+        main(args)
+    capsys.readouterr()
+    results = main(args + ["--skip-bad-images"])
+    err = capsys.readouterr().err
+    assert all(f"skipping undecodable image {p!r}" in err for p in bad["train"] + bad["val"])
+    assert results["num_train"] == 9 and results["num_test"] == 6
+    saved = torch.load(tmp_path / "run" / "distilled.pt")
+    assert saved["config"]["skip_bad_images"] is True and saved["labels"].tolist() == [0, 1, 2]
+    train = open_dataset(str(root), "train")
+    expected = train.images([train.paths.index(os.path.relpath(b_good, train.split_dir))], 32)[0]
+    torch.testing.assert_close(saved["images"][1], expected, rtol=0, atol=1e-3)
+    lgm = main(run_args(root, tmp_path / "lgm", tmp_path / "cache", "--iterations", "2", "--ipc", "1",
+                        "--method", "lgm", "--augs-per-batch", "4", "--augment", "none", "--skip-bad-images"))
+    assert lgm["steps"] == 2
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:7", "nonsense", "cpu:1", "meta"])

@@ -224,6 +224,18 @@ def test_cli_bad_input(tiny_idx, tmp_path):
         main(cli(tiny_idx, tmp_path, "--distilled", str(garbage)))
 
 
+def test_cli_skips_bad_images_as_the_distillation_did(broken_tree, tmp_path):
+    root, bad, _ = broken_tree
+    path = distilled_file(tmp_path, root, num_classes=3, class_names=["a", "b", "c"], skip_bad_images=True)
+    res = main(cli(root, tmp_path / "cache", "--distilled", str(path)))  # the setting comes from the distilled set
+    assert res["num_train"] == 9 and res["num_test"] == 6
+    baseline = cli(root, tmp_path / "cache", "--baseline", "random", "--model", TINY_MODEL, "--weights", "none")
+    with pytest.raises(ValueError, match="--skip-bad-images"):
+        main(baseline)
+    res = main(baseline + ["--skip-bad-images"])  # class b's one good image is every seed's pick
+    assert res["num_train"] == 9 and [rows[1] for rows in res["selected_rows"]] == [4, 4]
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:7", "nonsense"])
 def test_cli_bad_device_is_an_argument_error(tiny_idx, tmp_path, capsys, device):
     if device.startswith("cuda") and torch.cuda.device_count() > (7 if device == "cuda:7" else 0):
