@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 DEFAULT_CACHE = Path.home() / ".cache" / "clpdd-fast" / "features"
 # Ridge strength and temperature, chosen by the sweep in benchmarks/FIDELITY.md (README: "How the defaults were chosen")
@@ -25,6 +27,29 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
+
+
+def device_arg(text: str) -> str:
+    """--device: cpu, cuda (the current GPU) or cuda:N, checked against this machine without creating a CUDA context.
+    Returns the text."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no GPU or driver found"
+            if "CUDA_VISIBLE_DEVICES" in os.environ:
+                why += f", CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}"
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine ({why}); "
+                                             "use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), "
+                                             f"cuda:0 to cuda:{count - 1}")
+    return text
 
 
 def int_or_all(text: str) -> int | None:

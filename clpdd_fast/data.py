@@ -42,6 +42,14 @@ def _hash(*parts) -> str:
     return h.hexdigest()[:32]
 
 
+class BadImageError(ValueError):
+    """An image file that cannot be decoded (truncated, corrupt, not an image). row: its dataset row; path: the file."""
+
+    def __init__(self, row: int, path: str, reason: str, hint: str = ""):
+        super().__init__(f"data: cannot decode image {path!r}: {reason}{hint}")
+        self.row, self.path, self.reason = row, path, reason
+
+
 def _canonical_split(split: str) -> str:
     if split not in _SPLIT_ALIASES:
         raise ValueError(f"split: expected 'train', 'val' or 'test', got {split!r}")
@@ -68,16 +76,25 @@ class ImageDataset:
         return int(self.labels.shape[0])
 
     def images(self, indices, size: int) -> Tensor:
-        """indices: ints / 1-D array / LongTensor of rows; size: output side. -> float32 (k, 3, size, size) in [0, 1]."""
+        """indices: ints / 1-D array / LongTensor of rows; size: output side. -> float32 (k, 3, size, size) in [0, 1].
+        A file that cannot be decoded raises BadImageError."""
+        idx = self._rows(indices, size)
+        if idx.size == 0:
+            return torch.empty(0, 3, size, size)
+        return self._load(idx, size)
+
+    def images_skipping_bad(self, indices, size: int) -> tuple[Tensor, list]:
+        """images() of the rows that decode, in order, and a BadImageError (.row, .path) for each row that does not.
+        Only datasets read from image files have such rows."""
+        return self.images(indices, size), []
+
+    def _rows(self, indices, size: int) -> np.ndarray:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size: expected a positive int, got {size!r}")
         idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"indices: values must lie in [0, {len(self)}), got range [{idx.min()}, {idx.max()}]")
-        idx = np.where(idx < 0, idx + len(self), idx)
-        if idx.size == 0:
-            return torch.empty(0, 3, size, size)
-        return self._load(idx, size)
+        return np.where(idx < 0, idx + len(self), idx)
 
     def _load(self, indices: np.ndarray, size: int) -> Tensor:
         raise NotImplementedError
@@ -281,17 +298,35 @@ class ImageFolderDataset(ImageDataset):
                 left, top = (nw - size) // 2, (nh - size) // 2
                 im = im.crop((left, top, left + size, top + size))
                 arr = np.asarray(im, dtype=np.uint8)
-        except OSError as exc:
-            raise ValueError(f"data: cannot decode image {path!r}: {exc}") from exc
+        except (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError) as exc:
+            raise BadImageError(i, path, f"{exc} ({type(exc).__name__})") from exc
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
-    def _load(self, indices: np.ndarray, size: int) -> Tensor:
+    def _decode(self, indices: np.ndarray, size: int) -> list:
+        """Per row: uint8 (3, size, size), or the BadImageError saying why its file does not decode."""
+        def one(i):
+            try:
+                return self._load_one(int(i), size)
+            except BadImageError as err:
+                return err
+
         if self.num_workers > 1 and len(indices) > 1:
             with ThreadPoolExecutor(self.num_workers) as pool:
-                imgs = list(pool.map(lambda i: self._load_one(int(i), size), indices))
-        else:
-            imgs = [self._load_one(int(i), size) for i in indices]
+                return list(pool.map(one, indices))
+        return [one(i) for i in indices]
+
+    def _load(self, indices: np.ndarray, size: int) -> Tensor:
+        imgs = self._decode(indices, size)
+        for img in imgs:
+            if isinstance(img, BadImageError):
+                raise img
         return torch.stack(imgs).float().div_(255.0)
+
+    def images_skipping_bad(self, indices, size: int) -> tuple[Tensor, list]:
+        decoded = self._decode(self._rows(indices, size), size)
+        good = [d for d in decoded if not isinstance(d, BadImageError)]
+        bad = [d for d in decoded if isinstance(d, BadImageError)]
+        return (torch.stack(good).float().div_(255.0) if good else torch.empty(0, 3, size, size)), bad
 
     def _content_id(self) -> str:
         if getattr(self, "_content", None) is None:
@@ -405,17 +440,28 @@ def _pack_header(header: dict) -> bytes:
 
 
 def read_cache_header(path: str) -> dict:
-    """The JSON header of a feature-cache file (raises FeatureCacheError if it is not one)."""
+    """The JSON header of a feature-cache file (raises FeatureCacheError if it is not one). A cache that leaves out
+    undecodable images (skip_bad_images=True) lists them after its data; the list is returned under "skipped" (one
+    dict per left-out row: index (its position among the requested rows), row (dataset row), path, error)."""
     with open(path, "rb") as f:
         blob = f.read(_HEADER_BYTES)
-    if len(blob) < _HEADER_BYTES or not blob.startswith(_MAGIC):
-        raise FeatureCacheError(f"feature cache {path!r} has no valid header (truncated or not a feature cache); "
-                                "delete it to re-extract, or use another --cache-dir")
-    try:
-        return json.loads(blob[len(_MAGIC):].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FeatureCacheError(f"feature cache {path!r} has a corrupt header ({exc}); delete it to re-extract, "
-                                "or use another --cache-dir") from None
+        if len(blob) < _HEADER_BYTES or not blob.startswith(_MAGIC):
+            raise FeatureCacheError(f"feature cache {path!r} has no valid header (truncated or not a feature cache); "
+                                    "delete it to re-extract, or use another --cache-dir")
+        try:
+            header = json.loads(blob[len(_MAGIC):].decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FeatureCacheError(f"feature cache {path!r} has a corrupt header ({exc}); delete it to re-extract, "
+                                    "or use another --cache-dir") from None
+        header["skipped"] = []
+        if header.get("skipped_images"):
+            f.seek(header["skipped_offset"])
+            listing = f.read(header["skipped_bytes"])
+            if zlib.crc32(listing) != header["skipped_crc32"]:
+                raise FeatureCacheError(f"feature cache {path!r}: its list of left-out images fails its checksum "
+                                        "(truncated or corrupt); delete it to re-extract")
+            header["skipped"] = json.loads(listing.decode())
+    return header
 
 
 def _open_memmap(path: str, np_dtype, shape, mode: str) -> np.memmap:
@@ -433,7 +479,8 @@ def _crc(arr: np.ndarray, crc: int = 0, chunk_rows: int = 65536) -> int:
     return crc
 
 
-def _validate_existing(path: str, expected: dict, shape, np_dtype, verify: bool) -> None:
+def _validate_existing(path: str, expected: dict, shape, np_dtype, verify: bool) -> dict:
+    """Check a finished cache file against what was asked for; returns its header."""
     header = read_cache_header(path)
     fp = header.get("fingerprint", {})
     diffs = [f"{k}: file has {fp.get(k)!r}, expected {v!r}" for k, v in expected.items() if fp.get(k) != v]
@@ -445,26 +492,40 @@ def _validate_existing(path: str, expected: dict, shape, np_dtype, verify: bool)
     if header.get("complete") is not True:
         raise FeatureCacheError(f"feature cache {path!r} lacks its completion marker (an interrupted write?); "
                                 "delete it to re-extract")
-    want = _HEADER_BYTES + int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+    kept = shape[0] - len(header["skipped"])
+    want = _HEADER_BYTES + int(np.prod(shape)) * np.dtype(np_dtype).itemsize + header.get("skipped_bytes", 0)
     got = os.path.getsize(path)
-    if got != want:
+    if got != want or header.get("rows") != kept:
         raise FeatureCacheError(f"feature cache {path!r} is {got} bytes, expected {want} for shape {tuple(shape)} "
                                 f"{expected['dtype']} (truncated or corrupt); delete it to re-extract")
     if verify:
-        crc = _crc(_open_memmap(path, np_dtype, shape, "r"))
+        crc = _crc(_open_memmap(path, np_dtype, (kept, shape[1]), "r"))
         if crc != header.get("crc32"):
             raise FeatureCacheError(f"feature cache {path!r} fails its checksum (crc32 {crc:08x}, header says "
                                     f"{header.get('crc32')}); the data is corrupt: delete it to re-extract")
+    return header
+
+
+def _skipped_text(skipped: list, most: int = 5) -> str:
+    names = ", ".join(f"{s['path']!r} ({s['error']})" for s in skipped[:most])
+    return names + (f" and {len(skipped) - most} more" if len(skipped) > most else "")
 
 
 def load_or_extract_features(encoder, dataset: ImageDataset, size: int, cache_dir: str, dtype=torch.float16,
                              batch_size: int = 256, device="cpu", indices=None, progress: bool = True,
-                             verify: bool = True) -> tuple[Tensor, Tensor]:
+                             verify: bool = True, skip_bad_images: bool = False, return_rows: bool = False):
     """Features of `dataset` (rows `indices`, default all) under the frozen `encoder` at `size` x `size`, cached on disk.
 
     encoder: a FrozenEncoder (anything with feature_dim, fingerprint, and __call__(images (B,3,size,size)) -> (B, d)).
     dtype: storage dtype, torch.float16 (default), torch.bfloat16 (stored as uint16 bits) or torch.float32.
-    Returns (features (n, d) `dtype`, CPU, memory-mapped copy-on-write from the cache file; labels LongTensor (n,)).
+    Returns (features (n, d) `dtype`, CPU, memory-mapped copy-on-write from the cache file; labels LongTensor (n,));
+    with return_rows=True also the dataset rows (int64 numpy (n,)) that the features and labels belong to.
+
+    An image file that cannot be decoded stops the extraction with a BadImageError naming it (the finished batches
+    are kept: a rerun resumes there). skip_bad_images=True leaves such rows out instead: each is named in a warning
+    and in the cache file, and the features, labels and rows returned hold only the other rows, in order. The
+    setting is not part of the fingerprint, so a run with it resumes the partial extraction of a run without it;
+    a cache that left images out is used only with skip_bad_images=True.
 
     Cache policy: the file name carries a hash of the full fingerprint (cache_fingerprint), so changed settings
     make a new file. An existing file with that name is used only if its header fingerprint, completion marker, size
@@ -481,7 +542,6 @@ def load_or_extract_features(encoder, dataset: ImageDataset, size: int, cache_di
     expected = cache_fingerprint(encoder, dataset, size, dtype, None if indices is None else rows)
     np_dtype = _STORAGE[dtype][1]
     shape = (int(rows.size), int(encoder.feature_dim))
-    labels = dataset.labels[torch.from_numpy(rows)]
     path = cache_path(cache_dir, expected)
 
     if not os.path.exists(path):
@@ -491,33 +551,58 @@ def load_or_extract_features(encoder, dataset: ImageDataset, size: int, cache_di
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if not os.path.exists(path):
-                    _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, path, expected, shape)
+                    _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, path, expected, shape,
+                             skip_bad_images)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         try:
             os.remove(path + ".lock")
         except FileNotFoundError:
             pass
-    _validate_existing(path, expected, shape, np_dtype, verify)
-    return _as_tensor(_open_memmap(path, np_dtype, shape, "c"), dtype), labels
+    skipped = _validate_existing(path, expected, shape, np_dtype, verify)["skipped"]
+    if skipped and not skip_bad_images:
+        raise FeatureCacheError(f"feature cache {path!r} leaves out {len(skipped)} image(s) that could not be "
+                                f"decoded: {_skipped_text(skipped)}; rerun with --skip-bad-images "
+                                "(skip_bad_images=True) to use it without them")
+    if skipped:
+        print(f"warning: {len(skipped)} undecodable image(s) left out of the {expected['dataset.split']} features "
+              f"(listed in {path}): {_skipped_text(skipped)}", file=sys.stderr, flush=True)
+    keep = np.ones(rows.size, dtype=bool)
+    keep[[s["index"] for s in skipped]] = False
+    rows = rows[keep]
+    features = _as_tensor(_open_memmap(path, np_dtype, (int(rows.size), shape[1]), "c"), dtype)
+    labels = dataset.labels[torch.from_numpy(rows)]
+    return (features, labels, rows) if return_rows else (features, labels)
 
 
-def _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, path, expected, shape) -> None:
+def _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, path, expected, shape,
+             skip_bad) -> None:
+    """Fill `<path>.partial` batch by batch, then rename it to `path`. The decodable rows' features are written
+    densely from the start of the data area; the rows left out (skip_bad) are listed in the `.progress` sidecar while
+    extracting and, in the finished file, as JSON after the data area (the header holds its offset, size and crc32)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np_dtype = _STORAGE[dtype][1]
     partial, sidecar = path + ".partial", path + ".progress"
-    done, crc = 0, 0
+    done, written, crc, skipped = 0, 0, 0, []
     nbytes = _HEADER_BYTES + int(np.prod(shape)) * np.dtype(np_dtype).itemsize
     if os.path.exists(partial) and os.path.exists(sidecar):
         try:
             with open(sidecar, encoding="utf-8") as f:
                 state = json.load(f)
-            ok = (read_cache_header(partial).get("fingerprint") == expected and os.path.getsize(partial) == nbytes
-                  and state.get("fingerprint") == expected and 0 <= int(state["rows_done"]) <= shape[0])
+            ok = (read_cache_header(partial).get("fingerprint") == expected and os.path.getsize(partial) >= nbytes
+                  and state.get("fingerprint") == expected and 0 <= int(state["rows_done"]) <= shape[0]
+                  and int(state.get("rows_written", state["rows_done"])) + len(state.get("skipped", []))
+                  == int(state["rows_done"]))
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if ok:
             done, crc = int(state["rows_done"]), int(state["crc32"])
+            written, skipped = int(state.get("rows_written", done)), list(state.get("skipped", []))
+            if skipped and not skip_bad:
+                raise FeatureCacheError(f"the interrupted extraction {partial!r} left out {len(skipped)} undecodable "
+                                        f"image(s) ({_skipped_text(skipped)}); rerun with --skip-bad-images "
+                                        "(skip_bad_images=True) to finish it, or delete it and its .progress file to "
+                                        "start over")
             print(f"feature cache: resuming interrupted extraction at row {done}/{shape[0]} ({partial})",
                   file=sys.stderr)
         else:
@@ -526,7 +611,7 @@ def _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, 
         with open(partial, "wb") as f:
             f.write(_pack_header({"fingerprint": expected, "complete": False}))
             f.truncate(nbytes)
-        save_json({"fingerprint": expected, "rows_done": 0, "crc32": 0}, sidecar)
+        save_json({"fingerprint": expected, "rows_done": 0, "rows_written": 0, "crc32": 0, "skipped": []}, sidecar)
     out = _open_memmap(partial, np_dtype, shape, "r+")
     bar = _Progress(shape[0], f"extracting {expected['encoder.model']} features ({expected['dataset.split']}, "
                               f"{size}px)", progress, initial=done)
@@ -539,27 +624,61 @@ def _extract(encoder, dataset, rows, size, dtype, batch_size, device, progress, 
         with torch.no_grad():
             for s in range(done, shape[0], batch_size):
                 idx = rows[s:s + batch_size]
-                feats = encoder(dataset.images(idx, size).to(device))
-                if tuple(feats.shape) != (len(idx), shape[1]):
-                    raise RuntimeError(f"encoder returned shape {tuple(feats.shape)}, expected {(len(idx), shape[1])}")
-                feats = feats.to(dtype)
-                if not bool(torch.isfinite(feats).all()):
-                    raise FeatureCacheError(f"features of rows {s}..{s + len(idx) - 1} are not finite in "
-                                            f"{expected['dtype']} (overflow?); try dtype=torch.bfloat16 or float32")
-                block = feats.cpu()
-                block = block.view(torch.uint16) if dtype == torch.bfloat16 else block
-                out[s:s + len(idx)] = block.numpy()
-                crc = zlib.crc32(memoryview(np.ascontiguousarray(out[s:s + len(idx)])).cast("B"), crc)
-                out.flush()  # data reaches the file before the progress record says so
-                save_json({"fingerprint": expected, "rows_done": s + len(idx), "crc32": crc}, sidecar)
+                if skip_bad:
+                    images, bad = dataset.images_skipping_bad(idx, size)
+                else:
+                    try:
+                        images, bad = dataset.images(idx, size), []
+                    except BadImageError as err:
+                        raise BadImageError(err.row, err.path, err.reason,
+                                            f"; rerun with --skip-bad-images (skip_bad_images=True) to leave "
+                                            f"undecodable images out: the extraction resumes at row {s} of "
+                                            f"{shape[0]}") from None
+                bad = {err.row: err for err in bad}
+                for j, r in enumerate(idx.tolist()):
+                    if r in bad:
+                        skipped.append({"index": s + j, "row": r, "path": bad[r].path, "error": bad[r].reason})
+                        print(f"warning: skipping undecodable image {bad[r].path!r}: {bad[r].reason}",
+                              file=sys.stderr, flush=True)
+                k = images.shape[0]
+                if k:
+                    feats = encoder(images.to(device))
+                    if tuple(feats.shape) != (k, shape[1]):
+                        raise RuntimeError(f"encoder returned shape {tuple(feats.shape)}, expected {(k, shape[1])}")
+                    feats = feats.to(dtype)
+                    if not bool(torch.isfinite(feats).all()):
+                        raise FeatureCacheError(f"features of rows {s}..{s + len(idx) - 1} are not finite in "
+                                                f"{expected['dtype']} (overflow?); try dtype=torch.bfloat16 or "
+                                                "float32")
+                    block = feats.cpu()
+                    block = block.view(torch.uint16) if dtype == torch.bfloat16 else block
+                    out[written:written + k] = block.numpy()
+                    crc = zlib.crc32(memoryview(np.ascontiguousarray(out[written:written + k])).cast("B"), crc)
+                    written += k
+                    out.flush()  # data reaches the file before the progress record says so
+                save_json({"fingerprint": expected, "rows_done": s + len(idx), "rows_written": written, "crc32": crc,
+                           "skipped": skipped}, sidecar)
                 bar.update(len(idx))
     finally:
         bar.close()
         if home is not None and home != torch.device(device):
             encoder.to(home)
     del out
-    with open(partial, "r+b") as f:  # completion marker last, then the atomic rename makes the file visible
-        f.write(_pack_header({"fingerprint": expected, "complete": True, "crc32": crc, "rows": shape[0]}))
+    if written == 0:
+        raise BadImageError(skipped[0]["row"], skipped[0]["path"], skipped[0]["error"],
+                            f"; none of the {shape[0]} images could be decoded")
+    header = {"fingerprint": expected, "complete": True, "crc32": crc, "rows": written}
+    listing = json.dumps(skipped).encode()
+    if skipped:
+        header |= {"skipped_images": len(skipped), "skipped_offset": nbytes, "skipped_bytes": len(listing),
+                   "skipped_crc32": zlib.crc32(listing)}
+    with open(partial, "r+b") as f:  # the list of left-out rows, then the completion marker, then the atomic rename
+        if skipped:
+            f.seek(nbytes)
+            f.write(listing)
+            f.truncate()
+            f.seek(0)
+        f.write(_pack_header(header))
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)

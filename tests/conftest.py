@@ -38,3 +38,26 @@ def encoder():
     """The tiny encoder, frozen, on the CPU."""
     from clpdd_fast.encoders import build_encoder
     return build_encoder(TINY_MODEL, "none", "cpu")
+
+
+@pytest.fixture(scope="session")
+def broken_tree(tmp_path_factory):
+    """An ImageFolder tree of random-noise images (odd sizes) with undecodable files: train a (4), b (1 + 3 bad),
+    c (4 + 1 bad); val a (2 + 1 bad), b (2), c (2). Returns (root, {split: [bad paths]}, path of b's good image)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root = tmp_path_factory.mktemp("broken")
+    layout = {"train": {"a": 4 * "g", "b": "bgbb", "c": "ggbgg"}, "val": {"a": "gbg", "b": "gg", "c": "gg"}}
+    bad = {"train": [], "val": []}
+    for split, classes in layout.items():
+        for name, kinds in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for i, kind in enumerate(kinds):
+                path = root / split / name / f"{i}.{'jpg' if i % 2 else 'png'}"
+                h, w = (int(v) for v in rng.integers(9, 40, size=2))
+                Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(path)
+                if kind == "b":  # truncated: the header is intact, the pixel data stops half way
+                    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+                    bad[split].append(str(path))
+    return root, bad, str(root / "train" / "b" / "1.jpg")

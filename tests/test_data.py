@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from clpdd_fast import data as data_mod
-from clpdd_fast.data import (FeatureCacheError, IdxDataset, ImageFolderDataset, cache_path, load_or_extract_features,
-                             open_dataset, read_cache_header, read_idx, write_idx)
+from clpdd_fast.data import (BadImageError, FeatureCacheError, IdxDataset, ImageFolderDataset, cache_path,
+                             load_or_extract_features, open_dataset, read_cache_header, read_idx, write_idx)
 
 
 # ------------------------------------------------------------------------------------------------------------- IDX
@@ -338,3 +338,141 @@ def test_cache_concurrent_callers_extract_once(tmp_path, idx_ds):
     assert len(results) == 3 and enc.calls == 6  # one extraction of ceil(23 / 4) batches, not three
     assert all(torch.equal(r, results[0]) for r in results)
     assert len(os.listdir(tmp_path)) == 1
+
+
+# ------------------------------------------------------------------------------------- undecodable images (skipping)
+def _broken_tree(root, seed=0):
+    """An ImageFolder train split of 17 random-noise images of odd sizes in classes a (6), b (5), c (6); rows 8 (a
+    truncated PNG), 12 (a truncated JPEG) and 16 (not an image) cannot be decoded. Returns {row: path}."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    bad = {8: ("b", "02.png", "png"), 12: ("c", "01.jpg", "jpeg"), 16: ("c", "05.png", "text")}
+    row = 0
+    for name, n in (("a", 6), ("b", 5), ("c", 6)):
+        os.makedirs(root / "train" / name, exist_ok=True)
+        for i in range(n):
+            _, fname, kind = bad.get(row, (name, f"{i:02d}.{'jpg' if i % 2 else 'png'}", None))
+            path = root / "train" / name / fname
+            pixels = rng.integers(0, 256, size=(int(rng.integers(7, 15)), int(rng.integers(7, 15)), 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path, "JPEG" if fname.endswith(".jpg") else "PNG")
+            if kind == "text":
+                path.write_bytes(b"this is not an image")
+            elif kind is not None:
+                raw = path.read_bytes()
+                path.write_bytes(raw[:len(raw) // 2])
+            row += 1
+    return {r: str(root / "train" / c / f) for r, (c, f, _) in bad.items()}
+
+
+def test_imagefolder_undecodable_image_is_named_or_left_out(tmp_path):
+    bad = _broken_tree(tmp_path)
+    ds = open_dataset(str(tmp_path), "train")
+    assert len(ds) == 17
+    for row, path in bad.items():
+        with pytest.raises(BadImageError, match=path) as exc:
+            ds.images([0, row], 8)
+        assert exc.value.row == row and exc.value.path == path
+    images, errors = ds.images_skipping_bad(list(range(17)), 8)
+    good = [r for r in range(17) if r not in bad]
+    assert [(e.row, e.path) for e in errors] == sorted(bad.items())
+    assert torch.equal(images, ds.images(good, 8))  # the decodable rows, in order
+
+
+def _kept(bad, n=17):
+    return [r for r in range(n) if r not in bad]
+
+
+def test_cache_bad_image_stops_extraction_then_skip_resumes_it(tmp_path, capsys):
+    """Without skip_bad_images the first bad file stops the extraction (named, with the way out); with it the same
+    partial file is resumed, the bad rows are left out of features, labels and rows alike, and the file lists them."""
+    root = tmp_path / "tree"
+    bad = _broken_tree(root)
+    ds = open_dataset(str(root), "train")
+    cache = tmp_path / "cache"
+    enc = CountingEncoder()
+    with pytest.raises(BadImageError, match="b/02.png.*--skip-bad-images.*resumes at row 8"):
+        load_or_extract_features(enc, ds, 8, str(cache), batch_size=4, progress=False)
+    assert enc.calls == 2  # rows 0-7 were extracted before the bad file (row 8) was reached
+    assert sorted(n.rsplit(".", 1)[-1] for n in os.listdir(cache) if not n.endswith(".lock")) == ["partial",
+                                                                                                   "progress"]
+    capsys.readouterr()
+    enc.calls = 0
+    feats, labels, rows = load_or_extract_features(enc, ds, 8, str(cache), batch_size=4, progress=False,
+                                                   skip_bad_images=True, return_rows=True)
+    assert enc.calls == 2  # resumed at row 8: batches 8-11 and 12-15; 16 alone is undecodable (no encoder call)
+    err = capsys.readouterr().err
+    assert "resuming" in err
+    for path in bad.values():
+        assert f"warning: skipping undecodable image {path!r}" in err
+    assert "3 undecodable image(s) left out" in err
+    good = _kept(bad)
+    assert rows.tolist() == good and labels.tolist() == ds.labels[good].tolist()
+    with torch.no_grad():
+        ref = enc(ds.images(good, 8)).half()
+    assert feats.shape == (14, 5)
+    torch.testing.assert_close(feats, ref, rtol=1e-3, atol=1e-2)
+    (final,) = [os.path.join(cache, n) for n in os.listdir(cache) if n.endswith(".bin")]
+    header = read_cache_header(final)
+    assert header["complete"] is True and header["rows"] == 14
+    assert [(s["index"], s["row"], s["path"]) for s in header["skipped"]] == [(r, r, p) for r, p in sorted(bad.items())]
+    assert all(s["error"] for s in header["skipped"])
+    # The finished cache is reused as it is, only where leaving images out was asked for.
+    enc.calls = 0
+    with pytest.raises(FeatureCacheError, match="leaves out 3 image.*--skip-bad-images"):
+        load_or_extract_features(enc, ds, 8, str(cache), progress=False)
+    again, labels2 = load_or_extract_features(enc, ds, 8, str(cache), progress=False, skip_bad_images=True)
+    assert enc.calls == 0 and torch.equal(again, feats) and torch.equal(labels2, labels)
+
+
+def test_cache_skipping_subset_rows_and_interrupted_extraction(tmp_path):
+    """A subset in any order: positions and dataset rows of the left-out images are both recorded; a crash after
+    some rows were left out resumes with the list intact, and only with skip_bad_images=True."""
+    root = tmp_path / "tree"
+    bad = _broken_tree(root)
+    ds = open_dataset(str(root), "train")
+    subset = [16, 3, 8, 9, 1, 12, 0, 5, 7]
+
+    class Crashing(CountingEncoder):
+        def forward(self, x):
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return super().forward(x)
+
+    crash = Crashing()
+    with pytest.raises(KeyboardInterrupt):  # batches [16, 3] and [8, 9] (16 and 8 left out) done, then a crash
+        load_or_extract_features(crash, ds, 8, str(tmp_path / "c"), batch_size=2, indices=subset, progress=False,
+                                 skip_bad_images=True)
+    enc = CountingEncoder()
+    with pytest.raises(FeatureCacheError, match="left out 2 undecodable.*b/02.png.*--skip-bad-images"):
+        load_or_extract_features(enc, ds, 8, str(tmp_path / "c"), batch_size=2, indices=subset, progress=False)
+    feats, labels, rows = load_or_extract_features(enc, ds, 8, str(tmp_path / "c"), batch_size=2, indices=subset,
+                                                   progress=False, skip_bad_images=True, return_rows=True)
+    assert enc.calls == 3  # [1, 12], [0, 5], [7]
+    good = [r for r in subset if r not in bad]
+    assert rows.tolist() == good and labels.tolist() == ds.labels[good].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(feats, enc(ds.images(good, 8)).half(), rtol=1e-3, atol=1e-2)
+    (final,) = [os.path.join(tmp_path / "c", n) for n in os.listdir(tmp_path / "c") if n.endswith(".bin")]
+    skipped = read_cache_header(final)["skipped"]
+    assert [(s["index"], s["row"], s["path"]) for s in skipped] == [(0, 16, bad[16]), (2, 8, bad[8]),
+                                                                     (5, 12, bad[12])]
+
+
+def test_cache_left_out_list_is_checked_and_all_bad_is_an_error(tmp_path):
+    root = tmp_path / "tree"
+    bad = _broken_tree(root)
+    ds = open_dataset(str(root), "train")
+    enc = CountingEncoder()
+    load_or_extract_features(enc, ds, 8, str(tmp_path / "c"), progress=False, skip_bad_images=True)
+    path = _only_file(tmp_path / "c")
+    with open(path, "r+b") as f:  # damage the list of left-out images at the end of the file
+        f.seek(-5, 2)
+        byte = f.read(1)
+        f.seek(-5, 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(FeatureCacheError, match="left-out images fails its checksum"):
+        load_or_extract_features(enc, ds, 8, str(tmp_path / "c"), progress=False, skip_bad_images=True)
+    with pytest.raises(BadImageError, match="none of the 2 images"):
+        load_or_extract_features(enc, ds, 8, str(tmp_path / "d"), indices=[16, 8], progress=False,
+                                 skip_bad_images=True)

@@ -1,5 +1,6 @@
 """The distillation pipeline: chunked recomputation is exact, end to end runs, resume, clear errors."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -189,3 +190,61 @@ def test_run_main_ends_bad_input_with_status_2_and_one_line(capsys, stop, status
     assert exit_info.value.code == status
     err = capsys.readouterr().err
     assert err.count("error:") == (1 if status == 2 else 0) and "Traceback" not in err
+
+
+def test_skip_bad_images_end_to_end(broken_tree, tmp_path, capsys):
+    """Without --skip-bad-images the first undecodable file stops the run with the way out; with it the bad files are
+    named, left out of the real features, and never picked: class b's only good image is its initialisation, and
+    LGM's real batches (drawn from the good rows only) never reach a bad file."""
+    from clpdd_fast.data import open_dataset
+
+    root, bad, b_good = broken_tree
+    args = run_args(root, tmp_path / "run", tmp_path / "cache", "--iterations", "0", "--ipc", "1",
+                    "--augment", "none", "--image-size", "32")
+    with pytest.raises(ValueError, match=f"{bad['train'][0]}.*--skip-bad-images"):
+        main(args)
+    capsys.readouterr()
+    results = main(args + ["--skip-bad-images"])
+    err = capsys.readouterr().err
+    assert all(f"skipping undecodable image {p!r}" in err for p in bad["train"] + bad["val"])
+    assert results["num_train"] == 9 and results["num_test"] == 6
+    saved = torch.load(tmp_path / "run" / "distilled.pt")
+    assert saved["config"]["skip_bad_images"] is True and saved["labels"].tolist() == [0, 1, 2]
+    train = open_dataset(str(root), "train")
+    expected = train.images([train.paths.index(os.path.relpath(b_good, train.split_dir))], 32)[0]
+    torch.testing.assert_close(saved["images"][1], expected, rtol=0, atol=1e-3)
+    lgm = main(run_args(root, tmp_path / "lgm", tmp_path / "cache", "--iterations", "2", "--ipc", "1",
+                        "--method", "lgm", "--augs-per-batch", "4", "--augment", "none", "--skip-bad-images"))
+    assert lgm["steps"] == 2
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "nonsense", "cpu:1", "meta"])
+def test_bad_device_is_an_argument_error(tiny_idx, tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > (7 if device == "cuda:7" else 0):
+        pytest.skip("this machine has that device")
+    with pytest.raises(SystemExit) as exc:
+        main(run_args(tiny_idx, tmp_path / "o", tmp_path / "c", "--device", device))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --device: " in err and repr(device) in err
+    assert not (tmp_path / "o").exists()  # stopped before anything was written
+
+
+def test_device_index_is_checked_against_the_gpus_present(monkeypatch):
+    import argparse
+
+    from clpdd_fast.cli import device_arg
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_arg("cuda") == "cuda" and device_arg("cuda:1") == "cuda:1" and device_arg("cpu") == "cpu"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        device_arg("cuda:2")
+
+
+def test_command_line_bad_device_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "clpdd_fast.distill", "--device", "cuda:7", "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("python -m clpdd_fast.distill: error: argument --device:")

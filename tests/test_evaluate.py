@@ -222,3 +222,37 @@ def test_cli_bad_input(tiny_idx, tmp_path):
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="--distilled: could not read"):  # run_main: error line, status 2
         main(cli(tiny_idx, tmp_path, "--distilled", str(garbage)))
+
+
+def test_cli_skips_bad_images_as_the_distillation_did(broken_tree, tmp_path):
+    root, bad, _ = broken_tree
+    path = distilled_file(tmp_path, root, num_classes=3, class_names=["a", "b", "c"], skip_bad_images=True)
+    res = main(cli(root, tmp_path / "cache", "--distilled", str(path)))  # the setting comes from the distilled set
+    assert res["num_train"] == 9 and res["num_test"] == 6
+    baseline = cli(root, tmp_path / "cache", "--baseline", "random", "--model", TINY_MODEL, "--weights", "none")
+    with pytest.raises(ValueError, match="--skip-bad-images"):
+        main(baseline)
+    res = main(baseline + ["--skip-bad-images"])  # class b's one good image is every seed's pick
+    assert res["num_train"] == 9 and [rows[1] for rows in res["selected_rows"]] == [4, 4]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "nonsense"])
+def test_cli_bad_device_is_an_argument_error(tiny_idx, tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > (7 if device == "cuda:7" else 0):
+        pytest.skip("this machine has that device")
+    with pytest.raises(SystemExit) as exc:
+        main(cli(tiny_idx, tmp_path, "--baseline", "full", "--device", device))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --device: " in err and repr(device) in err
+
+
+def test_command_line_bad_device_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, "-m", "clpdd_fast.evaluate", "--baseline", "full", "--device", "cuda"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("python -m clpdd_fast.evaluate: error: argument --device:")
