@@ -1,16 +1,31 @@
 # `make test` and `make demo` install what they need on a fresh machine, then run.
+# Inside a virtual environment they use (and install into) it; outside one they create ./.venv and work there,
+# since system Pythons refuse pip installs (PEP 668: "externally-managed-environment"). PYTHON=... overrides both.
+IN_VENV := $(shell python3 -c 'import sys; print(int(sys.prefix != sys.base_prefix))' 2>/dev/null)
+ifeq ($(IN_VENV),1)
 PYTHON ?= python3
+else
+PYTHON ?= .venv/bin/python
+endif
 PIP = $(PYTHON) -m pip
 # torch 2.13.0+cpu breaks timm through torchvision; these two releases work together on CPU and GPU.
 TORCH_PINS = torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR = /usr/share/datasets/fashion-mnist
 
-.PHONY: test demo install install-test install-demo gpu-check
+.PHONY: test demo venv install install-test install-demo gpu-check
 
-install:
+venv:
+	@if [ "$(PYTHON)" = .venv/bin/python ] && [ ! -x .venv/bin/python ]; then \
+	  echo "not in a virtual environment: creating .venv"; \
+	  python3 -m venv .venv || { echo "python3 -m venv failed: install python3-venv (Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }; \
+	fi
+
+install: venv
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PINS)
-	@# (re)install when missing, or when an editable install points at another checkout of this repository
-	@$(PYTHON) -c "import os, timm, nvtx, clpdd_fast.kernels as k; \
+	@# (re)install when missing, when an editable install points at another checkout of this repository, or when
+	@# the installed Triton is older than setup.py asks (the sm_90 compile check needs its 3.3+ compiler API)
+	@$(PYTHON) -c "import os, timm, nvtx, triton, clpdd_fast.kernels as k; \
+	  assert tuple(int(p) for p in triton.__version__.split('.')[:2]) >= (3, 3); \
 	  assert os.path.realpath(k.__file__).startswith(os.path.realpath('kernels'))" 2>/dev/null || $(PIP) install -e .
 
 install-test: install

@@ -16,7 +16,7 @@ setup(
     package_dir={"clpdd_fast": "clpdd_fast", "clpdd_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.3; platform_system == 'Linux'",
         "timm>=1.0",
         "numpy",
         "nvtx",

@@ -1,6 +1,15 @@
 import os
+import signal
 
 import torch
+
+# Settings of the machine that runs the suite must not change what it tests: a developer's CLPDD_* switches, or the
+# variables of a job that torchrun started (in-process main() calls would try to join its process group).
+# CLPDD_AUTOTUNE is read when the kernels are imported, so these go before any import of the package.
+MACHINE_ENV = ("CLPDD_AUTOTUNE", "CLPDD_CE_PRECISION", "CLPDD_TRACEBACK", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+               "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+for _name in MACHINE_ENV:
+    os.environ.pop(_name, None)
 
 # Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter, which triton reads when kernels are
 # decorated (at import): set it before any test module imports triton (timm and torch can import it too).
@@ -12,6 +21,28 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from clpdd_fast.data import write_idx  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def isolated_test(tmp_path_factory, monkeypatch):
+    """What one test may not leak into another, nor take from the machine it runs on:
+    - SIGINT is Python's KeyboardInterrupt handler, also when the suite was started in the background (a shell
+      starts background jobs with SIGINT ignored, and subprocesses inherit that);
+    - the Hugging Face and torch hub caches are empty folders (a developer's cached weights must not change which
+      errors the weight-loading tests see);
+    - the global torch random state is restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    caches = tmp_path_factory.mktemp("caches")
+    monkeypatch.setenv("HF_HOME", str(caches / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(caches / "hf" / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(caches / "torch"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(caches / "hf" / "hub"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(caches / "torch" / "hub"))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
 
 TINY_MODEL = "test_efficientnet"  # a tiny timm model (random weights): the encoder of the pipeline tests
 

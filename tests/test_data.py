@@ -295,7 +295,9 @@ def test_cache_resumes_after_interruption(tmp_path, idx_ds):
     feats, _ = load_or_extract_features(enc, idx_ds, 8, str(tmp_path), batch_size=4, progress=True)
     assert enc.calls == 3  # 6 batches in all; 3 were done before the crash
     with torch.no_grad():
-        assert torch.equal(feats, enc(idx_ds.images(range(23), 8)).half())
+        # in the extraction's batches of 4: a batch of another size may round differently
+        assert torch.equal(feats, torch.cat([enc(idx_ds.images(range(i, min(i + 4, 23)), 8))
+                                             for i in range(0, 23, 4)]).half())
     assert len(os.listdir(tmp_path)) == 1
     hdr = read_cache_header(_only_file(tmp_path))
     assert hdr["complete"] is True and hdr["fingerprint"]["shape"] == "23,5"

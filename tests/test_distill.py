@@ -244,6 +244,8 @@ def test_device_index_is_checked_against_the_gpus_present(monkeypatch):
 def test_command_line_bad_device_without_a_traceback(tmp_path):
     import subprocess
     import sys
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has cuda:7")
     proc = subprocess.run([sys.executable, "-m", "clpdd_fast.distill", "--device", "cuda:7", "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -27,7 +27,8 @@ def blobs(n_per_class, num_classes=5, d=16, spread=4.0, noise=1.0, draws=None, s
 def test_separable_features_reach_full_accuracy():
     x, y = blobs(4, draws=3)
     xt, yt = blobs(100, seed=1)
-    res = train_linear_probe(x, y, xt, yt, 5, epochs=300, seeds=[0, 1])
+    # lr 0.01: at the protocol's default (1e-3 * 20 / 256) 300 epochs leave the head under-trained on some draws
+    res = train_linear_probe(x, y, xt, yt, 5, epochs=300, seeds=[0, 1], lr=0.01)
     assert all(r["top1"] >= 0.99 for r in res), res
     assert all(r["top5"] == 1.0 for r in res)
 
@@ -35,10 +36,14 @@ def test_separable_features_reach_full_accuracy():
 def test_shuffled_labels_give_chance_level():
     x, y = blobs(40, num_classes=5)
     xt, yt = blobs(200, num_classes=5, seed=1)
-    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
-    res = train_linear_probe(x, shuffled, xt, yt, 5, epochs=100, seeds=[0, 1, 2])
+    g = torch.Generator().manual_seed(0)
+    shuffled = y[torch.randperm(len(y), generator=g)]
+    # the test labels shuffled too: with labels that follow the clusters, the score would measure whether each
+    # cluster's majority shuffled label happens to be its own, not chance
+    res = train_linear_probe(x, shuffled, xt, yt[torch.randperm(len(yt), generator=g)], 5, epochs=100,
+                             seeds=[0, 1, 2])
     mean = sum(r["top1"] for r in res) / len(res)
-    assert 0.1 <= mean <= 0.35, res  # chance is 0.2
+    assert 0.14 <= mean <= 0.26, res  # chance is 0.2 (1000 test images: std of one head ~0.013)
 
 
 def test_seeds_are_reproducible_and_different():

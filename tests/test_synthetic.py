@@ -152,8 +152,10 @@ def test_decode_indices_equals_rows_of_full(param):
     s = build_synthetic(param, _labels(), 12, None, grow_every=0, generator=torch.Generator().manual_seed(2))
     full = s.decode()
     idx = torch.tensor([4, 0, 2, 2])
-    assert torch.equal(s.decode(idx), full[idx])
-    assert torch.equal(s.decode(torch.arange(5)), full)
+    # not bitwise: torch's elementwise CPU kernels compute a tensor's tail (past the last full vector) with scalar
+    # code, so an element can round differently in a batch of another size
+    torch.testing.assert_close(s.decode(idx), full[idx], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s.decode(torch.arange(5)), full, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("param", PARAMS)
