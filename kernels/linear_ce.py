@@ -17,8 +17,10 @@ Extra memory: one coefficient chunk (<= COEF_BUDGET_BYTES) + splits x d x C fp32
 
 Precision: when x and w are both bf16 (or both fp16) the products use tensor cores in that dtype with fp32
 accumulation. When x is bf16 and w fp32 (what a bf16 feature cache and the fp32 ridge probe give), w is split into
-two bf16 halves, w = hi + lo to about 2^-17 relative, and x w = x hi + x lo runs as two tensor-core products with
-fp32 accumulation (x is exact in bf16, so each product is exact); the backward splits its coefficients the same way.
+two bf16 halves, |w - hi - lo| <= 2^-17 |w|, and x w = x hi + x lo runs as two tensor-core products with fp32
+accumulation (x is exact in bf16, so each product is exact); the backward splits its coefficients the same way.
+The resulting error bound (per logit 2^-17 sum_k |x_k| |w_kj| / tau, plus fp32 accumulation) is in README.md and
+checked by tests/test_kernels.py (split_ce_bounds).
 Otherwise operands are fp32 and the products are exact fp32 ("ieee"). CLPDD_CE_PRECISION: "auto" (default, the
 above), "ieee" (exact fp32 products whenever an operand is fp32: no split), "tf32" (TF32 products for fp32 operands,
 no split). fp64 inputs compute in fp64.
@@ -57,7 +59,11 @@ def fp32_precision() -> str:
 
 
 def split_bf16(t: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 t -> (hi, lo): hi = t rounded to bf16, lo = (t - hi) rounded to bf16, so hi + lo = t to ~2^-17.
+    """fp32 t -> (hi, lo): hi = t rounded to bf16, lo = (t - hi) rounded to bf16: |t - hi - lo| <= 2^-17 |t|.
+
+    (With 2^e <= |t|: t - hi is exact in fp32 and |t - hi| <= 2^(e-8); it is either exactly 2^(e-8), so lo is
+    exact, or below it, so rounding it to bf16's 8 significant bits leaves at most 2^(e-17). For |t| >= 2^-110,
+    where lo stays a normal bf16 number.)
 
     Stored as bf16 for the tensor cores; under the interpreter (no bf16 arithmetic) as fp32 holding the same values.
     """
