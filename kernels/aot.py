@@ -3,27 +3,33 @@
 A variant is one compiled specialisation: a kernel with its argument types, its constexpr values (including the
 integers Triton specialises, e.g. a stride of 1) and its launch options. The list is not written by hand:
 `dispatch_launches` drives kernels/backend.py on meta tensors (shapes and strides, no data) over every input dtype,
-path, size class and flag its callers can choose, every launch is recorded instead of run, and Triton's own
-specialisation rules name the variant each launch would compile. Each variant is then compiled with Triton's compiler
-for the target (sm_90 by default) and its PTX is assembled with `ptxas -v` for registers and spills.
+path, size class and flag its callers can choose, every launch is recorded instead of run (`recording`), and
+Triton's own specialisation rules name the variant each launch would compile (`Variant`). One variant per group
+(kernel, constexprs, launch options; operand dtypes that are cast on load only change the width of loads) is then
+compiled with Triton's compiler for the target, sm_90 by default: shared memory from its metadata, registers and
+spill bytes from the `ptxas -v` log of Triton's own ptxas run, and where spills sit from the SASS.
 
-    python -m clpdd_fast.kernels.aot [--arch 90] [--jobs N]
+    python -m clpdd_fast.kernels.aot [--arch 90] [--jobs N] [--bench] [--strict] [--every]
 
-prints one row per variant and exits with status 1 when a variant needs more shared memory than the target has, or
-when a variant the backend dispatches spills registers to local memory beyond SPILL_ALLOWANCES. With --bench, the
-variants that only benchmarks launch (the Cholesky tiles `bench_ops.py --ops cholesky-tiles` compares) are compiled
-too, and fail only on shared memory.
-Autotuned configurations (CLPDD_AUTOTUNE=1) are not compiled here: the autotuner skips a configuration that does
-not fit. Runs without TRITON_INTERPRET (the interpreter replaces the kernels); `make test` runs it for sm_90
-(tests/test_kernels.py, CLPDD_AOT_CHECK=1).
+prints one row per variant and exits with status 1 when a variant does not compile, needs more shared memory than
+the target has, or (a variant the backend dispatches) spills registers inside a loop, unless SPILL_ALLOWANCES gives
+the measured reason it stays. A spill outside every loop (ptxas parks a few values in local memory even below the
+register limit, depending on its version) costs a few cached accesses per program and passes; --strict fails it too.
+--bench adds the variants only benchmarks launch (failing only on shared memory); --every compiles every distinct
+specialisation instead of one per group. Autotuned configurations (CLPDD_AUTOTUNE=1) are not compiled: the
+autotuner skips a configuration that does not fit. `save_launches` / `load_launches` carry launches recorded
+elsewhere (e.g. under the interpreter: benchmarks/compile_cost.py). Runs without TRITON_INTERPRET; `make test` runs
+it for sm_90 (tests/test_kernels.py, CLPDD_AOT_CHECK=1).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import multiprocessing
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -32,6 +38,7 @@ import time
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
@@ -53,31 +60,80 @@ D, C, N_CE, M_BLOCKED = 768, 1000, 3 * 8192 + 5, 1000
 
 
 class _Recorder:
-    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` appends (kernel, args, kwargs) instead of launching."""
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` appends (kernel, args, kwargs), and with `run` launches
+    the kernel too."""
 
-    def __init__(self, kernel, launches: list):
-        self.kernel, self.launches = kernel, launches
+    def __init__(self, kernel, launches: list, run: bool):
+        self.kernel, self.launches, self.run = kernel, launches, run
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+        def launch(*args, **kwargs):
+            self.launches.append((self.kernel, args, kwargs))
+            if self.run:
+                return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 @contextlib.contextmanager
-def recording():
-    """Within the block, every kernel launch of kernels/*.py is recorded (into the yielded list), not run."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+def recording(run: bool = False):
+    """Within the block, every kernel launch of kernels/*.py is recorded (into the yielded list) instead of run, or
+    with `run` as well as run (then also under TRITON_INTERPRET=1: `save_launches` carries them to a compiling
+    process)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and not run:
         raise RuntimeError("kernels.aot needs the compiled kernels: run it without TRITON_INTERPRET=1")
     launches, saved = [], []
     for mod in MODULES:
         for name, obj in list(vars(mod).items()):
-            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
+            if name.endswith("_kernel") and hasattr(obj, "fn"):   # a JITFunction, or the interpreter's stand-in
                 saved.append((mod, name, obj))
-                setattr(mod, name, _Recorder(obj, launches))
+                setattr(mod, name, _Recorder(obj, launches, run))
     try:
         yield launches
     finally:
         for mod, name, obj in saved:
             setattr(mod, name, obj)
+
+
+_TL_DTYPES = {str(t): t for t in (tl.float16, tl.bfloat16, tl.float32, tl.float64)}
+
+
+def _portable(value):
+    """A launch argument as plain data: a tensor as (dtype, shape, strides, its data pointer modulo 16 in elements),
+    which is all Triton specialises on; a tl dtype by name."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype).removeprefix("torch."), tuple(value.shape), value.stride(),
+                value.data_ptr() % 16 // value.element_size())
+    if isinstance(value, tl.dtype):
+        return ("tl", str(value))
+    return value
+
+
+def _restored(value):
+    """The inverse of `_portable`: a tensor comes back as a meta tensor with the same layout and alignment."""
+    if isinstance(value, tuple) and value and value[0] == "tensor":
+        _, dtype, shape, stride, offset = value
+        extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0)
+        base = torch.empty(offset + extent, dtype=getattr(torch, dtype), device="meta")
+        return base.as_strided(shape, stride, offset)
+    if isinstance(value, tuple) and value and value[0] == "tl":
+        return _TL_DTYPES[value[1]]
+    return value
+
+
+def save_launches(launches: list[tuple], path: str) -> None:
+    """Write recorded launches as plain data (kernel by module and name)."""
+    rows = [(kernel.fn.__module__, kernel.fn.__name__, [_portable(a) for a in args],
+             {k: _portable(v) for k, v in kwargs.items()}) for kernel, args, kwargs in launches]
+    with open(path, "wb") as f:
+        pickle.dump(rows, f)
+
+
+def load_launches(path: str) -> list[tuple]:
+    """Launches written by `save_launches`, with this process's (compiled) kernels and meta tensors."""
+    with open(path, "rb") as f:
+        rows = pickle.load(f)
+    return [(getattr(importlib.import_module(module), name), [_restored(a) for a in args],
+             {k: _restored(v) for k, v in kwargs.items()}) for module, name, args, kwargs in rows]
 
 
 def _meta(*shape, dtype):
@@ -286,6 +342,7 @@ def compile_one(i: int) -> dict:
     v, arch = _TODO[i]
     start = time.time()
     knobs = triton.knobs
+    saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
     knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
     log = io.StringIO()
     try:
@@ -305,6 +362,8 @@ def compile_one(i: int) -> dict:
         return dict(shared=k.metadata.shared, regs=regs, spill=spill, in_loops=in_loops, seconds=time.time() - start)
     except Exception as err:   # a compile error is a result of the check: reported, and fails it
         return dict(error=f"{type(err).__name__}: {str(err)[:300]}", seconds=time.time() - start)
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
 
 
 def compile_all(todo: list[Variant], arch: int, jobs: int) -> list[dict]:
@@ -347,7 +406,7 @@ def main(argv=None) -> int:
             print(f"{name:<21} {dts:<10} compile error  {flags}")
             failures.append(f"{what}: {r['error']}")
             continue
-        allowed = spill_allowance(v) if r["in_loops"] else None
+        allowed = spill_allowance(v) if r["spill"] else None
         note = "  (benchmark only)" if v not in hot else "  (allowed: see SPILL_ALLOWANCES)" if allowed else ""
         print(f"{name:<21} {dts:<10} {r['shared'] / 1024:>7.1f} {r['regs']:>4} {r['spill']:>7} {r['in_loops']:>7} "
               f"{r['seconds']:>5.1f}  {flags}{note}")
