@@ -127,7 +127,7 @@ launch() {
 # them too, so that no compilation overlaps a timed benchmark. Fails when a test shard fails.
 kernel_tests_and_warm_ups() {
   local gpu_procs=2 i tests=() warm=() rc=0 pid
-  local rest=$((TEST_PROCS - gpu_procs))
+  local rest=$((TEST_PROCS > gpu_procs ? TEST_PROCS - gpu_procs : 1))
   for ((i = 0; i < gpu_procs; i++)); do
     launch tests "tests_gpu_only_$i" env CLPDD_SHARD="$i/$gpu_procs" "$PY" -m pytest -q -rs -p no:cacheprovider \
       -p pytest_shard tests/test_kernels.py -k test_gpu_
