@@ -39,7 +39,7 @@ install-demo: install
 	fi
 
 # CLPDD_AOT_CHECK=1: also compile every Triton kernel for sm_90 (Hopper) without a GPU, catching what the
-# CPU interpreter accepts but the GPU compiler rejects.
+# CPU interpreter accepts but the GPU compiler rejects, shared memory beyond Hopper's and register spills.
 test: install-test
 	CLPDD_AOT_CHECK=1 $(PYTHON) -m pytest -q tests
 

@@ -7,6 +7,8 @@
                   backward in one launch
     linear_ce.py  fused linear temperature-softmax CE forward; deterministic chunked backward (dW, dX)
     backend.py    the five backend functions of clpdd_fast.reference, implemented with the kernels above
+    aot.py        every variant the backend dispatches, compiled ahead of time for a GPU target (sm_90) without a GPU,
+                  with its shared memory, registers and spills (`python -m clpdd_fast.kernels.aot`)
 
 Environment variables: TRITON_INTERPRET=1 (set before triton is imported) runs everything on CPU tensors in
 Triton's interpreter; CLPDD_AUTOTUNE=1 autotunes the CE kernels (fixed tiles otherwise);

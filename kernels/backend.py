@@ -2,8 +2,8 @@
 
 `clpdd_fast.ops.resolve_backend` returns this module for CUDA tensors (and for backend="triton" on CPU tensors
 under TRITON_INTERPRET=1). Every matrix product, factorisation and solve below is a Triton launch from
-kernels/gram.py, kernels/cholesky.py, kernels/small_ridge.py (systems of size <= small_ridge.MAX_SIZE: one
-launch forward, one for the dual backward) or kernels/linear_ce.py; torch is used only to allocate, cast and add.
+kernels/gram.py, kernels/cholesky.py, kernels/small_ridge.py (systems of size <= small_ridge.MAX_SIZE and within
+its per-dtype LIMITS: one launch forward, one for the dual backward) or kernels/linear_ce.py; torch is used only to allocate, cast and add.
 Inputs fp16/bf16/fp32 compute in fp32 and return fp32; fp64 inputs compute (and return) fp64.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def ridge_forward(phi: Tensor, y: Tensor, lam: float, mode: str) -> tuple[Tensor
     (w is then not meaningful; the public op raises NotPositiveDefiniteError).
     """
     size = phi.shape[0] if mode == "dual" else phi.shape[1]
-    if size <= _small.MAX_SIZE:   # one fused launch (plus phi^T y for the primal form)
+    if _small.dispatches(size, phi, y):   # one fused launch (plus phi^T y for the primal form)
         if mode == "dual":
             return _small.small_ridge_solve(phi, y, lam, project=True)
         return _small.small_ridge_solve(phi.T, _gram.matmul(phi.T, y), lam, project=False)
@@ -51,7 +51,7 @@ def ridge_backward(phi: Tensor, y: Tensor, w: Tensor, factor: Tensor, grad_w: Te
     """Gradients through W = ridge(phi, y), reusing the forward's factor (formulas in clpdd_fast.reference)."""
     dt = factor.dtype
     g = grad_w.to(dt)
-    if mode == "dual" and phi.shape[0] <= _small.MAX_SIZE:   # one fused launch
+    if mode == "dual" and _small.dispatches(phi.shape[0], factor):   # one fused launch
         return _small.small_ridge_backward(phi, y, factor, g, need_phi, need_y)
     grad_phi = grad_y = None
     if mode == "dual":

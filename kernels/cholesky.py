@@ -28,6 +28,11 @@ from .gram import TL_DTYPES
 BLOCK = 32
 BLOCK_RHS = 32
 NUM_WARPS = 4
+NUM_STAGES = 2   # with Triton's default 3 the fp64 factorisation step spilled registers on sm_90 (triton 3.6)
+# (block, warps) pairs `benchmarks/bench_ops.py --ops cholesky-tiles` compares to choose the two defaults above
+# (block 64 is no candidate: its register tiles spill 0.5-6 KB per thread on sm_90, `python -m clpdd_fast.kernels.aot
+# --bench` shows it)
+TILE_CANDIDATES = [(block, warps) for block in (16, 32) for warps in (2, 4)]
 
 
 @triton.jit
@@ -217,7 +222,8 @@ def cholesky(a: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     for k in range(-1, nb - 1):
         _cholesky_step_kernel[(max(1, nb - 1 - k),)](a, factor, inverses, block_info, n, k, a.stride(0),
                                                      a.stride(1), factor.stride(0), factor.stride(1),
-                                                     DT=TL_DTYPES[dt], B=block, num_warps=NUM_WARPS)
+                                                     DT=TL_DTYPES[dt], B=block, num_warps=NUM_WARPS,
+                                                     num_stages=NUM_STAGES)
     # first bad pivot over all block columns, on the device (no host sync)
     starts = torch.arange(nb, device=a.device, dtype=torch.int32) * block
     never = torch.iinfo(torch.int32).max
@@ -244,8 +250,9 @@ def cholesky_solve(b: Tensor, factor: Tensor, block: int = BLOCK, block_rhs: int
     dt = TL_DTYPES[factor.dtype]
     inverses = torch.empty((nb, block, block), dtype=factor.dtype, device=factor.device)
     _diag_inverse_kernel[(nb,)](factor, inverses, n, factor.stride(0), factor.stride(1), DT=dt, B=block,
-                                num_warps=NUM_WARPS)
+                                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     grid = (triton.cdiv(nrhs, block_rhs),)
     _cholesky_solve_kernel[grid](factor, inverses, x, n, nrhs, factor.stride(0), factor.stride(1), x.stride(0),
-                                 x.stride(1), DT=dt, B=block, BR=block_rhs, num_warps=NUM_WARPS)
+                                 x.stride(1), DT=dt, B=block, BR=block_rhs, num_warps=NUM_WARPS,
+                                 num_stages=NUM_STAGES)
     return x

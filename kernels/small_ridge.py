@@ -3,18 +3,27 @@
 For a system of size n <= MAX_SIZE (the dual system of a few dozen synthetic images, which is what CLP-DD solves at
 low images-per-class on small label sets), the blocked path of kernels/cholesky.py costs a Gram launch, one launch per
 32-wide block column, a solve launch and a projection launch, and at these sizes launch latency is the whole cost.
-Here a single program, with everything in registers:
-  1. G = S S^T + lam I (n x n, padded to M rows that form an identity), accumulated over the columns of S, BR at a
-     time, with exact fp32 products (fp64 for fp64 inputs);
+Here a single program (one CTA) does:
+  1. G = S S^T + lam I (n x n, padded to M rows that form an identity), with exact fp32 products (fp64 for fp64
+     inputs);
   2. G = L L^T by the unblocked register factorisation of kernels/cholesky.py, recording the first pivot that is
-     not > 0 in `info` exactly as `cholesky` does;
-  3. L^-1 in registers, then for each tile of BC right-hand-side columns X = L^-T (L^-1 B);
-  4. with `project`, writes S^T X instead of X (the dual form's W = phi^T alpha), BR rows at a time.
+     not > 0 in `info` exactly as `cholesky` does; L^-1 in registers;
+  3. A^-1 = L^-T L^-1, then X = A^-1 B, BC right-hand-side columns at a time;
+  4. with `project`, writes S^T X instead of X (the dual form's W = phi^T alpha), tile by tile.
 L is written too, in the layout of `cholesky` (lower, zeros above), so any backward can reuse it.
-The dual form's backward (`small_ridge_backward`) is one launch as well: from L it forms L^-1 in registers, then
-alpha = A^-1 y, beta = A^-1 phi G and S = beta alpha^T + alpha beta^T tile by tile, and writes dy = beta and
+The dual form's backward (`small_ridge_backward`) is one launch as well: from L it forms A^-1, then
+beta = A^-1 phi G and alpha = A^-1 y tile by tile, S = beta alpha^T + alpha beta^T, and writes dy = beta and
 dphi = alpha G^T - S phi.
-Whether this pays against the blocked path is measured by benchmarks/bench_ops.py (`--ops ridge-small`).
+
+Registers: every product is `_product`, which reads both operands from memory BK = 16 of the inner dimension at a
+time. A `tl.dot` with exact fp32 products runs on FMA units and holds each thread's whole strip of the inner
+dimension in registers, so a product whose inner dimension is the system size (64) spilled kilobytes per thread;
+the intermediates (L^-1, A^-1, phi G, alpha, beta, S) therefore go through a small global workspace that one program
+writes, then reads back after a block barrier (they stay in L1/L2).
+Sizes: the kernel accepts n <= LIMITS[compute dtype] (a larger request is a ValueError); the backend sends it systems
+of size <= min(MAX_SIZE, that limit) and everything larger to the blocked path. `benchmarks/bench_ops.py --ops
+ridge-small` measures whether this pays against the blocked path; CLPDD_AOT_CHECK=1 (tests) compiles every size class
+for sm_90 and fails on a register spill or a shared-memory overflow.
 """
 from __future__ import annotations
 
@@ -27,96 +36,122 @@ from .cholesky import _factor_in_registers, _first_bad_pivot, _load_tile, _lower
 from .gram import TL_DTYPES, accumulate_dtype
 
 MAX_SIZE = 64        # largest system the backend sends here (module variable: tests and benchmarks change it)
-LIMIT = 128          # largest system the kernel accepts (register tiles of LIMIT x LIMIT)
-BLOCK_R = 32         # columns of S per Gram / projection step
-BLOCK_RHS = 32       # right-hand-side columns per solve step
+# largest system the kernel accepts, per compute dtype (register tiles of M x M, M = padded_size(n)): at M = 128 the
+# register factorisation spills on sm_90 (measured with `python -m clpdd_fast.kernels.aot`: the fp32 backward 72 bytes
+# per thread with triton 3.6, fp64 0.3-1.2 KB with 8 warps and 0.2-0.6 KB with 16)
+LIMITS = {torch.float32: 64, torch.float64: 64}
+BLOCK_K = 16         # inner dimension per tl.dot step (the smallest tl.dot allows: fewest registers per thread)
+BLOCK_C = 32         # right-hand-side columns (forward) / classes (backward) per output tile
+BLOCK_D = 32         # rows of S^T X (forward) / feature columns of dphi (backward) per output tile
+NUM_STAGES = 1       # no software pipelining: the loops are short, and pipelining made ptxas spill a few registers
 
 
 @triton.jit
-def _small_ridge_kernel(s_ptr, b_ptr, l_ptr, out_ptr, info_ptr, lam_ptr, n, r, nrhs,
+def _product(a_ptr, s_a0, s_a1, b_ptr, s_b0, s_b1, rows, cols, n_rows, n_k, n_cols,
+             DT: tl.constexpr, R: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """(R, C) tile of A[rows, :n_k] @ B[:n_k, cols], both read from memory BK of the inner dimension at a time;
+    rows >= n_rows, inner indices >= n_k and cols >= n_cols read as zeros."""
+    acc = tl.zeros((R, C), dtype=DT)
+    for k0 in range(0, n_k, BK):
+        ks = k0 + tl.arange(0, BK).to(tl.int64)
+        a = _load_tile(a_ptr, rows, ks, s_a0, s_a1, n_rows, n_k, DT)
+        b = _load_tile(b_ptr, ks, cols, s_b0, s_b1, n_k, n_cols, DT)
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=DT)
+    return acc
+
+
+@triton.jit
+def _inverse_to_workspace(low, offs, inv_ptr, ainv_ptr, M: tl.constexpr, DT: tl.constexpr, BK: tl.constexpr):
+    """A^-1 = L^-T L^-1 (M x M, row-major) into ainv_ptr, from the lower factor L in registers; L^-1 goes through
+    inv_ptr. Ends with a block barrier: A^-1 is then readable by every thread."""
+    r = offs[:, None]
+    c = offs[None, :]
+    tl.store(inv_ptr + r * M + c, _lower_inverse(low, offs, M))
+    tl.debug_barrier()
+    # (L^-T L^-1)[i, j] = sum_k L^-1[k, i] L^-1[k, j]: the left operand is L^-1 read transposed
+    ainv = _product(inv_ptr, 1, M, inv_ptr, M, 1, offs, offs, M, M, M, DT, M, M, BK)
+    tl.store(ainv_ptr + r * M + c, ainv)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _small_ridge_kernel(s_ptr, b_ptr, l_ptr, out_ptr, info_ptr, lam_ptr, inv_ptr, ainv_ptr, x_ptr, n, r, nrhs,
                         s_s0, s_s1, s_b0, s_b1, s_l0, s_l1, s_o0, s_o1,
-                        PROJECT: tl.constexpr, DT: tl.constexpr,
-                        M: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+                        PROJECT: tl.constexpr, DT: tl.constexpr, M: tl.constexpr,
+                        BK: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
     offs = tl.arange(0, M).to(tl.int64)
     ri = offs[:, None]
     ci = offs[None, :]
     # 1. Gram matrix of the rows of S, plus lam on the diagonal; padding rows/columns become an identity
-    g = tl.zeros((M, M), dtype=DT)
-    for k0 in range(0, r, BR):
-        ks = k0 + tl.arange(0, BR).to(tl.int64)
-        st = _load_tile(s_ptr, offs, ks, s_s0, s_s1, n, r, DT)
-        g += tl.dot(st, tl.trans(st), input_precision="ieee", out_dtype=DT)
+    g = _product(s_ptr, s_s0, s_s1, s_ptr, s_s1, s_s0, offs, offs, n, r, n, DT, M, M, BK)
     lam = tl.load(lam_ptr).to(DT)   # from memory: a Python float argument would be rounded to fp32
     g = _pad_identity(tl.where(ri == ci, g + lam, g), offs, n, offs)
-    # 2. factor
+    # 2. factor, and A^-1 into the workspace
     low, pivots = _factor_in_registers(g, offs, DT, M)
     tl.store(info_ptr, _first_bad_pivot(pivots, offs, n, M))
     tl.store(l_ptr + ri * s_l0 + ci * s_l1, low.to(l_ptr.dtype.element_ty), mask=(ri < n) & (ci < n))
-    # 3. solve through the in-register inverse, BC right-hand sides at a time; 4. optional projection S^T X
-    inv = _lower_inverse(low, offs, M)
+    _inverse_to_workspace(low, offs, inv_ptr, ainv_ptr, M, DT, BK)
+    # 3. X = A^-1 B, BC right-hand sides at a time: into out, or into the workspace x (M x nrhs) for the projection
     for c0 in range(0, nrhs, BC):
         cols = c0 + tl.arange(0, BC).to(tl.int64)
-        bt = _load_tile(b_ptr, offs, cols, s_b0, s_b1, n, nrhs, DT)
-        z = tl.dot(inv, bt, input_precision="ieee", out_dtype=DT)
-        x = tl.dot(tl.trans(inv), z, input_precision="ieee", out_dtype=DT)
+        x = _product(ainv_ptr, M, 1, b_ptr, s_b0, s_b1, offs, cols, M, n, nrhs, DT, M, BC, BK)
         if PROJECT:
-            for k0 in range(0, r, BR):
-                ks = k0 + tl.arange(0, BR).to(tl.int64)
-                st = _load_tile(s_ptr, offs, ks, s_s0, s_s1, n, r, DT)
-                wt = tl.dot(tl.trans(st), x, input_precision="ieee", out_dtype=DT)
-                tl.store(out_ptr + ks[:, None] * s_o0 + cols[None, :] * s_o1, wt.to(out_ptr.dtype.element_ty),
-                         mask=(ks[:, None] < r) & (cols[None, :] < nrhs))
+            tl.store(x_ptr + ri * nrhs + cols[None, :], x, mask=cols[None, :] < nrhs)
         else:
             tl.store(out_ptr + ri * s_o0 + cols[None, :] * s_o1, x.to(out_ptr.dtype.element_ty),
                      mask=(ri < n) & (cols[None, :] < nrhs))
+    # 4. W = S^T X, (BD, BC) tiles
+    if PROJECT:
+        tl.debug_barrier()
+        for k0 in range(0, r, BD):
+            ks = k0 + tl.arange(0, BD).to(tl.int64)
+            for c0 in range(0, nrhs, BC):
+                cols = c0 + tl.arange(0, BC).to(tl.int64)
+                wt = _product(s_ptr, s_s1, s_s0, x_ptr, nrhs, 1, ks, cols, r, n, nrhs, DT, BD, BC, BK)
+                tl.store(out_ptr + ks[:, None] * s_o0 + cols[None, :] * s_o1, wt.to(out_ptr.dtype.element_ty),
+                         mask=(ks[:, None] < r) & (cols[None, :] < nrhs))
 
 
 @triton.jit
-def _small_ridge_backward_kernel(phi_ptr, y_ptr, g_ptr, l_ptr, dphi_ptr, dy_ptr, m, d, nrhs,
-                                 s_p0, s_p1, s_y0, s_y1, s_g0, s_g1, s_l0, s_l1, s_dp0, s_dp1, s_dy0, s_dy1,
-                                 NEED_PHI: tl.constexpr, NEED_Y: tl.constexpr, DT: tl.constexpr,
-                                 M: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+def _small_ridge_backward_kernel(phi_ptr, y_ptr, g_ptr, l_ptr, dphi_ptr, beta_ptr, inv_ptr, ainv_ptr, pg_ptr,
+                                 alpha_ptr, sym_ptr, m, d, nrhs, s_p0, s_p1, s_y0, s_y1, s_g0, s_g1, s_l0, s_l1,
+                                 s_dp0, s_dp1, s_b0, s_b1,
+                                 NEED_PHI: tl.constexpr, DT: tl.constexpr, M: tl.constexpr,
+                                 BK: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
     """Backward of the dual form W = phi^T A^-1 y (A = phi phi^T + lam I = L L^T) for upstream G = dL/dW:
-    alpha = A^-1 y, beta = A^-1 phi G, dy = beta, dphi = alpha G^T - (beta alpha^T + alpha beta^T) phi."""
+    alpha = A^-1 y, beta = A^-1 phi G, dy = beta, dphi = alpha G^T - (beta alpha^T + alpha beta^T) phi.
+    beta goes to beta_ptr (dy itself, or workspace when dy is not wanted); alpha (m x nrhs), phi G (M x BC) and
+    S (M x M) to the workspace."""
     offs = tl.arange(0, M).to(tl.int64)
     ri = offs[:, None]
     ci = offs[None, :]
     low = _pad_identity(tl.where(ri >= ci, _load_tile(l_ptr, offs, offs, s_l0, s_l1, m, m, DT), 0.0), offs, m, offs)
-    inv = _lower_inverse(low, offs, M)
-    # phase 1, over right-hand-side tiles: beta (stored as dy) and the symmetric S = beta alpha^T + alpha beta^T
-    sym = tl.zeros((M, M), dtype=DT)
+    _inverse_to_workspace(low, offs, inv_ptr, ainv_ptr, M, DT, BK)
+    # phase 1, over right-hand-side tiles: beta = A^-1 (phi G), and alpha = A^-1 y
+    bc = tl.arange(0, BC).to(tl.int64)
     for c0 in range(0, nrhs, BC):
-        cols = c0 + tl.arange(0, BC).to(tl.int64)
-        pg = tl.zeros((M, BC), dtype=DT)
-        for k0 in range(0, d, BR):
-            ks = k0 + tl.arange(0, BR).to(tl.int64)
-            pt = _load_tile(phi_ptr, offs, ks, s_p0, s_p1, m, d, DT)
-            gt = _load_tile(g_ptr, ks, cols, s_g0, s_g1, d, nrhs, DT)
-            pg += tl.dot(pt, gt, input_precision="ieee", out_dtype=DT)
-        beta = tl.dot(tl.trans(inv), tl.dot(inv, pg, input_precision="ieee", out_dtype=DT),
-                      input_precision="ieee", out_dtype=DT)
-        if NEED_Y:
-            tl.store(dy_ptr + ri * s_dy0 + cols[None, :] * s_dy1, beta.to(dy_ptr.dtype.element_ty),
-                     mask=(ri < m) & (cols[None, :] < nrhs))
+        cols = c0 + bc
+        pg = _product(phi_ptr, s_p0, s_p1, g_ptr, s_g0, s_g1, offs, cols, m, d, nrhs, DT, M, BC, BK)
+        tl.store(pg_ptr + ri * BC + bc[None, :], pg)
+        tl.debug_barrier()
+        beta = _product(ainv_ptr, M, 1, pg_ptr, BC, 1, offs, bc, M, m, BC, DT, M, BC, BK)
+        tl.store(beta_ptr + ri * s_b0 + cols[None, :] * s_b1, beta.to(beta_ptr.dtype.element_ty),
+                 mask=(ri < m) & (cols[None, :] < nrhs))
         if NEED_PHI:
-            yt = _load_tile(y_ptr, offs, cols, s_y0, s_y1, m, nrhs, DT)
-            alpha = tl.dot(tl.trans(inv), tl.dot(inv, yt, input_precision="ieee", out_dtype=DT),
-                           input_precision="ieee", out_dtype=DT)
-            sym += tl.dot(beta, tl.trans(alpha), input_precision="ieee", out_dtype=DT)
-            sym += tl.dot(alpha, tl.trans(beta), input_precision="ieee", out_dtype=DT)
-    # phase 2, over feature tiles: dphi = alpha G^T - S phi, alpha recomputed per tile (cheap at these sizes)
+            alpha = _product(ainv_ptr, M, 1, y_ptr, s_y0, s_y1, offs, cols, M, m, nrhs, DT, M, BC, BK)
+            tl.store(alpha_ptr + ri * nrhs + cols[None, :], alpha, mask=(ri < m) & (cols[None, :] < nrhs))
+        tl.debug_barrier()   # pg is overwritten by the next tile; beta and alpha are read by phase 2
     if NEED_PHI:
-        for k0 in range(0, d, BR):
-            ks = k0 + tl.arange(0, BR).to(tl.int64)
-            pt = _load_tile(phi_ptr, offs, ks, s_p0, s_p1, m, d, DT)
-            acc = -tl.dot(sym, pt, input_precision="ieee", out_dtype=DT)
-            for c0 in range(0, nrhs, BC):
-                cols = c0 + tl.arange(0, BC).to(tl.int64)
-                yt = _load_tile(y_ptr, offs, cols, s_y0, s_y1, m, nrhs, DT)
-                alpha = tl.dot(tl.trans(inv), tl.dot(inv, yt, input_precision="ieee", out_dtype=DT),
-                               input_precision="ieee", out_dtype=DT)
-                gt = _load_tile(g_ptr, ks, cols, s_g0, s_g1, d, nrhs, DT)
-                acc += tl.dot(alpha, tl.trans(gt), input_precision="ieee", out_dtype=DT)
+        # S = beta alpha^T + alpha beta^T (M x M; zero past m), over the nrhs columns
+        sym = _product(beta_ptr, s_b0, s_b1, alpha_ptr, 1, nrhs, offs, offs, m, nrhs, m, DT, M, M, BK)
+        sym += _product(alpha_ptr, nrhs, 1, beta_ptr, s_b1, s_b0, offs, offs, m, nrhs, m, DT, M, M, BK)
+        tl.store(sym_ptr + ri * M + ci, sym)
+        tl.debug_barrier()
+        # phase 2, over feature tiles: dphi = alpha G^T - S phi
+        for k0 in range(0, d, BD):
+            ks = k0 + tl.arange(0, BD).to(tl.int64)
+            acc = _product(alpha_ptr, nrhs, 1, g_ptr, s_g1, s_g0, offs, ks, m, nrhs, d, DT, M, BD, BK)
+            acc -= _product(sym_ptr, M, 1, phi_ptr, s_p0, s_p1, offs, ks, M, m, d, DT, M, BD, BK)
             tl.store(dphi_ptr + ri * s_dp0 + ks[None, :] * s_dp1, acc.to(dphi_ptr.dtype.element_ty),
                      mask=(ri < m) & (ks[None, :] < d))
 
@@ -126,11 +161,33 @@ def padded_size(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def num_warps(size: int, dtype: torch.dtype) -> int:
+    """Warps of the one program: 4, and 8 for fp64 tiles of 64 x 64 (the choices without a register spill on sm_90
+    with triton 3.6 and 3.8; fp32 at 64 with 8 warps spilled a few bytes with 3.6)."""
+    return 8 if size > 32 and dtype == torch.float64 else 4
+
+
+def size_limit(dtype: torch.dtype) -> int:
+    """Largest system the kernel accepts for inputs of this dtype (its compute dtype's entry of LIMITS)."""
+    return LIMITS[torch.float64 if dtype == torch.float64 else torch.float32]
+
+
+def dispatches(n: int, *tensors: Tensor) -> bool:
+    """Whether the backend sends a system of size n with these operands here (else: the blocked path)."""
+    return n <= min(MAX_SIZE, size_limit(accumulate_dtype(*tensors)))
+
+
+def _check_size(fn: str, n: int, dt: torch.dtype) -> None:
+    if n > size_limit(dt):
+        raise ValueError(f"{fn}: systems of size <= {size_limit(dt)} in {str(dt).replace('torch.', '')} "
+                         f"(LIMITS), got {n}; larger systems take the blocked Cholesky path")
+
+
 def small_ridge_solve(s: Tensor, b: Tensor, lam: float, project: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Solve (S S^T + lam I) X = B in one launch; return (X or S^T X, L, info).
 
     Args:
-        s: (n, r), any strides, fp16/bf16/fp32/fp64, n <= LIMIT. b: (n, k) right-hand sides.
+        s: (n, r), any strides, fp16/bf16/fp32/fp64, n <= size_limit(dtype). b: (n, k) right-hand sides.
         lam: added to the diagonal (a runtime value). project: return S^T X (r, k) instead of X (n, k).
     Returns:
         (out, factor, info): out fp32 (fp64 when s or b is fp64); factor the lower Cholesky factor L (n, n) of
@@ -138,20 +195,23 @@ def small_ridge_solve(s: Tensor, b: Tensor, lam: float, project: bool) -> tuple[
         else the 1-based index of the first pivot that is not > 0 (out and L are then not meaningful).
     """
     n, r = s.shape
-    if n > LIMIT or b.dim() != 2 or b.shape[0] != n:
-        raise ValueError(f"small_ridge_solve: expected s (n, r) with n <= {LIMIT} and b (n, k), got "
-                         f"{tuple(s.shape)} and {tuple(b.shape)}")
-    nrhs = b.shape[1]
+    if b.dim() != 2 or b.shape[0] != n:
+        raise ValueError(f"small_ridge_solve: expected s (n, r) and b (n, k), got {tuple(s.shape)} and "
+                         f"{tuple(b.shape)}")
     dt = accumulate_dtype(s, b)
+    _check_size("small_ridge_solve", n, dt)
+    nrhs = b.shape[1]
+    size = padded_size(n)
     factor = torch.zeros((n, n), dtype=dt, device=s.device)
     out = torch.empty((r, nrhs) if project else (n, nrhs), dtype=dt, device=s.device)
     info = torch.empty((), dtype=torch.int32, device=s.device)
     lam_t = torch.full((1,), lam, dtype=dt, device=s.device)
-    size = padded_size(n)
-    _small_ridge_kernel[(1,)](s, b, factor, out, info, lam_t, n, r, nrhs, s.stride(0), s.stride(1),
-                              b.stride(0), b.stride(1), factor.stride(0), factor.stride(1),
-                              out.stride(0), out.stride(1), PROJECT=project, DT=TL_DTYPES[dt],
-                              M=size, BR=BLOCK_R, BC=BLOCK_RHS, num_warps=4 if size <= 32 else 8)
+    work = torch.empty(2 * size * size + (size * nrhs if project else 0), dtype=dt, device=s.device)
+    inv, ainv, x = work[:size * size], work[size * size:2 * size * size], work[2 * size * size:]
+    _small_ridge_kernel[(1,)](s, b, factor, out, info, lam_t, inv, ainv, x if project else work, n, r, nrhs,
+                              s.stride(0), s.stride(1), b.stride(0), b.stride(1), factor.stride(0), factor.stride(1),
+                              out.stride(0), out.stride(1), PROJECT=project, DT=TL_DTYPES[dt], M=size, BK=BLOCK_K,
+                              BC=BLOCK_C, BD=BLOCK_D, num_warps=num_warps(size, dt), num_stages=NUM_STAGES)
     return out, factor, info
 
 
@@ -160,27 +220,33 @@ def small_ridge_backward(phi: Tensor, y: Tensor, factor: Tensor, grad_w: Tensor,
     """Gradients through the dual-form W = phi^T (phi phi^T + lam I)^-1 y in one launch, given the forward's factor.
 
     Args:
-        phi: (m, d) with m <= LIMIT, y: (m, C), factor: (m, m) lower Cholesky factor of phi phi^T + lam I,
-        grad_w: (d, C) dL/dW. need_phi, need_y: which gradients to compute.
+        phi: (m, d) with m <= size_limit(factor.dtype), y: (m, C), factor: (m, m) lower Cholesky factor of
+        phi phi^T + lam I, grad_w: (d, C) dL/dW. need_phi, need_y: which gradients to compute.
     Returns:
         (grad_phi (m, d), grad_y (m, C)) in factor's dtype, or None where not needed.
     """
     m, d = phi.shape
-    if m > LIMIT or factor.shape != (m, m) or y.shape[0] != m or grad_w.shape != (d, y.shape[1]):
-        raise ValueError(f"small_ridge_backward: expected phi (m, d) with m <= {LIMIT}, y (m, C), factor (m, m) "
-                         f"and grad_w (d, C), got {tuple(phi.shape)}, {tuple(y.shape)}, {tuple(factor.shape)}, "
-                         f"{tuple(grad_w.shape)}")
+    if factor.shape != (m, m) or y.dim() != 2 or y.shape[0] != m or grad_w.shape != (d, y.shape[1]):
+        raise ValueError(f"small_ridge_backward: expected phi (m, d), y (m, C), factor (m, m) and grad_w (d, C), "
+                         f"got {tuple(phi.shape)}, {tuple(y.shape)}, {tuple(factor.shape)}, {tuple(grad_w.shape)}")
+    dt = factor.dtype
+    _check_size("small_ridge_backward", m, dt)
     if not (need_phi or need_y):
         return None, None
     nrhs = y.shape[1]
-    dt = factor.dtype
-    grad_phi = torch.empty((m, d), dtype=dt, device=phi.device) if need_phi else factor
-    grad_y = torch.empty((m, nrhs), dtype=dt, device=phi.device) if need_y else factor
     size = padded_size(m)
-    _small_ridge_backward_kernel[(1,)](phi, y, grad_w, factor, grad_phi, grad_y, m, d, nrhs,
+    grad_phi = torch.empty((m, d), dtype=dt, device=phi.device) if need_phi else factor
+    # workspace: L^-1, A^-1, S (M x M each), phi G (M x BC), alpha (m x C), and beta when dy is not wanted
+    flat = -(-m * nrhs // 16) * 16   # m x C rounded up to 16 elements: every part starts 16-byte aligned
+    parts = [size * size] * 3 + [size * BLOCK_C] + [flat if need_phi else 0, 0 if need_y else flat]
+    work = torch.empty(sum(parts), dtype=dt, device=phi.device)
+    inv, ainv, sym, pg, alpha, beta = torch.split(work, parts)
+    beta = torch.empty((m, nrhs), dtype=dt, device=phi.device) if need_y else beta[:m * nrhs].view(m, nrhs)
+    _small_ridge_backward_kernel[(1,)](phi, y, grad_w, factor, grad_phi, beta, inv, ainv, pg,
+                                       alpha if need_phi else work, sym, m, d, nrhs,
                                        phi.stride(0), phi.stride(1), y.stride(0), y.stride(1),
                                        grad_w.stride(0), grad_w.stride(1), factor.stride(0), factor.stride(1),
-                                       grad_phi.stride(0), grad_phi.stride(1), grad_y.stride(0), grad_y.stride(1),
-                                       NEED_PHI=need_phi, NEED_Y=need_y, DT=TL_DTYPES[dt], M=size, BR=BLOCK_R,
-                                       BC=BLOCK_RHS, num_warps=4 if size <= 32 else 8)
-    return (grad_phi if need_phi else None), (grad_y if need_y else None)
+                                       grad_phi.stride(0), grad_phi.stride(1), beta.stride(0), beta.stride(1),
+                                       NEED_PHI=need_phi, DT=TL_DTYPES[dt], M=size, BK=BLOCK_K, BC=BLOCK_C,
+                                       BD=BLOCK_D, num_warps=num_warps(size, dt), num_stages=NUM_STAGES)
+    return (grad_phi if need_phi else None), (beta if need_y else None)

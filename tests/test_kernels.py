@@ -172,7 +172,7 @@ def test_cholesky_reports_the_first_bad_pivot_like_lapack(case):
 @pytest.fixture(params=["fused", "blocked"])
 def ridge_path(request, monkeypatch):
     """Run a ridge test through the one-launch small-system kernel and through the blocked Cholesky path."""
-    monkeypatch.setattr(ksmall, "MAX_SIZE", ksmall.LIMIT if request.param == "fused" else 0)
+    monkeypatch.setattr(ksmall, "MAX_SIZE", max(ksmall.LIMITS.values()) if request.param == "fused" else 0)
     return request.param
 
 
@@ -185,10 +185,12 @@ def small_system(n, r, k, dtype, lam, seed):
     return s, b, factor, torch.cholesky_solve(b.double(), factor)
 
 
-@pytest.mark.parametrize("n,r,k", [(1, 19, 3), (17, 37, 40), (64, 23, 5), (100, 130, 33)])
+@pytest.mark.parametrize("n,r,k", [(1, 19, 3), (17, 37, 40), (64, 23, 5), ("limit", 130, 33)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("project", [True, False])
 def test_small_ridge_one_launch_matches_float64(n, r, k, dtype, project):
+    if n == "limit":   # the largest size class the kernel accepts for this dtype, with a masked tail
+        n = ksmall.size_limit(dtype) - 5
     lam = 0.3
     s, b, factor_ex, x_ex = small_system(n, r, k, dtype, lam, seed=n)
     exact = s.double().T @ x_ex if project else x_ex
@@ -250,8 +252,41 @@ def test_small_ridge_strided_mixed_inputs_and_lam_edges():
         assert int(info) == 0
         x_ref = torch.linalg.solve(a.float(), b.float())
         close_to_exact(out, x_ref, x_ex, 1e-5)
-    with pytest.raises(ValueError, match="n <= 128"):
-        ksmall.small_ridge_solve(rand(129, 4), rand(129, 2), 1.0, project=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_ridge_refuses_systems_above_its_dtype_limit(dtype):
+    n = ksmall.size_limit(dtype) + 1
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=f"small_ridge_solve: systems of size <= {n - 1} in {name}.*got {n}"):
+        ksmall.small_ridge_solve(rand(n, 4, dtype=dtype), rand(n, 2, dtype=dtype), 1.0, project=False)
+    phi, y, factor = rand(n, 4, dtype=dtype), rand(n, 2, dtype=dtype), torch.eye(n, dtype=dtype, device=DEVICE)
+    with pytest.raises(ValueError, match=f"small_ridge_backward: systems of size <= {n - 1} in {name}"):
+        ksmall.small_ridge_backward(phi, y, factor, rand(4, 2, dtype=dtype), True, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backend_sends_a_system_above_the_dtype_limit_to_the_blocked_path(dtype, monkeypatch):
+    """With MAX_SIZE above the kernel's limit for this dtype, a system at the limit still takes the one-launch kernel
+    and one past it the blocked path; both match float64."""
+    monkeypatch.setattr(ksmall, "MAX_SIZE", 10 * ksmall.size_limit(dtype))
+    calls = []
+    for name in ("small_ridge_solve", "small_ridge_backward"):
+        real = getattr(ksmall, name)
+        monkeypatch.setattr(ksmall, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    for n, fused in ((ksmall.size_limit(dtype), True), (ksmall.size_limit(dtype) + 3, False)):
+        calls.clear()
+        phi, y, g = rand(n, 9, dtype=dtype, seed=1), rand(n, 3, dtype=dtype, seed=2), rand(9, 3, dtype=dtype, seed=3)
+        w, factor, info = kbackend.ridge_forward(phi, y, 0.5, "dual")
+        gp, gy = kbackend.ridge_backward(phi, y, w, factor, g, "dual", True, True)
+        assert int(info) == 0 and calls == (["small_ridge_solve", "small_ridge_backward"] if fused else [])
+        w_ex, factor_ex, _ = reference.ridge_forward(phi.double(), y.double(), 0.5, "dual")
+        gp_ex, gy_ex = reference.ridge_backward(phi.double(), y.double(), w_ex, factor_ex, g.double(), "dual",
+                                                True, True)
+        w_ref, factor_ref, _ = reference.ridge_forward(phi, y, 0.5, "dual")
+        gp_ref, gy_ref = reference.ridge_backward(phi, y, w_ref, factor_ref, g, "dual", True, True)
+        for fast, ref, exact in ((w, w_ref, w_ex), (gp, gp_ref, gp_ex), (gy, gy_ref, gy_ex)):
+            close_to_exact(fast, ref, exact, tol_for(dtype) * 10)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
@@ -719,68 +754,21 @@ def test_triton_version_is_recent_enough():
     assert (major, minor) >= (3, 0)
 
 
+# Every variant the backend can dispatch (derived by clpdd_fast.kernels.aot from the launchers and their constants:
+# dtypes, paths, size classes, constexpr flags), compiled for sm_90 with Triton's compiler and assembled with ptxas -v;
+# fails on a shared-memory overflow (Hopper: 227 KB per block) or a register spill in a dispatched kernel.
 AOT_SCRIPT = r"""
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from clpdd_fast.kernels import cholesky as c, gram as g, linear_ce as ce, small_ridge as sr
-TL = {"bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
-failed = []
-def comp(fn, types, consts, warps, stages, name):
-    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-    try:
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps, "num_stages": stages})
-        assert k.metadata.shared <= 227 * 1024, f"{k.metadata.shared} bytes of shared memory"
-        print("ok", name, k.metadata.shared)
-    except Exception as err:
-        failed.append(f"{name}: {type(err).__name__}: {str(err)[:400]}")
-for dd, acc, sym, blk in [("bf16", "fp32", False, g.LARGE), ("fp32", "fp32", False, g.LARGE_FP32),
-                          ("fp32", "fp32", True, {}), ("fp64", "fp64", True, {})]:
-    b = {"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3, **blk}
-    comp(g._matmul_kernel, {"a_ptr": "*" + dd, "b_ptr": "*" + dd, "c_ptr": "*" + acc, "lam_ptr": "*" + acc,
-                            "a2_ptr": "*" + dd, "b2_ptr": "*" + dd, "alpha": "fp32"},
-         dict(SYMMETRIC=sym, ACCUMULATE=not sym, ADD_DIAG=sym, HAS_A2=dd == "bf16", HAS_B2=dd == "bf16",
-              DOT_DTYPE=TL[dd], ACC_DTYPE=TL[acc],
-              PRECISION="ieee", BM=b["BM"], BN=b["BN"], BK=b["BK"]), b["num_warps"], b["num_stages"], "matmul " + dd)
-# the default block, and the other widths bench_ops.py --ops cholesky-tiles compares
-for dt, blk, warps in [("fp32", c.BLOCK, c.NUM_WARPS), ("fp64", c.BLOCK, c.NUM_WARPS),
-                       ("fp32", 16, 2), ("fp32", 64, 2)]:
-    name = f"{dt} block {blk}"
-    comp(c._cholesky_step_kernel, {"a_ptr": "*" + dt, "l_ptr": "*" + dt, "inv_ptr": "*" + dt, "info_ptr": "*i32"},
-         dict(DT=TL[dt], B=blk), warps, 3, "cholesky step " + name)
-    comp(c._diag_inverse_kernel, {"l_ptr": "*" + dt, "inv_ptr": "*" + dt},
-         dict(DT=TL[dt], B=blk), warps, 3, "diagonal inverses " + name)
-    comp(c._cholesky_solve_kernel, {"l_ptr": "*" + dt, "inv_ptr": "*" + dt, "x_ptr": "*" + dt},
-         dict(DT=TL[dt], B=blk, BR=c.BLOCK_RHS), warps, 3, "cholesky solve " + name)
-for dt, size, project in [("fp32", 16, True), ("fp32", 64, False), ("fp32", sr.LIMIT, True), ("fp64", 64, True)]:
-    comp(sr._small_ridge_kernel, {"s_ptr": "*" + dt, "b_ptr": "*" + dt, "l_ptr": "*" + dt, "out_ptr": "*" + dt,
-                                  "info_ptr": "*i32", "lam_ptr": "*" + dt},
-         dict(PROJECT=project, DT=TL[dt], M=size, BR=sr.BLOCK_R, BC=sr.BLOCK_RHS), 4 if size <= 32 else 8, 3,
-         f"small ridge {dt} M={size}")
-    comp(sr._small_ridge_backward_kernel, {"phi_ptr": "*" + dt, "y_ptr": "*" + dt, "g_ptr": "*" + dt,
-                                           "l_ptr": "*" + dt, "dphi_ptr": "*" + dt, "dy_ptr": "*" + dt},
-         dict(NEED_PHI=True, NEED_Y=project, DT=TL[dt], M=size, BR=sr.BLOCK_R, BC=sr.BLOCK_RHS),
-         4 if size <= 32 else 8, 3, f"small ridge backward {dt} M={size}")
-for xd, acc, blk, split in [("bf16", "fp32", ce.BLOCKS, False), ("bf16", "fp32", ce.BLOCKS, True),
-                            ("fp32", "fp32", ce.BLOCKS, False), ("fp64", "fp64", ce.BLOCKS_FP64, False)]:
-    consts = dict(SPLIT=split, DOT_DTYPE=TL[xd], ACC_DTYPE=TL[acc], PRECISION="ieee", BN=blk["BN"], BC=blk["BC"],
-                  BD=blk["BD"])
-    warps, stages = blk.get("num_warps", ce.NUM_WARPS), blk.get("num_stages", ce.NUM_STAGES)
-    common = {"x_ptr": "*" + xd, "w_ptr": "*" + xd, "w2_ptr": "*" + xd, "t_ptr": "*i64", "inv_tau_ptr": "*" + acc}
-    name = xd + (" split" if split else "")
-    comp(ce._ce_forward_kernel, {**common, "loss_ptr": "*" + acc, "lse_ptr": "*" + acc}, consts, warps, stages,
-         "ce forward " + name)
-    coef_t = "*bf16" if xd == "bf16" else "*" + acc
-    comp(ce._ce_coef_kernel, {**common, "lse_ptr": "*" + acc, "g_ptr": "*" + acc, "coef_ptr": coef_t,
-                              "coef2_ptr": coef_t}, consts, warps, stages, "ce coef " + name)
-assert not failed, "\n".join(failed)
+import os, sys
+from clpdd_fast.kernels import aot
+sys.exit(aot.main(["--arch", "90", "--jobs", str(os.cpu_count() or 1)]))
 """
 
 
 @pytest.mark.skipif(os.environ.get("CLPDD_AOT_CHECK") != "1", reason="set CLPDD_AOT_CHECK=1: compiles every kernel "
-                    "for sm_90 without a GPU (about a minute), catching what the interpreter accepts but ptxas won't")
+                    "variant for sm_90 without a GPU (2-5 minutes on 2 cores), catching what the interpreter accepts "
+                    "but the GPU would not: compile errors, shared memory beyond Hopper's, register spills")
 def test_kernels_compile_ahead_of_time_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=1800)
+    print(proc.stdout)   # the resource table (pytest -s or -rP shows it)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
