@@ -4,7 +4,8 @@ One kernel, `_matmul_kernel`, does C = alpha * A @ B (+ lam on the diagonal) (+ 
 arbitrary strides (so transposes are free), an optional split of the reduction dimension into fixed slices that
 write separate partial outputs (deterministic split-K: no atomics; the caller sums the slices in a fixed order),
 and a symmetric mode in which only the lower tiles are computed and each is mirrored into the upper triangle
-(inside diagonal tiles too, so the result is exactly symmetric whatever order tl.dot sums in).
+(inside diagonal tiles too, by a second small launch, so the result is exactly symmetric whatever order tl.dot
+sums in).
 
 Precision: operands are cast to `dot_dtype` inside the kernel and multiplied with `input_precision="ieee"`
 unless the caller asks for "tf32"; accumulation is fp32 (fp64 for fp64 operands).
@@ -86,11 +87,6 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, a2_ptr, b2_ptr, M, N, K, k_per_split,
             a2 = tl.load(a2_ptr + a_offs, mask=a_mask, other=0.0).to(DOT_DTYPE)
             acc = tl.dot(a2, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     acc = acc * alpha
-    if SYMMETRIC:
-        # a diagonal tile's (i, j) and (j, i) come out of tl.dot summed in orders nothing promises to be equal:
-        # keep its lower triangle and mirror it, so the result is exactly symmetric on every device
-        if pid_n == pid_m:
-            acc = tl.where(rows[:, None] >= cols[None, :], acc, tl.trans(acc))
     if ADD_DIAG:
         lam = tl.load(lam_ptr).to(ACC_DTYPE)   # from memory: a Python float argument would be rounded to fp32
         acc = tl.where(rows[:, None] == cols[None, :], acc + lam, acc)
@@ -103,6 +99,21 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, a2_ptr, b2_ptr, M, N, K, k_per_split,
     if SYMMETRIC:
         if pid_n < pid_m:
             tl.store(c_base + cols[None, :] * s_cm + rows[:, None] * s_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mirror_diagonal_tiles_kernel(c_ptr, n, s_cs, s_cm, s_cn, B: tl.constexpr):
+    """Copies the lower triangle of diagonal tile program_id(0) (of slice program_id(1)) into its upper triangle.
+
+    A diagonal tile of the symmetric mode is one full tl.dot product, whose (i, j) and (j, i) elements are summed in
+    orders nothing promises to be equal (the interpreter's BLAS does not, nor does a GPU's); after this launch the
+    result is exactly symmetric. Reads (lower) and writes (upper) are disjoint; a separate launch rather than a
+    transpose inside the matmul kernel, which raised its registers from 128 to 255 and made ptxas spill."""
+    base = c_ptr + tl.program_id(1).to(tl.int64) * s_cs
+    idx = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B).to(tl.int64)
+    upper = (idx[:, None] < idx[None, :]) & (idx[None, :] < n)
+    values = tl.load(base + idx[None, :] * s_cm + idx[:, None] * s_cn, mask=upper)   # element (j, i) of the lower
+    tl.store(base + idx[:, None] * s_cm + idx[None, :] * s_cn, values, mask=upper)
 
 
 def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.0, accumulate: bool = False,
@@ -154,6 +165,8 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
                          HAS_A2=a_lo is not None, HAS_B2=b_lo is not None,
                          DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc_dt], PRECISION=prec,
                          **meta)
+    if symmetric:   # after the product (same stream): each diagonal tile's lower triangle copied into its upper
+        _mirror_diagonal_tiles_kernel[(grid[0], splits)](out, m, s_cs, s_cm, s_cn, B=meta["BM"], num_warps=4)
     return out
 
 
