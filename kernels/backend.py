@@ -3,7 +3,8 @@
 `clpdd_fast.ops.resolve_backend` returns this module for CUDA tensors (and for backend="triton" on CPU tensors
 under TRITON_INTERPRET=1). Every matrix product, factorisation and solve below is a Triton launch from
 kernels/gram.py, kernels/cholesky.py, kernels/small_ridge.py (systems of size <= small_ridge.MAX_SIZE and within
-its per-dtype LIMITS: one launch forward, one for the dual backward) or kernels/linear_ce.py; torch is used only to allocate, cast and add.
+its per-dtype LIMITS: one launch forward, one for the dual backward) or kernels/linear_ce.py; torch is used only to
+allocate, cast and add.
 Inputs fp16/bf16/fp32 compute in fp32 and return fp32; fp64 inputs compute (and return) fp64.
 """
 from __future__ import annotations
