@@ -98,7 +98,7 @@ def measure(cfg: dict) -> dict:
     from clpdd_fast.augment import build_augment
     from clpdd_fast.encoders import build_encoder
     from clpdd_fast.methods import METHODS, StepInputs, clpdd_loss_plain
-    from clpdd_fast.probe import FeatureTransform
+    from clpdd_fast.feature_transform import FeatureTransform
     from clpdd_fast.synthetic import build_synthetic
 
     device = torch.device(cfg["device"])

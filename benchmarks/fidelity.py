@@ -8,7 +8,7 @@
 Every row is two ordinary CLI commands run as child processes (printed in the table, so each row can be reproduced by
 hand): `python -m clpdd_fast.distill ...` (distilled rows only) and `python -m clpdd_fast.evaluate ... --json`.
 The evaluation is the same for every row (LGM's linear-probe protocol, 1000 epochs, 5 seeds, flip + random-resized-crop
-with 32 cached draws per image, clpdd_fast/linear_probe.py); nothing is tuned per method.
+with 32 cached draws per image, clpdd_fast/probe_protocol.py); nothing is tuned per method.
 Wall-clock and peak memory are those of the distillation child process: peak memory is the child's maximum resident
 set size from os.wait4's rusage (ru_maxrss; the whole process: interpreter, torch, encoder, Fashion-MNIST in memory,
 the real-feature cache pages it touched), so differences between rows are what the methods add.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from clpdd_fast.validation import integer
 BASELINES = ("random", "centroids", "full")
 
 
@@ -19,8 +20,7 @@ def _check(labels: Tensor, num_classes: int, ipc: int) -> None:
     if not isinstance(labels, Tensor) or labels.dim() != 1:
         raise ValueError(f"labels: expected a 1-D tensor of class indices, got "
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
-        raise ValueError(f"ipc: expected an integer >= 1, got {ipc!r}")
+    integer("ipc", ipc, minimum=1)
     counts = torch.bincount(labels.cpu().long(), minlength=num_classes)[:num_classes]
     short = [c for c in range(num_classes) if int(counts[c]) < ipc]
     if short:

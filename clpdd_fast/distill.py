@@ -22,11 +22,13 @@ from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_TAU, EMBEDDED_SU
                             default_image_size, device_arg, fixed_subset, int_or_all, positive_float, positive_int,
                             run_main, subset_size)
 from clpdd_fast.distributed import World, init_from_env, shutdown
-from clpdd_fast.data import load_or_extract_features, open_dataset
+from clpdd_fast.datasets import open_dataset
+from clpdd_fast.feature_cache import load_or_extract_features
 from clpdd_fast.encoders import build_encoder, encode_images
 from clpdd_fast.interrupts import Interrupts
 from clpdd_fast.methods import METHODS, StepInputs
-from clpdd_fast.probe import FEATURE_NORMS, FeatureTransform, ridge_probe_accuracy
+from clpdd_fast.feature_transform import FEATURE_NORMS, FeatureTransform
+from clpdd_fast.ridge_probe import ridge_probe_accuracy
 from clpdd_fast.profiling import nvtx_range, set_enabled
 from clpdd_fast.synthetic import build_synthetic
 

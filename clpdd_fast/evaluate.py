@@ -8,7 +8,7 @@ Baselines (no distilled set needed; embedded default = Fashion-MNIST + Efficient
 A fresh linear head (std 0.01 init, zero bias) is trained on the frozen encoder's features of the images with flip +
 random-resized-crop augmentation, Adam lr 1e-3 * B / 256 (B = min(100, n)), no weight decay, cosine schedule over
 --epochs; top-1 / top-5 on the real test split, mean +- std (ddof 0) over --seeds seeds. The features of --aug-draws
-augmentation draws per image are computed once and reused across epochs (clpdd_fast/linear_probe.py says why).
+augmentation draws per image are computed once and reused across epochs (clpdd_fast/probe_protocol.py says why).
 The real test (and training) features come from the distillation's feature cache: same encoder, resolution, subset.
 """
 from __future__ import annotations
@@ -25,10 +25,12 @@ from clpdd_fast.augment import build_augment
 from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, HelpFormatter, default_image_size, device_arg,
                             fixed_subset, int_or_all, positive_int, run_main, subset_size)
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
-from clpdd_fast.data import load_or_extract_features, open_dataset
+from clpdd_fast.datasets import open_dataset
+from clpdd_fast.feature_cache import load_or_extract_features
 from clpdd_fast.encoders import build_encoder, encode_images
-from clpdd_fast.linear_probe import augmented_features, summarize, train_linear_probe
-from clpdd_fast.probe import FEATURE_NORMS, FeatureTransform, ridge_probe_accuracy
+from clpdd_fast.probe_protocol import augmented_features, summarize, train_linear_probe
+from clpdd_fast.feature_transform import FEATURE_NORMS, FeatureTransform
+from clpdd_fast.ridge_probe import ridge_probe_accuracy
 
 DEFAULT_EPOCHS = 1000
 DEFAULT_FULL_EPOCHS = 100  # full real data: n / B = 50x more steps per epoch than a 1-ipc set (see --help)

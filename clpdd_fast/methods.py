@@ -13,7 +13,7 @@ from clpdd_fast import validation as check
 from clpdd_fast.augment import Augment
 from clpdd_fast.distributed import World
 from clpdd_fast.ops import clpdd_loss
-from clpdd_fast.probe import FeatureTransform
+from clpdd_fast.feature_transform import FeatureTransform
 from clpdd_fast.profiling import nvtx_range
 from clpdd_fast.synthetic import SyntheticImages
 
@@ -136,8 +136,7 @@ def lgm_draws(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.G
     if inputs.real_images is None:
         raise ValueError("inputs.real_images: LGM needs real images every step; distill.py provides them "
                          "(StepInputs.real_images = (n, generator) -> (images, labels))")
-    if inputs.augs_per_batch < 1:
-        raise ValueError(f"inputs.augs_per_batch: expected an integer >= 1, got {inputs.augs_per_batch}")
+    check.integer("inputs.augs_per_batch", inputs.augs_per_batch, minimum=1)
     n = inputs.augs_per_batch * synthetic.num_images
     device = synthetic.labels.device
     real_images, real_labels = inputs.real_images(n, generator)

@@ -39,9 +39,7 @@ def resolve_backend(backend: str, device: torch.device):
 def _chunk_size(chunk_size, num_classes: int, feature_dim: int) -> int:
     if chunk_size is None:
         return reference.default_chunk_size(num_classes, feature_dim)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
-    return chunk_size
+    return check.integer("chunk_size (None or an integer)", chunk_size, minimum=1)
 
 
 def _cast_like(grad: Tensor | None, like: Tensor) -> Tensor | None:
@@ -75,8 +73,7 @@ def gram(x: Tensor, lam: float = 0.0, *, backend: str = "auto", check_finite: bo
         (m, m) fp32 (fp64 for fp64 x), exactly symmetric (K == K^T bitwise on every backend), differentiable in x.
     """
     check.tensor("x", x, 2)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or lam == float("inf"):
-        raise ValueError(f"lam: expected a finite number >= 0, got {lam!r}")
+    lam = check.positive("lam", lam, allow_zero=True)
     if check_finite:
         check.finite("x", x)
     return GramFunction.apply(x, float(lam), resolve_backend(backend, x.device))

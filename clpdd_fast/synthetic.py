@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clpdd_fast.validation import integer
 # Lucid's colour-correlation square root, the matrix METHOD.md fixes; columns are normalised below.
 _COLOR_CORRELATION = [[0.26, 0.09, 0.02],
                       [0.27, 0.00, -0.05],
@@ -57,9 +58,7 @@ def _check_labels(labels) -> Tensor:
 
 
 def _check_image_size(image_size) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size: expected an integer >= 1, got {image_size!r}")
-    return image_size
+    return integer("image_size", image_size, minimum=1)
 
 
 def _check_init_images(init_images, num_images: int, image_size: int) -> Tensor:
@@ -216,9 +215,7 @@ class PyramidImages(SyntheticImages):
     def __init__(self, labels: Tensor, image_size: int, init_images: Tensor | None = None, decorrelate: bool = True,
                  grow_every: int = 200, generator: torch.Generator | None = None):
         super().__init__(labels, image_size, decorrelate)
-        if isinstance(grow_every, bool) or not isinstance(grow_every, int) or grow_every < 0:
-            raise ValueError(f"grow_every: expected an integer >= 0 (0 = all levels active), got {grow_every!r}")
-        self.grow_every = grow_every
+        self.grow_every = integer("grow_every", grow_every, minimum=0)   # 0: all levels active from the start
         self.sizes = pyramid_sizes(self.image_size)
         m, S = self.num_images, self.image_size
         if init_images is None:

@@ -1,4 +1,5 @@
-"""Argument checks shared by the public ops: each failure names the argument, what was seen, what was expected."""
+"""Argument checks shared by the ops and the pipeline: each failure names the argument, what was seen, what was
+expected."""
 from __future__ import annotations
 
 import math
@@ -42,15 +43,23 @@ def compatible_dtypes(**tensors: Tensor) -> None:
         raise TypeError(f"float64 inputs must all be float64 (got {seen}); cast them to one precision")
 
 
-def positive(name: str, value) -> float:
+def integer(name: str, value, minimum: int = 1):
+    """A Python int (not a bool) >= minimum; returns it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def positive(name: str, value, allow_zero: bool = False) -> float:
+    """A finite real number > 0 (>= 0 with allow_zero), also from a one-element tensor; returns it as a float."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise TypeError(f"{name}: expected a Python number, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a positive number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {value}")
     return float(value)
 
 

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from clpdd_fast.data import write_idx  # noqa: E402
+from clpdd_fast.datasets import write_idx  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def isolated_test(tmp_path_factory, monkeypatch):

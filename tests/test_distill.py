@@ -9,7 +9,7 @@ import torch
 from clpdd_fast.augment import build_augment
 from clpdd_fast.distill import main
 from clpdd_fast.methods import StepInputs, clpdd_loss_plain, clpdd_step
-from clpdd_fast.probe import FeatureTransform
+from clpdd_fast.feature_transform import FeatureTransform
 from clpdd_fast.synthetic import build_synthetic
 
 from conftest import TINY_MODEL
@@ -196,7 +196,7 @@ def test_skip_bad_images_end_to_end(broken_tree, tmp_path, capsys):
     """Without --skip-bad-images the first undecodable file stops the run with the way out; with it the bad files are
     named, left out of the real features, and never picked: class b's only good image is its initialisation, and
     LGM's real batches (drawn from the good rows only) never reach a bad file."""
-    from clpdd_fast.data import open_dataset
+    from clpdd_fast.datasets import open_dataset
 
     root, bad, b_good = broken_tree
     args = run_args(root, tmp_path / "run", tmp_path / "cache", "--iterations", "0", "--ipc", "1",

@@ -76,7 +76,7 @@ def _two_rank_case():
     """A small CLP-DD step problem, the same in every process: encoder, synthetic set, real features."""
     from clpdd_fast.augment import build_augment
     from clpdd_fast.encoders import build_encoder
-    from clpdd_fast.probe import FeatureTransform
+    from clpdd_fast.feature_transform import FeatureTransform
     from clpdd_fast.synthetic import build_synthetic
     from conftest import TINY_MODEL
     encoder = build_encoder(TINY_MODEL, "none", "cpu")   # "none": a fixed-seed random init

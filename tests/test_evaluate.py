@@ -8,7 +8,7 @@ import torch
 from clpdd_fast.augment import build_augment
 from clpdd_fast.baselines import centroid_indices, class_means, random_real_indices
 from clpdd_fast.evaluate import main
-from clpdd_fast.linear_probe import augmented_features, summarize, train_linear_probe
+from clpdd_fast.probe_protocol import augmented_features, summarize, train_linear_probe
 
 from conftest import TINY_MODEL
 

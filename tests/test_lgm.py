@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from clpdd_fast.augment import build_augment
 from clpdd_fast.encoders import build_encoder
 from clpdd_fast.methods import LGM_HEAD_STD, METHODS, StepInputs, lgm_draws, lgm_step
-from clpdd_fast.probe import FeatureTransform
+from clpdd_fast.feature_transform import FeatureTransform
 from clpdd_fast.synthetic import build_synthetic
 
 from conftest import TINY_MODEL

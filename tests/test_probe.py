@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from clpdd_fast.probe import FeatureTransform, ridge_probe_accuracy
+from clpdd_fast.feature_transform import FeatureTransform
+from clpdd_fast.ridge_probe import ridge_probe_accuracy
 
 
 def feats(n, d, seed, offset=3.0):

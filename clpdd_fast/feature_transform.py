@@ -1,12 +1,10 @@
-"""Feature normalisation shared by both sides of the ridge probe, and the ridge probe's test accuracy."""
+"""The feature normalisation applied alike to both sides of the ridge probe (synthetic and real features)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from clpdd_fast.ops import one_hot, ridge_solve
 
 FEATURE_NORMS = ("raw", "center", "l2", "center-l2")
 
@@ -47,16 +45,3 @@ class FeatureTransform:
         for start in range(0, phi.shape[0], chunk_size):
             out[start:start + chunk_size] = self(phi[start:start + chunk_size]).to(dtype)
         return out
-
-
-@torch.no_grad()
-def ridge_probe_accuracy(phi_train: Tensor, y_train: Tensor, phi_test: Tensor, y_test: Tensor, lam: float,
-                         num_classes: int, transform: FeatureTransform, chunk_size: int = 65536) -> float:
-    """Top-1 accuracy on (phi_test, y_test) of the ridge probe fitted on (phi_train, y_train), one-hot targets."""
-    x = transform(phi_train)
-    w = ridge_solve(x, one_hot(y_train, num_classes, x.dtype), lam)
-    correct = 0
-    for start in range(0, phi_test.shape[0], chunk_size):
-        pred = (transform(phi_test[start:start + chunk_size]).to(w.device) @ w).argmax(1)
-        correct += int((pred.cpu() == y_test[start:start + chunk_size].cpu()).sum())
-    return correct / phi_test.shape[0]

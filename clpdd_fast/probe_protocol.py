@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clpdd_fast.augment import Augment
+from clpdd_fast.validation import integer
 
 
 @torch.no_grad()
@@ -48,8 +49,7 @@ def augmented_features(encoder: torch.nn.Module, images: Tensor, augment: Augmen
         device: where the encoder runs (default: the encoder's parameters' device).
     Returns: float32 (P, n, d) on the CPU; row [p, i] is image i under draw p.
     """
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws: expected an integer >= 1, got {draws!r}")
+    integer("draws", draws, minimum=1)
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images: expected a float tensor (n, 3, S, S), got "
                          f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
@@ -115,8 +115,7 @@ def train_linear_probe(train_features: Tensor, train_labels: Tensor, test_featur
     """
     _check_features("train_features", train_features, train_labels)
     _check_features("test_features", test_features, test_labels)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs: expected an integer >= 1, got {epochs!r}")
+    integer("epochs", epochs, minimum=1)
     if len(seeds) < 1:
         raise ValueError("seeds: expected at least one seed")
     if train_features.shape[-1] != test_features.shape[-1]:
