@@ -97,8 +97,8 @@ def measure(cfg: dict) -> dict:
     """Build one configuration and time `cfg['variant']` ('step' or 'plain') over cfg['reps'] steps."""
     from clpdd_fast.augment import build_augment
     from clpdd_fast.encoders import build_encoder
-    from clpdd_fast.methods import METHODS, StepInputs, clpdd_loss_plain
     from clpdd_fast.feature_transform import FeatureTransform
+    from clpdd_fast.methods import METHODS, ClpddInputs, LgmInputs, StepInputs, clpdd_loss_plain
     from clpdd_fast.synthetic import build_synthetic
 
     device = torch.device(cfg["device"])
@@ -110,16 +110,15 @@ def measure(cfg: dict) -> dict:
     labels = torch.arange(m, device=device) % c
     size = cfg["synthetic_size"] or cfg["image_size"]
     synthetic = build_synthetic("pixel", labels, size, None).to(device)
+    clpdd = ClpddInputs(real_features=real, real_labels=torch.arange(n, device=device) % c,
+                        transform=FeatureTransform.fit("raw", real[:1]), lam=1.0, tau=0.1)
+    # LGM reads a fresh real batch of K * m images every step (no feature cache); random pixels suffice for timing.
+    lgm = LgmInputs(real_images=lambda k, gen: (torch.rand(k, 3, size, size, device=device),
+                                                torch.randint(c, (k,), device=device)),
+                    augs_per_batch=cfg["augs_per_batch"])
     inputs = StepInputs(encoder=encoder, augment=build_augment(cfg["augment"]), out_size=cfg["image_size"],
-                        real_features=real, real_labels=torch.arange(n, device=device) % c, num_classes=c,
-                        transform=FeatureTransform.fit("raw", real[:1]), lam=1.0, tau=0.1,
-                        chunk_size=cfg["chunk_size"],
-                        autocast_dtype=torch.bfloat16 if cfg["precision"] == "bf16" else None)
-    if cfg["method"] == "lgm":
-        # LGM reads a fresh real batch of K * m images every step (no feature cache); random pixels suffice for timing.
-        inputs.real_images = lambda k, gen: (torch.rand(k, 3, size, size, device=device),
-                                             torch.randint(c, (k,), device=device))
-        inputs.augs_per_batch = cfg["augs_per_batch"]
+                        num_classes=c, chunk_size=cfg["chunk_size"],
+                        autocast_dtype=torch.bfloat16 if cfg["precision"] == "bf16" else None, clpdd=clpdd, lgm=lgm)
     generator = torch.Generator().manual_seed(0)
     if cfg["variant"] == "plain":
         step = lambda: clpdd_loss_plain(synthetic, inputs, generator).backward()

@@ -1,6 +1,6 @@
 """Differentiable image augmentations whose random draws can be replayed exactly.
 
-The bounded-memory step (METHOD.md) forwards all synthetic images once without autograd and then again chunk by
+The bounded-memory step (docs/METHOD.md, section 3) forwards all synthetic images once without autograd and then again chunk by
 chunk with autograd; both passes must see the same augmentation of each image. So sampling and applying are split:
 
     params = augment.sample(m, generator, device)        # random draws for m images, a small dataclass

@@ -1,4 +1,4 @@
-"""The standard baselines of dataset distillation, as row selections from the real training set (METHOD.md).
+"""The standard baselines of dataset distillation, as row selections from the real training set (docs/METHOD.md, section 4).
 
 - random: `ipc` random real images per class, a different draw per seed.
 - centroids: per class, the real image whose feature is nearest (Euclidean, raw encoder features) to the class-mean

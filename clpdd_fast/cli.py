@@ -1,18 +1,10 @@
-"""What the two command-line tools share: argument types, help formatting, and the real-data subsets."""
+"""What the command-line tools share: argument types, help formatting, and turning bad input into one error line."""
 from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-import numpy as np
 import torch
-
-DEFAULT_CACHE = Path.home() / ".cache" / "clpdd-fast" / "features"
-# Ridge strength and temperature, chosen by the sweep in benchmarks/FIDELITY.md (README: "How the defaults were chosen")
-DEFAULT_LAM = 1.0
-DEFAULT_TAU = 0.05
-EMBEDDED_SUBSET = 5000  # real train / test rows used when --data is omitted (keeps the default run in minutes)
 
 
 def positive_int(text: str) -> int:
@@ -62,24 +54,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action):
         return action.help if "default" in (action.help or "") else super()._get_help_string(action)
-
-
-def subset_size(requested: int | None, embedded: bool) -> int | None:
-    """Rows of a split to use: what was asked, else EMBEDDED_SUBSET on the embedded default, else all (None)."""
-    return requested if requested is not None or not embedded else EMBEDDED_SUBSET
-
-
-def fixed_subset(n: int, k: int | None) -> np.ndarray | None:
-    """A fixed (seed-independent, so caches are shared across seeds and tools) sorted random subset of k of n rows;
-    None for all rows."""
-    if k is None or k >= n:
-        return None
-    return np.sort(np.random.default_rng(0).permutation(n)[:k])
-
-
-def default_image_size(dataset, encoder) -> int:
-    """64 px for IDX data (28 px sources such as Fashion-MNIST), the encoder's own input size otherwise."""
-    return 64 if type(dataset).__name__.startswith("Idx") else encoder.default_image_size
 
 
 def run_main(main) -> None:

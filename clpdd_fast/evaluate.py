@@ -16,20 +16,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from clpdd_fast import artifacts
-from clpdd_fast.augment import build_augment
-from clpdd_fast.cli import (DEFAULT_CACHE, DEFAULT_LAM, HelpFormatter, default_image_size, device_arg,
-                            fixed_subset, int_or_all, positive_int, run_main, subset_size)
+from clpdd_fast.augment import Augment, build_augment
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
-from clpdd_fast.datasets import open_dataset
-from clpdd_fast.feature_cache import load_or_extract_features
-from clpdd_fast.encoders import build_encoder, encode_images
-from clpdd_fast.probe_protocol import augmented_features, summarize, train_linear_probe
+from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, positive_int, run_main
+from clpdd_fast.config import DEFAULT_CACHE, DEFAULT_LAM, RunConfig
+from clpdd_fast.encoders import encode_images
+from clpdd_fast.experiment import Experiment, open_experiment, subset_size
 from clpdd_fast.feature_transform import FEATURE_NORMS, FeatureTransform
+from clpdd_fast.probe_protocol import augmented_features, summarize, train_linear_probe
 from clpdd_fast.ridge_probe import ridge_probe_accuracy
 
 DEFAULT_EPOCHS = 1000
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="training augmentation of the probe (default flip_crop, the protocol; none: plain resize)")
     a("--pool-seed", type=int, default=0, help="seed of the augmentation-draw pool (default 0)")
     a("--lam", type=float, default=None, help="ridge strength of the extra ridge-probe number (default: the "
-      "distillation's, else 0.1)")
+      f"distillation's, else {DEFAULT_LAM:g})")
     a("--features", default=None, choices=FEATURE_NORMS,
       help="feature normalisation of the extra ridge-probe number (default: the distillation's, else center-l2)")
     a("--cache-dir", default=None, help=f"real-feature cache (default: the distillation's, else {DEFAULT_CACHE})")
@@ -98,18 +98,86 @@ def _load_distilled(path: str) -> dict:
     return payload
 
 
-def _check_classes(train, cfg: dict, labels: torch.Tensor | None) -> None:
+def _check_classes(train, cfg: RunConfig, labels: torch.Tensor) -> None:
     """The distilled set's classes must be the evaluation data's classes."""
-    if cfg.get("num_classes") is not None and int(cfg["num_classes"]) != train.num_classes:
-        raise SystemExit(f"error: the distilled set has {cfg['num_classes']} classes, the evaluation data "
+    if cfg.num_classes is not None and int(cfg.num_classes) != train.num_classes:
+        raise SystemExit(f"error: the distilled set has {cfg.num_classes} classes, the evaluation data "
                          f"{train.num_classes} ({train.root}); evaluate on the data it was distilled from")
-    names = cfg.get("class_names")
+    names = cfg.class_names
     if names is not None and list(names) != list(train.class_names):
         raise SystemExit(f"error: the distilled set's class names {list(names)[:5]}... differ from the evaluation "
                          f"data's {list(train.class_names)[:5]}...")
-    if labels is not None and labels.numel() and int(labels.max()) >= train.num_classes:
+    if labels.numel() and int(labels.max()) >= train.num_classes:
         raise SystemExit(f"error: the distilled set has label {int(labels.max())}, but the evaluation data has only "
                          f"{train.num_classes} classes")
+
+
+@dataclass
+class Protocol:
+    """The evaluation settings every source of images shares, and the two probes run on a set of images."""
+    exp: Experiment
+    transform: FeatureTransform
+    lam: float
+    augment: Augment
+    draws: int
+    epochs: int
+    seeds: list
+    device: torch.device
+
+    def evaluate_images(self, images: torch.Tensor, labels: torch.Tensor, seeds: list,
+                        pool_seed: int) -> tuple[list, float]:
+        """The trained-head protocol's per-seed results, and the ridge probe's top-1 on un-augmented features."""
+        exp = self.exp
+        pool = augmented_features(exp.encoder, images, self.augment, self.draws, exp.image_size,
+                                  torch.Generator().manual_seed(pool_seed), device=self.device)
+        per_seed = train_linear_probe(pool, labels, exp.phi_test, exp.y_test, exp.num_classes, epochs=self.epochs,
+                                      seeds=seeds)
+        plain = encode_images(exp.encoder, images, exp.image_size)  # un-augmented, as distill's ridge number
+        ridge = ridge_probe_accuracy(plain, labels, exp.phi_test, exp.y_test, self.lam, exp.num_classes,
+                                     self.transform)
+        return per_seed, ridge
+
+    def real_images(self, rows: torch.Tensor) -> torch.Tensor:
+        """Real training images of positions `rows` in the training features."""
+        return self.exp.train.images(self.exp.train_rows[rows.numpy()], self.exp.image_size)
+
+
+# One function per source of images; each returns per_seed (the protocol's results), ridges (ridge-probe top-1s),
+# what (a description) and selected (the real rows used, for baselines).
+def _distilled(p: Protocol, payload: dict, pool_seed: int) -> dict:
+    per_seed, ridge = p.evaluate_images(payload["images"], payload["labels"].long(), p.seeds, pool_seed)
+    return {"per_seed": per_seed, "ridges": [ridge], "selected": None,
+            "what": f"distilled set {payload['path']} ({len(payload['labels'])} images)"}
+
+
+def _random_real(p: Protocol, ipc: int) -> dict:
+    """A new random draw of real images per seed; its augmentation pool is seeded alike."""
+    per_seed, ridges, selected = [], [], []
+    for s in p.seeds:
+        rows = random_real_indices(p.exp.y_train, p.exp.num_classes, ipc, s)
+        res, ridge = p.evaluate_images(p.real_images(rows), p.exp.y_train[rows], [s], s)
+        per_seed += res
+        ridges.append(ridge)
+        selected.append(rows.tolist())
+    return {"per_seed": per_seed, "ridges": ridges, "selected": selected,
+            "what": f"random real images ({ipc} per class, redrawn per seed)"}
+
+
+def _centroids(p: Protocol, ipc: int, pool_seed: int) -> dict:
+    rows = centroid_indices(p.exp.phi_train, p.exp.y_train, p.exp.num_classes, ipc)
+    per_seed, ridge = p.evaluate_images(p.real_images(rows), p.exp.y_train[rows], p.seeds, pool_seed)
+    return {"per_seed": per_seed, "ridges": [ridge], "selected": rows.tolist(), "what": f"centroids ({ipc} per class)"}
+
+
+def _full_real(p: Protocol) -> dict:
+    """The ceiling: all real training features, centre view from the cache (no augmentation pool: one draw)."""
+    exp = p.exp
+    per_seed = train_linear_probe(exp.phi_train, exp.y_train, exp.phi_test, exp.y_test, exp.num_classes,
+                                  epochs=p.epochs, seeds=p.seeds)
+    ridge = ridge_probe_accuracy(exp.phi_train, exp.y_train, exp.phi_test, exp.y_test, p.lam, exp.num_classes,
+                                 p.transform)
+    return {"per_seed": per_seed, "ridges": [ridge], "selected": None,
+            "what": f"full real training set ({len(exp.y_train)} images, cached un-augmented features)"}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -119,99 +187,54 @@ def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     payload = _load_distilled(args.distilled) if args.distilled else None
-    cfg = dict(payload["config"]) if payload else {}
-    data = args.data if args.data is not None else cfg.get("data")
-    model = cfg.get("model", args.model) if payload else args.model
-    weights = cfg.get("weights", args.weights) if payload else args.weights
-    eval_model = args.eval_model or model
-    eval_weights = args.eval_weights or (weights if eval_model == model else "default")
-    cross = eval_model != model or eval_weights != weights
+    # the distillation's settings; for a baseline the defaults, with the encoder asked for
+    source = RunConfig.from_dict(payload["config"], f"--distilled {payload['path']}") if payload else \
+        RunConfig(model=args.model, weights=args.weights)
+    eval_model = args.eval_model or source.model
+    eval_weights = args.eval_weights or (source.weights if eval_model == source.model else "default")
+    cross = eval_model != source.model or eval_weights != source.weights
 
-    train, test = open_dataset(data, "train"), open_dataset(data, "test")
-    if payload:
-        _check_classes(train, cfg, payload["labels"])
-    if test.num_classes != train.num_classes:
-        raise SystemExit(f"error: train split has {train.num_classes} classes, test split {test.num_classes}")
-    num_classes = train.num_classes
-    requested_size = args.image_size or (cfg.get("image_size") if payload and not cross else None)
-    encoder = build_encoder(eval_model, eval_weights, device, image_size=requested_size)
-    image_size = requested_size or default_image_size(train, encoder)
-    embedded = data is None
+    def subset(flag, distilled):  # the distillation's subsets unless asked otherwise
+        return subset_size(distilled, source.data is None) if flag is None and payload else flag
 
-    def rows_used(flag, key):  # the distillation's subsets unless asked otherwise
-        if flag is None and payload and key in cfg:
-            return subset_size(cfg[key], cfg.get("data") is None)
-        return subset_size(flag, embedded)
-
-    train_k, test_k = rows_used(args.train_subset, "train_subset"), rows_used(args.test_subset, "test_subset")
-    store_dtype = torch.bfloat16 if cfg.get("precision") == "bf16" else torch.float16
-    cache_dir = args.cache_dir or cfg.get("cache_dir") or str(DEFAULT_CACHE)
-    skip_bad = bool(args.skip_bad_images or cfg.get("skip_bad_images"))
-
-    def features(dataset, k):  # -> features, labels and the dataset rows they belong to (bad images left out)
-        return load_or_extract_features(encoder, dataset, image_size, cache_dir, dtype=store_dtype, device=device,
-                                        indices=fixed_subset(len(dataset), k), skip_bad_images=skip_bad,
-                                        return_rows=True)
-
-    print(f"[evaluate] {eval_model} ({eval_weights}) at {image_size}px, cache {cache_dir}", file=sys.stderr)
-    phi_train, y_train, train_rows = features(train, train_k)
-    phi_test, y_test, _ = features(test, test_k)
-    lam = args.lam if args.lam is not None else float(cfg.get("lam", DEFAULT_LAM))
-    transform = FeatureTransform.fit(args.features or cfg.get("features", "center-l2"), phi_train)
-    augment = build_augment(args.augment)
-    draws = args.aug_draws if args.augment != "none" else 1
-    seeds = list(range(args.seeds))
+    exp = open_experiment(
+        args.data if args.data is not None else source.data, eval_model, eval_weights, device,
+        image_size=args.image_size or (source.image_size if payload and not cross else None),
+        train_subset=subset(args.train_subset, source.train_subset),
+        test_subset=subset(args.test_subset, source.test_subset), precision=source.precision,
+        cache_dir=args.cache_dir or source.cache_dir, skip_bad_images=bool(args.skip_bad_images or
+                                                                           source.skip_bad_images),
+        check_data=(lambda train: _check_classes(train, source, payload["labels"])) if payload else None,
+        log=lambda text: print(f"[evaluate] {text}", file=sys.stderr))
     epochs = args.epochs or (DEFAULT_FULL_EPOCHS if args.baseline == "full" else DEFAULT_EPOCHS)
-
-    def evaluate_images(images, labels, seed_list, pool_seed):
-        pool = augmented_features(encoder, images, augment, draws, image_size,
-                                  torch.Generator().manual_seed(pool_seed), device=device)
-        per_seed = train_linear_probe(pool, labels, phi_test, y_test, num_classes, epochs=epochs, seeds=seed_list)
-        plain = encode_images(encoder, images, image_size)  # un-augmented, as distill's ridge number
-        ridge = ridge_probe_accuracy(plain, labels, phi_test, y_test, lam, num_classes, transform)
-        return per_seed, ridge
-
-    def dataset_images(rows):
-        return train.images(train_rows[rows.numpy()], image_size)
-
-    selected = None
+    lam = args.lam if args.lam is not None else source.lam
+    p = Protocol(exp, FeatureTransform.fit(args.features or source.features, exp.phi_train), lam,
+                 build_augment(args.augment), args.aug_draws if args.augment != "none" else 1, epochs,
+                 list(range(args.seeds)), device)
     if payload:
-        per_seed, ridge = evaluate_images(payload["images"], payload["labels"].long(), seeds, args.pool_seed)
-        ridges = [ridge]
-        what = f"distilled set {payload['path']} ({len(payload['labels'])} images)"
+        found = _distilled(p, payload, args.pool_seed)
     elif args.baseline == "random":
-        per_seed, ridges, selected = [], [], []
-        for s in seeds:  # a new random draw of real images per seed; its augmentation pool is seeded alike
-            rows = random_real_indices(y_train, num_classes, args.ipc, s)
-            res, ridge = evaluate_images(dataset_images(rows), y_train[rows], [s], s)
-            per_seed += res
-            ridges.append(ridge)
-            selected.append(rows.tolist())
-        what = f"random real images ({args.ipc} per class, redrawn per seed)"
+        found = _random_real(p, args.ipc)
     elif args.baseline == "centroids":
-        rows = centroid_indices(phi_train, y_train, num_classes, args.ipc)
-        per_seed, ridge = evaluate_images(dataset_images(rows), y_train[rows], seeds, args.pool_seed)
-        ridges, selected = [ridge], rows.tolist()
-        what = f"centroids ({args.ipc} per class)"
+        found = _centroids(p, args.ipc, args.pool_seed)
     else:
-        # The ceiling: all real training features, centre view from the cache (no augmentation pool: one draw).
-        per_seed = train_linear_probe(phi_train, y_train, phi_test, y_test, num_classes, epochs=epochs, seeds=seeds)
-        ridges = [ridge_probe_accuracy(phi_train, y_train, phi_test, y_test, lam, num_classes, transform)]
-        what = f"full real training set ({len(y_train)} images, cached un-augmented features)"
-        draws = None
-
-    results = summarize(per_seed) | {
+        found = _full_real(p)
+    draws = None if args.baseline == "full" else p.draws
+    ridges = found["ridges"]
+    results = summarize(found["per_seed"]) | {
         "ridge_top1_mean": sum(ridges) / len(ridges), "ridge_top1_per_seed": ridges, "ridge_lam": lam,
-        "evaluated": what, "distilled": payload["path"] if payload else None, "baseline": args.baseline,
-        "ipc": args.ipc if args.baseline else cfg.get("ipc"), "eval_model": eval_model, "eval_weights": eval_weights,
-        "distill_model": model if payload else None, "image_size": image_size, "epochs": epochs,
-        "aug_draws": draws, "augment": args.augment if draws else "none (cached features)", "num_test": len(y_test), "num_train": len(y_train),
-        "selected_rows": selected, "seconds": time.perf_counter() - t_start,
+        "evaluated": found["what"], "distilled": payload["path"] if payload else None, "baseline": args.baseline,
+        "ipc": args.ipc if args.baseline else source.ipc, "eval_model": eval_model, "eval_weights": eval_weights,
+        "distill_model": source.model if payload else None, "image_size": exp.image_size, "epochs": epochs,
+        "aug_draws": draws, "augment": args.augment if draws else "none (cached features)",
+        "num_test": len(exp.y_test), "num_train": len(exp.y_train), "selected_rows": found["selected"],
+        "seconds": time.perf_counter() - t_start,
     }
-    print(f"\nLinear-probe protocol ({epochs} epochs, {results['augment']}, {draws} draws/image) on {len(y_test)} real "
-          f"test images, {eval_model}{' (cross-model)' if cross else ''}:\n  {what}\n"
+    print(f"\nLinear-probe protocol ({epochs} epochs, {results['augment']}, {draws} draws/image) on "
+          f"{len(exp.y_test)} real test images, {eval_model}{' (cross-model)' if cross else ''}:\n"
+          f"  {found['what']}\n"
           f"  top-1 {100 * results['top1_mean']:.2f} +- {100 * results['top1_std']:.2f} %   "
-          f"top-5 {100 * results['top5_mean']:.2f} +- {100 * results['top5_std']:.2f} %   ({len(seeds)} seeds)\n"
+          f"top-5 {100 * results['top5_mean']:.2f} +- {100 * results['top5_std']:.2f} %   ({len(p.seeds)} seeds)\n"
           f"  ridge probe (lam={lam:g}): {100 * results['ridge_top1_mean']:.2f} %   "
           f"[{results['seconds']:.0f}s]")
     if args.json:

@@ -12,33 +12,55 @@ from torch import Tensor
 from clpdd_fast import validation as check
 from clpdd_fast.augment import Augment
 from clpdd_fast.distributed import World
-from clpdd_fast.ops import clpdd_loss
 from clpdd_fast.feature_transform import FeatureTransform
+from clpdd_fast.ops import clpdd_loss
 from clpdd_fast.profiling import nvtx_range
 from clpdd_fast.synthetic import SyntheticImages
 
 
 @dataclass
-class StepInputs:
-    """What one outer step needs besides the synthetic images; built once by the loop."""
-    encoder: torch.nn.Module
-    augment: Augment
-    out_size: int               # encoder input resolution after augmentation
-    real_features: Tensor       # (N, d) transformed real features on the compute device (fp16/bf16/fp32);
-    real_labels: Tensor         # (N,) int64 on the same device. Under torchrun: this rank's shard of the rows.
-    num_classes: int
+class ClpddInputs:
+    """What CLP-DD's outer loss needs: the real side (under torchrun, this rank's shard) and the probe settings."""
+    real_features: Tensor       # (N, d) transformed real features on the compute device (fp16/bf16/fp32)
+    real_labels: Tensor         # (N,) int64 on the same device
     transform: FeatureTransform
     lam: float
     tau: float
     outer: str = "ce"
-    chunk_size: int = 64        # synthetic images per encoder chunk
-    real_batch: int | None = None  # rows of real features sampled per step; None = all
-    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 for the encoder passes
-    # For methods that need real pixels each step (LGM): (n, generator) -> (images (n,3,S,S) in [0,1], labels).
-    real_images: Callable[[int, torch.Generator], tuple[Tensor, Tensor]] | None = None
-    augs_per_batch: int = 10    # LGM: augmented copies of the synthetic set per step
-    world: World = World()      # torchrun ranks (see distributed.py); a single process by default
+    real_batch: int | None = None  # rows of real features sampled per step (over all ranks); None = all
     real_share: float = 1.0     # this rank's fraction of all real rows (its weight in the mean over them)
+
+
+@dataclass
+class LgmInputs:
+    """What LGM needs: real pixels every step."""
+    real_images: Callable[[int, torch.Generator], tuple[Tensor, Tensor]]  # (n, generator) -> (images in [0,1], labels)
+    augs_per_batch: int = 10    # augmented copies K of the synthetic set per step
+
+
+@dataclass
+class StepInputs:
+    """What one outer step needs besides the synthetic images; built once by the loop. Every method uses the
+    encoder fields; `clpdd` and `lgm` hold each method's own inputs (the other may be None)."""
+    encoder: torch.nn.Module
+    augment: Augment
+    out_size: int               # encoder input resolution after augmentation
+    num_classes: int
+    chunk_size: int = 64        # synthetic images per encoder chunk
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 for the encoder passes
+    clpdd: ClpddInputs | None = None
+    lgm: LgmInputs | None = None
+    world: World = World()      # torchrun ranks (see distributed.py); a single process by default
+
+
+def _own_inputs(inputs: StepInputs, method: str):
+    """inputs.clpdd or inputs.lgm, which the loop fills for the method it runs."""
+    own = getattr(inputs, method)
+    if own is None:
+        needs = ("the real features: StepInputs(clpdd=ClpddInputs(real_features=..., ...))" if method == "clpdd" else
+                 "real images every step: StepInputs(lgm=LgmInputs(real_images=...))")
+        raise ValueError(f"inputs.{method}: the {method} step needs {needs}, got None")
+    return own
 
 
 def _chunks(start: int, stop: int, size: int, device) -> list[Tensor]:
@@ -63,12 +85,13 @@ def _outer_loss(phi_s: Tensor, synthetic: SyntheticImages, inputs: StepInputs,
                 generator: torch.Generator) -> Tensor:
     """CLP-DD's loss of raw synthetic features phi_s on all real rows or on a sampled batch of them
     (real_batch * real_share rows of this rank's shard)."""
-    real_x, real_y = inputs.real_features, inputs.real_labels
+    own = _own_inputs(inputs, "clpdd")
+    real_x, real_y = own.real_features, own.real_labels
     # One draw from the shared generator seeds this rank's row sample, so the shared generator advances alike on
     # every rank (and the augmentation draws stay identical) whatever the shard sizes.
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    if inputs.real_batch is not None:
-        batch = max(1, round(inputs.real_batch * inputs.real_share))
+    if own.real_batch is not None:
+        batch = max(1, round(own.real_batch * own.real_share))
         if batch < real_x.shape[0]:
             local = torch.Generator().manual_seed(seed + inputs.world.rank)
             rows = torch.randperm(real_x.shape[0], generator=local)[:batch].to(real_x.device)
@@ -76,17 +99,17 @@ def _outer_loss(phi_s: Tensor, synthetic: SyntheticImages, inputs: StepInputs,
     # The real features are constants checked once when the loop is built (distill.py); only the synthetic side is
     # checked here, every step: a NaN there means the run diverged.
     check.finite("synthetic features", phi_s)
-    return clpdd_loss(inputs.transform(phi_s), synthetic.labels, real_x, real_y, inputs.lam, inputs.tau,
-                      outer=inputs.outer, num_classes=inputs.num_classes, check_finite=False)
+    return clpdd_loss(own.transform(phi_s), synthetic.labels, real_x, real_y, own.lam, own.tau,
+                      outer=own.outer, num_classes=inputs.num_classes, check_finite=False)
 
 
 def clpdd_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Generator) -> Tensor:
-    """One bounded-memory CLP-DD step (METHOD.md): returns the loss and accumulates d loss / d parameters.
+    """One bounded-memory CLP-DD step (docs/METHOD.md, section 3): returns the loss and accumulates d loss / d parameters.
 
     1. forward all m synthetic images through the encoder without autograd, chunk by chunk -> phi_s;
     2. ridge probe of phi_s, CE (or MSE) on the real features, backward to d loss / d phi_s only;
     3. re-run each chunk with autograd and the same augmentation, backpropagating its rows of d loss / d phi_s.
-    Peak memory: one chunk's activations plus O(m d + m^2 + d C), independent of m's activations.
+    Peak memory: one chunk's activations plus O(m d + min(m, d)^2 + d C), independent of m's activations.
     """
     m = synthetic.num_images
     device = synthetic.labels.device
@@ -98,7 +121,7 @@ def clpdd_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.
         phi_s = world.gather_rows(torch.cat(own), m)
     phi_s.requires_grad_(True)
     with nvtx_range("outer_loss"):  # ridge_solve and linear_softmax_ce open their own ranges inside
-        loss = _outer_loss(phi_s, synthetic, inputs, generator) * inputs.real_share
+        loss = _outer_loss(phi_s, synthetic, inputs, generator) * _own_inputs(inputs, "clpdd").real_share
     with nvtx_range("loss_backward"):
         (grad_phi,) = torch.autograd.grad(loss, phi_s)
         loss = world.sum_(loss.detach())
@@ -133,13 +156,11 @@ def lgm_draws(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.G
     """The random draws of one LGM step, in the order lgm_step makes them (tests replay them from a cloned generator):
     a real batch of K * m images with its labels, their augmentation, the augmentation of K copies of the m synthetic
     images. Returns (real_images, real_labels, real_params, synthetic_params)."""
-    if inputs.real_images is None:
-        raise ValueError("inputs.real_images: LGM needs real images every step; distill.py provides them "
-                         "(StepInputs.real_images = (n, generator) -> (images, labels))")
-    check.integer("inputs.augs_per_batch", inputs.augs_per_batch, minimum=1)
-    n = inputs.augs_per_batch * synthetic.num_images
+    own = _own_inputs(inputs, "lgm")
+    check.integer("inputs.lgm.augs_per_batch", own.augs_per_batch, minimum=1)
+    n = own.augs_per_batch * synthetic.num_images
     device = synthetic.labels.device
-    real_images, real_labels = inputs.real_images(n, generator)
+    real_images, real_labels = own.real_images(n, generator)
     real_params = inputs.augment.sample(n, generator, device)
     synthetic_params = inputs.augment.sample(n, generator, device)
     return real_images.to(device), real_labels.to(device), real_params, synthetic_params
@@ -151,10 +172,10 @@ def lgm_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Ge
     A fresh random linear head (W ~ N(0, 0.01^2) of shape (d, C), b = 0) is drawn; g_real = d CE / d[W, b] on a batch
     of K * m augmented real images (no graph), g_syn = the same on K augmented copies of the m synthetic images (with
     graph); loss = 1 - cos(flatten(g_real), flatten(g_syn)), backpropagated through g_syn (a double backward through
-    the encoder) into the synthetic parameters. K = inputs.augs_per_batch. Not memory-bounded: all K * m synthetic
+    the encoder) into the synthetic parameters. K = inputs.lgm.augs_per_batch. Not memory-bounded: all K * m synthetic
     images' activations and their double-backward graph are alive at once (that is LGM's cost, which CLP-DD avoids).
     """
-    K = inputs.augs_per_batch
+    K = _own_inputs(inputs, "lgm").augs_per_batch
     real_images, real_labels, real_params, synthetic_params = lgm_draws(synthetic, inputs, generator)
     with torch.no_grad(), nvtx_range("lgm_real_forward"):
         phi_r = _features(inputs.augment.apply(real_images, real_params, inputs.out_size), inputs)

@@ -1,6 +1,6 @@
 """LGM's evaluation protocol as a library function: a fresh linear head trained on frozen, augmented features.
 
-Protocol (METHOD.md, "Evaluation protocol"; Cazenavette et al.'s eval.py): a linear head (weights ~ N(0, 0.01^2),
+Protocol (docs/METHOD.md, section 4; Cazenavette et al.'s eval.py): a linear head (weights ~ N(0, 0.01^2),
 zero bias) on the frozen encoder's features of the training images (the distilled set, a baseline's real images, or
 all real training images), each epoch a shuffled pass in batches of B = min(100, n), every image freshly augmented
 (horizontal flip + random-resized-crop), Adam with lr = 1e-3 * B / 256, no weight decay, cosine annealing of the

@@ -1,6 +1,6 @@
 """Synthetic-image parameterisations: what the distillation optimises, and how it becomes images.
 
-Two parameterisations share one base class (METHOD.md, "Defaults inherited from LGM's protocol"):
+Two parameterisations share one base class (docs/METHOD.md, "Inherited from LGM's recipe"):
 
 - ``PixelImages``: one logit tensor per image, shape (m, 3, S, S).
 - ``PyramidImages``: a Laplacian-style pyramid of logit tensors at 1x1, 2x2, 4x4, ... and finally S x S; every level
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clpdd_fast.validation import integer
-# Lucid's colour-correlation square root, the matrix METHOD.md fixes; columns are normalised below.
+# Lucid's colour-correlation square root, the matrix docs/METHOD.md gives (section 5); columns are normalised below.
 _COLOR_CORRELATION = [[0.26, 0.09, 0.02],
                       [0.27, 0.00, -0.05],
                       [0.27, -0.09, 0.03]]
@@ -39,7 +39,7 @@ _NOISE_STD = 0.1
 
 
 def color_decorrelation_matrix(dtype: torch.dtype = torch.float32, device=None) -> Tensor:
-    """The 3x3 matrix M with rgb = M @ x per pixel: METHOD.md's matrix divided by its largest column norm."""
+    """The 3x3 matrix M with rgb = M @ x per pixel: docs/METHOD.md's matrix divided by its largest column norm."""
     m = torch.tensor(_COLOR_CORRELATION, dtype=torch.float64)
     m = m / m.norm(dim=0).max()
     return m.to(dtype=dtype, device=device)

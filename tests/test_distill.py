@@ -8,8 +8,8 @@ import torch
 
 from clpdd_fast.augment import build_augment
 from clpdd_fast.distill import main
-from clpdd_fast.methods import StepInputs, clpdd_loss_plain, clpdd_step
 from clpdd_fast.feature_transform import FeatureTransform
+from clpdd_fast.methods import ClpddInputs, StepInputs, clpdd_loss_plain, clpdd_step
 from clpdd_fast.synthetic import build_synthetic
 
 from conftest import TINY_MODEL
@@ -24,10 +24,10 @@ def step_inputs(encoder, chunk_size, real_batch=None, outer="ce"):
     g = torch.Generator().manual_seed(5)
     real = torch.randn(40, encoder.feature_dim, generator=g)
     transform = FeatureTransform.fit("center-l2", real)
-    return StepInputs(encoder=encoder, augment=build_augment("standard"), out_size=32,
-                      real_features=transform(real), real_labels=torch.arange(40) % 3, num_classes=3,
-                      transform=transform, lam=0.3, tau=0.2, outer=outer, chunk_size=chunk_size,
-                      real_batch=real_batch)
+    clpdd = ClpddInputs(real_features=transform(real), real_labels=torch.arange(40) % 3, transform=transform,
+                        lam=0.3, tau=0.2, outer=outer, real_batch=real_batch)
+    return StepInputs(encoder=encoder, augment=build_augment("standard"), out_size=32, num_classes=3,
+                      chunk_size=chunk_size, clpdd=clpdd)
 
 
 @pytest.mark.parametrize("param", ["pixel", "pyramid"])

@@ -91,12 +91,13 @@ def _two_rank_case():
 
 def _step_grads(world):
     """The synthetic parameters' gradients after one clpdd_step of `world`'s rank (its shard of the real rows)."""
-    from clpdd_fast.methods import StepInputs, clpdd_step
+    from clpdd_fast.methods import ClpddInputs, StepInputs, clpdd_step
     encoder, augment, transform, real, labels, synthetic = _two_rank_case()
     first, stop = world.block(len(labels))
-    inputs = StepInputs(encoder=encoder, augment=augment, out_size=32, real_features=real[first:stop],
-                        real_labels=labels[first:stop], num_classes=3, transform=transform, lam=0.3, tau=0.2,
-                        chunk_size=2, world=world, real_share=(stop - first) / len(labels))
+    clpdd = ClpddInputs(real_features=real[first:stop], real_labels=labels[first:stop], transform=transform,
+                        lam=0.3, tau=0.2, real_share=(stop - first) / len(labels))
+    inputs = StepInputs(encoder=encoder, augment=augment, out_size=32, num_classes=3, chunk_size=2, clpdd=clpdd,
+                        world=world)
     loss = clpdd_step(synthetic, inputs, torch.Generator().manual_seed(11))
     return loss, [p.grad.clone() for p in synthetic.parameters()]
 

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from clpdd_fast.augment import build_augment
 from clpdd_fast.encoders import build_encoder
-from clpdd_fast.methods import LGM_HEAD_STD, METHODS, StepInputs, lgm_draws, lgm_step
-from clpdd_fast.feature_transform import FeatureTransform
+from clpdd_fast.methods import LGM_HEAD_STD, METHODS, LgmInputs, StepInputs, lgm_draws, lgm_step
 from clpdd_fast.synthetic import build_synthetic
 
 from conftest import TINY_MODEL
@@ -27,10 +26,8 @@ def make_inputs(encoder, augment="standard", K=2):
         rows = torch.randint(len(pool), (n,), generator=generator)
         return pool[rows], pool_labels[rows]
 
-    feats = torch.randn(8, encoder.feature_dim)
-    return StepInputs(encoder=encoder, augment=build_augment(augment), out_size=16, real_features=feats,
-                      real_labels=torch.arange(8) % C, num_classes=C, transform=FeatureTransform(), lam=0.1,
-                      tau=1.0, real_images=real_images, augs_per_batch=K)
+    return StepInputs(encoder=encoder, augment=build_augment(augment), out_size=16, num_classes=C,
+                      lgm=LgmInputs(real_images=real_images, augs_per_batch=K))
 
 
 def make_synthetic(param="pixel"):
@@ -47,7 +44,7 @@ def closed_form_grads(phi, labels, weight, bias):
 def oracle(synthetic, inputs, generator):
     """The LGM loss straight from the formula, replaying lgm_step's random draws; returns the loss (with graph)."""
     real_images, real_labels, real_params, syn_params = lgm_draws(synthetic, inputs, generator)
-    aug, K = inputs.augment, inputs.augs_per_batch
+    aug, K = inputs.augment, inputs.lgm.augs_per_batch
     with torch.no_grad():
         phi_r = inputs.encoder(aug.apply(real_images, real_params, inputs.out_size))
     weight = (torch.randn(phi_r.shape[1], C, generator=generator) * LGM_HEAD_STD).to(phi_r.dtype)
@@ -94,8 +91,8 @@ def step_and_oracle(synthetic, inputs, seed=11):
 @pytest.mark.parametrize("param,augment", [("pixel", "standard"), ("pyramid", "none")])
 def test_lgm_loss_and_gradient_match_the_formula_float64(encoder64, param, augment):
     inputs = make_inputs(encoder64, augment)
-    pool_images = inputs.real_images
-    inputs.real_images = lambda n, g: (pool_images(n, g)[0].double(), pool_images(n, g)[1])
+    pool_images = inputs.lgm.real_images
+    inputs.lgm.real_images = lambda n, g: (pool_images(n, g)[0].double(), pool_images(n, g)[1])
     synthetic = make_synthetic(param).double()
     loss, expected, errors = step_and_oracle(synthetic, inputs)
     assert loss.dtype == torch.float64 and 0 < float(loss) < 2
@@ -136,7 +133,7 @@ def test_lgm_reduces_its_loss_when_optimised(encoder):
 
 def test_lgm_needs_real_images(encoder):
     inputs = make_inputs(encoder)
-    inputs.real_images = None
+    inputs.lgm = None
     with pytest.raises(ValueError, match="real_images"):
         lgm_step(make_synthetic(), inputs, torch.Generator())
     inputs = make_inputs(encoder, K=0)

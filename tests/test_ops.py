@@ -136,7 +136,7 @@ def test_ridge_gradcheck(m, d, mode):
 
 @pytest.mark.parametrize("m,d", [(6, 9), (11, 5)])
 def test_ridge_analytic_gradient_equals_autograd_of_naive_formula(m, d):
-    """METHOD.md's dL/dPhi_s against autograd through an explicit-solve implementation, for a random upstream G."""
+    """The dL/dPhi_s of docs/METHOD.md (section 2) against autograd through an explicit-solve implementation, for a random upstream G."""
     phi, y, g = rand(m, d, seed=27, requires_grad=True), rand(m, 4, seed=28), rand(d, 4, seed=29)
     naive = phi.T @ torch.linalg.solve(phi @ phi.T + 0.6 * torch.eye(m, dtype=phi.dtype), y)
     (expect,) = torch.autograd.grad((naive * g).sum(), phi)
