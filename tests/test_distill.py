@@ -86,6 +86,27 @@ def test_resume_refuses_changed_settings(tiny_idx, tmp_path):
         main(run_args(tiny_idx, tmp_path / "r", tmp_path / "cache", "--iterations", "2", "--resume", "--lam", "9"))
 
 
+def test_resume_and_evaluate_accept_files_written_before_newer_settings(tiny_idx, tmp_path):
+    """A checkpoint / distilled set whose saved config lacks settings added later: they take their defaults."""
+    from clpdd_fast.evaluate import main as evaluate
+    run = tmp_path / "r"
+    main(run_args(tiny_idx, run, tmp_path / "cache", "--iterations", "1"))
+    for name in ("checkpoint.pt", "distilled.pt"):
+        payload = torch.load(run / name, weights_only=True)
+        for key in ("skip_bad_images", "augs_per_batch", "world_size", "class_names"):
+            payload["config"].pop(key, None)
+        torch.save(payload, run / name)
+    res = main(run_args(tiny_idx, run, tmp_path / "cache", "--iterations", "2", "--resume"))
+    assert res["steps"] == 2
+    with pytest.raises(SystemExit, match="--augs-per-batch was 10, now 3"):   # the default counts as the old value
+        main(run_args(tiny_idx, run, tmp_path / "cache", "--iterations", "3", "--resume", "--augs-per-batch", "3"))
+    payload = torch.load(run / "distilled.pt", weights_only=True)
+    payload["config"].pop("skip_bad_images")
+    torch.save(payload, run / "distilled.pt")
+    out = evaluate(["--distilled", str(run), "--device", "cpu", "--epochs", "2", "--seeds", "1", "--aug-draws", "1"])
+    assert out["image_size"] == 32 and out["num_train"] == 48
+
+
 def test_existing_run_is_not_overwritten(tiny_idx, tmp_path):
     main(run_args(tiny_idx, tmp_path / "r", tmp_path / "cache", "--iterations", "1"))
     with pytest.raises(SystemExit, match="--resume"):

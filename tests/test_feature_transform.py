@@ -1,10 +1,9 @@
-"""Feature normalisation of the probe and the ridge probe's accuracy, against direct numpy computations."""
+"""The feature normalisation of the probe, against its definition in numpy."""
 import numpy as np
 import pytest
 import torch
 
 from clpdd_fast.feature_transform import FeatureTransform
-from clpdd_fast.ridge_probe import ridge_probe_accuracy
 
 
 def feats(n, d, seed, offset=3.0):
@@ -35,16 +34,3 @@ def test_transform_keeps_gradients():
 def test_unknown_normalisation_is_refused():
     with pytest.raises(ValueError, match="features"):
         FeatureTransform.fit("zscore", feats(5, 3, 4))
-
-
-def test_ridge_probe_accuracy_matches_numpy():
-    train, test = feats(40, 6, 5, 0.0), feats(33, 6, 6, 0.0)
-    y_train, y_test = torch.arange(40) % 3, torch.arange(33) % 3
-    train[:, :3] += 2.0 * torch.nn.functional.one_hot(y_train, 3)  # make the classes partly separable
-    test[:, :3] += 2.0 * torch.nn.functional.one_hot(y_test, 3)
-    t = FeatureTransform.fit("center", train)
-    got = ridge_probe_accuracy(train, y_train, test, y_test, 0.7, 3, t, chunk_size=8)
-    x, z = t(train).double().numpy(), t(test).double().numpy()
-    w = np.linalg.solve(x.T @ x + 0.7 * np.eye(6), x.T @ np.eye(3)[y_train.numpy()])
-    expect = float(((z @ w).argmax(1) == y_test.numpy()).mean())
-    assert got == pytest.approx(expect) and 0.34 < got <= 1.0

@@ -1,0 +1,39 @@
+"""RunConfig: the one source of distill's defaults, old saved configs load, --resume compares the right settings."""
+import dataclasses
+
+import pytest
+
+from clpdd_fast.config import DERIVED, RESUMABLE, RunConfig
+from clpdd_fast.distill import build_parser
+
+
+def test_the_parser_sets_every_command_line_setting_with_its_default():
+    parser = build_parser()
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    assert dests == fields - DERIVED
+    assert RESUMABLE <= dests
+    assert RunConfig(**vars(parser.parse_args([]))) == RunConfig()
+
+
+def test_an_old_config_without_newer_settings_loads_with_their_defaults():
+    old = {"method": "clpdd", "ipc": 3, "lam": 0.5, "model": "m", "image_size": 32, "num_classes": 4}
+    cfg = RunConfig.from_dict(old)
+    assert (cfg.ipc, cfg.lam, cfg.model, cfg.image_size, cfg.num_classes) == (3, 0.5, "m", 32, 4)
+    assert cfg.skip_bad_images is False and cfg.world_size is None and cfg.tau == RunConfig().tau
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg   # round trip through the saved dict
+
+
+def test_unknown_settings_are_named_and_left_out(capsys):
+    cfg = RunConfig.from_dict({"ipc": 2, "retired_flag": 1}, "config.json")
+    assert cfg.ipc == 2 and not hasattr(cfg, "retired_flag")
+    err = capsys.readouterr().err
+    assert "config.json" in err and "retired_flag" in err
+    with pytest.raises(TypeError, match="my.pt: expected a dict"):
+        RunConfig.from_dict(["ipc"], "my.pt")
+
+
+def test_mismatches_name_command_line_settings_only():
+    saved = RunConfig(lam=0.1, iterations=5, num_classes=10)
+    assert saved.mismatches(RunConfig(lam=0.1, iterations=50, out="x", num_classes=None)) == []
+    assert saved.mismatches(RunConfig(lam=2.0, skip_bad_images=True)) == ["--lam was 0.1, now 2.0"]
