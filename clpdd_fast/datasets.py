@@ -68,7 +68,7 @@ class ImageDataset:
     preprocessing: str
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return self.labels.numel()   # labels is 1-D
 
     def images(self, indices, size: int) -> Tensor:
         """indices: ints / 1-D array / LongTensor of rows; size: output side. -> float32 (k, 3, size, size) in [0, 1].
