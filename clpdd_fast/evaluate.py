@@ -79,25 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_distilled(path: str) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "distilled.pt"
-    if not p.is_file():
-        raise SystemExit(f"error: --distilled: {path!r} is neither a distilled.pt file nor a run folder holding one")
-    payload = artifacts.load_torch(p, "--distilled", {"images", "labels", "config"})  # runs no code from the file
-    images, labels = payload["images"], payload["labels"]
-    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor) \
-            or not isinstance(payload["config"], dict):
-        raise ValueError(f"--distilled: {p}: expected images and labels tensors and a config dict, got "
-                         f"{type(images).__name__}, {type(labels).__name__}, {type(payload['config']).__name__}")
-    if images.dim() != 4 or images.shape[1] != 3 or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise SystemExit(f"error: --distilled: images {tuple(images.shape)} and labels {tuple(labels.shape)} "
-                         f"do not form a set of (m, 3, S, S) images with m labels")
-    payload["path"] = str(p)
-    return payload
-
-
 def _check_classes(train, cfg: RunConfig, labels: torch.Tensor) -> None:
     """The distilled set's classes must be the evaluation data's classes."""
     if cfg.num_classes is not None and int(cfg.num_classes) != train.num_classes:
@@ -186,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
                          "--baseline random|centroids|full")
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    payload = _load_distilled(args.distilled) if args.distilled else None
+    payload = artifacts.load_distilled(args.distilled) if args.distilled else None
     # the distillation's settings; for a baseline the defaults, with the encoder asked for
     source = RunConfig.from_dict(payload["config"], f"--distilled {payload['path']}") if payload else \
         RunConfig(model=args.model, weights=args.weights)
