@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from clpdd_fast import artifacts, validation
+from clpdd_fast import artifacts, export, validation
 from clpdd_fast.augment import build_augment
 from clpdd_fast.baselines import random_real_indices
 from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, positive_float, positive_int, run_main
@@ -264,7 +264,8 @@ def train_loop(cfg: RunConfig, s: Setup) -> int:
 
 
 def finish(cfg: RunConfig, s: Setup, steps: int) -> dict:
-    """Write the distilled set and its picture, and compare ridge probes on the real test split (rank 0)."""
+    """Write the distilled set (distilled.pt, and for other tools distilled/ and distilled.safetensors) and its
+    picture, and compare ridge probes on the real test split (rank 0)."""
     exp = s.exp
     with torch.no_grad():
         images = s.synthetic.decode().detach()
@@ -272,6 +273,9 @@ def finish(cfg: RunConfig, s: Setup, steps: int) -> dict:
         artifacts.save_torch({"images": images.cpu(), "labels": labels.cpu(), "config": s.config.to_dict()},
                              s.out / "distilled.pt")
         artifacts.save_grid_png(images, labels, exp.train.class_names, s.out / "distilled.png")
+        export.write_imagefolder(images, labels, exp.train.class_names, s.out / "distilled", force=True)
+        export.write_safetensors(images, labels, exp.train.class_names, s.config.to_dict(),
+                                 s.out / "distilled.safetensors", force=True)
         phi_distilled = encode_images(exp.encoder, images, exp.image_size, cfg.chunk_size)
 
     def ridge(x, y):

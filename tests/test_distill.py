@@ -55,12 +55,22 @@ def test_end_to_end_outputs(tiny_idx, tmp_path):
     out = tmp_path / "run"
     results = main(run_args(tiny_idx, out, tmp_path / "cache", "--iterations", "3", "--ipc", "2",
                             "--augment", "standard", "--param", "pyramid"))
-    for name in ["distilled.pt", "distilled.png", "config.json", "metrics.jsonl", "checkpoint.pt", "results.json"]:
+    for name in ["distilled.pt", "distilled.png", "config.json", "metrics.jsonl", "checkpoint.pt", "results.json",
+                 "distilled.safetensors", "distilled"]:
         assert (out / name).exists(), name
     saved = torch.load(out / "distilled.pt")
     assert saved["images"].shape == (8, 3, 36, 36)
     assert 0 <= saved["images"].min() and saved["images"].max() <= 1
     assert saved["labels"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # the same set for other tools (tests/test_export.py tests the formats)
+    from safetensors.torch import load_file
+    from torchvision.datasets import ImageFolder
+    exported = load_file(str(out / "distilled.safetensors"))
+    assert torch.equal(exported["images"], saved["images"]) and torch.equal(exported["labels"], saved["labels"])
+    tree = ImageFolder(str(out / "distilled"))
+    assert tree.targets == saved["labels"].tolist() and len(tree.classes) == 4
+    pixels = (saved["images"][7].double() * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(tree[7][0]), pixels)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     assert set(results["ridge_top1"]) == {"distilled", "random_real", "all_real_train"}
