@@ -199,3 +199,24 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: --distilled")
+
+
+def test_readme_loading_example_runs(tmp_path, monkeypatch):
+    """The README's snippet loads what distill writes into a run folder, with torchvision and safetensors only."""
+    import re
+    from pathlib import Path
+
+    images, labels = torch.rand(24, 3, 9, 9), torch.arange(24) % len(NAMES)   # every class: no empty folder
+    config = RunConfig(class_names=NAMES).to_dict()
+    run = tmp_path / "run"
+    run.mkdir()
+    artifacts.save_torch({"images": images, "labels": labels, "config": config}, run / "distilled.pt")
+    export.main(["--distilled", str(run), "--format", "imagefolder", str(run / "distilled")])
+    export.main(["--distilled", str(run), "--format", "safetensors", str(run / "distilled.safetensors")])
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"safetensors alone:\n```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code.replace("runs/<run>", "run"), "README.md", "exec"), scope)
+    assert scope["tree"].targets == sorted(labels.tolist()) and torch.equal(scope["images"], images)
+    assert torch.equal(scope["labels"], labels) and scope["config"] == config and scope["names"] == NAMES
