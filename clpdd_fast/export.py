@@ -157,12 +157,13 @@ def write_safetensors(images: Tensor, labels: Tensor, class_names: list[str], co
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clpdd_fast.export", description=__doc__,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--distilled", required=True, help="a distillation run folder or its distilled.pt")
-    p.add_argument("--format", required=True, choices=FORMATS, help="imagefolder (a folder of PNGs per class) or "
-                   "safetensors (one file)")
-    p.add_argument("--force", action="store_true",
-                   help="replace OUT if it exists (a folder only if an earlier export wrote it)")
-    p.add_argument("out", metavar="OUT", help="the folder (imagefolder) or file (safetensors) to write")
+    a = p.add_argument
+    required = {"required": True, "default": argparse.SUPPRESS}   # no "(default: None)" in --help
+    a("--distilled", **required, help="a distillation run folder or its distilled.pt")
+    a("--format", **required, choices=FORMATS,
+      help="imagefolder (a folder of PNGs per class) or safetensors (one file)")
+    a("--force", action="store_true", help="replace OUT if it exists (a folder only if an earlier export wrote it)")
+    a("out", metavar="OUT", help="the folder (imagefolder) or file (safetensors) to write")
     return p
 
 
