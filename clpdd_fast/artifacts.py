@@ -12,13 +12,21 @@ import torch
 from torch import Tensor
 
 
+# The process umask, read once at import (os.umask can only be read by setting it): files written through a temporary
+# file get the permissions a plain open() would give them (mkstemp's are 0600), so shared outputs stay readable.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: a crash leaves the old file or the new one, never half."""
+    """Call write(tmp_path), then rename over `path`: a crash leaves the old file or the new one, never half.
+    The file gets the usual permissions (0666 less the umask)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -51,3 +51,11 @@ def test_metrics_log_resume_drops_a_cut_last_row_and_refuses_a_cut_middle_one(tm
     path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3, "loss": 0.25}\n')
     with pytest.raises(ValueError, match="metrics.jsonl is corrupt"):
         artifacts.MetricsLog(path, keep_until_step=3)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    from clpdd_fast import artifacts
+    artifacts.save_json({"a": 1}, tmp_path / "x.json")
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
