@@ -60,7 +60,7 @@ def gpu_launches() -> list[tuple]:
     import torch
 
     import bench_ops
-    from clpdd_fast import reference
+    from clpdd_fast import reference, settings
     from clpdd_fast.kernels import aot, cholesky, small_ridge
     from clpdd_fast.kernels import backend as kb
     from clpdd_fast.kernels import gram as kgram
@@ -81,7 +81,7 @@ def gpu_launches() -> list[tuple]:
             kb.ridge_backward(phi, y, w, factor, t(d, c), mode, True, False)
 
     bf16, fp32 = torch.bfloat16, torch.float32
-    default = (small_ridge.MAX_SIZE, cholesky.NUM_WARPS, os.environ.get("CLPDD_CE_PRECISION"))
+    default = (small_ridge.MAX_SIZE, cholesky.NUM_WARPS)
     with aot.recording() as launches:
         try:
             # test_gpu_bf16_linear_ce_and_ridge, test_gpu_large_shapes_..., test_gpu_int64_row_offsets_...
@@ -97,9 +97,8 @@ def gpu_launches() -> list[tuple]:
             chunk = reference.default_chunk_size(c, d)
             for w_dt, precisions in ((bf16, ("auto",)), (fp32, ("auto", "ieee"))):
                 for precision in precisions:
-                    os.environ["CLPDD_CE_PRECISION"] = precision
-                    ce(n, d, c, bf16, w_dt, chunk, need_x=False)
-            os.environ.pop("CLPDD_CE_PRECISION")
+                    with settings.overridden("CLPDD_CE_PRECISION", precision):
+                        ce(n, d, c, bf16, w_dt, chunk, need_x=False)
             for m in (10, 32, 64, 128):
                 for max_size in (small_ridge.size_limit(fp32), 0):
                     small_ridge.MAX_SIZE = max_size
@@ -119,9 +118,7 @@ def gpu_launches() -> list[tuple]:
             ridge(1000, 768, 1000, "primal")
             ce(1_281_167, 768, 1000, bf16, fp32, reference.default_chunk_size(1000, 768), need_x=False)
         finally:
-            small_ridge.MAX_SIZE, cholesky.NUM_WARPS = default[:2]
-            if default[2] is not None:
-                os.environ["CLPDD_CE_PRECISION"] = default[2]
+            small_ridge.MAX_SIZE, cholesky.NUM_WARPS = default
     return launches
 
 
@@ -131,7 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--launches", default=None, help="launches of tests/test_kernels.py recorded before (skips the "
                    "interpreted test run)")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from clpdd_fast import settings
+    if settings.triton_interpret():
         p.error("run it without TRITON_INTERPRET=1 (the compiling process needs the compiled kernels)")
     sys.path.insert(0, str(HERE))
     path = args.launches

@@ -28,11 +28,12 @@ from clpdd_fast.validation import NotPositiveDefiniteError  # noqa: E402
 from clpdd_fast.kernels import backend as kbackend  # noqa: E402
 from clpdd_fast.kernels import cholesky as kchol  # noqa: E402
 from clpdd_fast.kernels import gram as kgram  # noqa: E402
+from clpdd_fast.kernels import matmul as kmatmul  # noqa: E402
 from clpdd_fast.kernels import linear_ce as kce  # noqa: E402
 from clpdd_fast.kernels import small_ridge as ksmall  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-SMALL = {"BN": 16, "BC": 16, "BD": 16}   # several tiles in every dimension at the test shapes
+SMALL = {"BLOCK_ROWS": 16, "BLOCK_CLASSES": 16, "BLOCK_FEATURES": 16}   # several tiles in every dimension at the test shapes
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton); gpu_check.sh runs it")
 
 
@@ -74,7 +75,7 @@ def test_backend_exposes_the_reference_functions_with_the_same_signatures():
 
 def test_kernels_run_under_the_interpreter_on_cpu():
     if not CUDA:
-        assert type(kgram._matmul_kernel).__name__.startswith("Interpreted")
+        assert type(kmatmul._matmul_kernel).__name__.startswith("Interpreted")
     assert ops.resolve_backend("triton", torch.device(DEVICE)) is kbackend
 
 
@@ -95,7 +96,7 @@ def test_symmetric_mode_mirrors_the_lower_triangle_of_every_tile():
     # with b != a^T the product is not symmetric, so what the symmetric mode keeps is visible: the lower triangle
     # of a @ b, diagonal tiles included, mirrored bitwise into the upper one
     a, b = rand(37, 19, seed=4), rand(19, 37, seed=5)
-    k = kgram.matmul(a, b, symmetric=True, blocks={"BM": 16, "BN": 16})
+    k = kmatmul.matmul(a, b, symmetric=True, blocks={"BLOCK_M": 16, "BLOCK_N": 16})
     assert torch.equal(k, k.T)
     exact = torch.tril(a.double() @ b.double())
     exact = exact + torch.tril(exact, -1).T
@@ -107,16 +108,16 @@ def test_gram_of_a_transposed_view_and_bf16_is_fp32():
     close_to_exact(kgram.gram(x.T, 0.5), reference.gram(x.T, 0.5), reference.gram(x.T.double(), 0.5), 2e-5)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_matmul_strides_splits_accumulate_and_poisoned_output(splits):
+@pytest.mark.parametrize("k_slices", [1, 3])
+def test_matmul_strides_k_slices_accumulate_and_poisoned_output(k_slices):
     a, b = rand(50, 33, seed=1), rand(41, 33, seed=2).T            # b is a transposed view
-    out = torch.full((splits, 50, 41) if splits > 1 else (50, 41), float("nan"), device=DEVICE)
-    kgram.matmul(a, b, out=out, alpha=2.0, splits=splits)
-    total = out.sum(0) if splits > 1 else out
+    out = torch.full((k_slices, 50, 41) if k_slices > 1 else (50, 41), float("nan"), device=DEVICE)
+    kmatmul.matmul(a, b, out=out, alpha=2.0, k_slices=k_slices)
+    total = out.sum(0) if k_slices > 1 else out
     exact = 2.0 * a.double() @ b.double()
     close_to_exact(total, (2.0 * a @ b), exact, 2e-5)
-    kgram.matmul(a, b, out=out, alpha=-1.0, splits=splits, accumulate=True)
-    total = out.sum(0) if splits > 1 else out
+    kmatmul.matmul(a, b, out=out, alpha=-1.0, k_slices=k_slices, accumulate=True)
+    total = out.sum(0) if k_slices > 1 else out
     close_to_exact(total, a @ b, a.double() @ b.double(), 2e-5)
 
 
@@ -237,9 +238,9 @@ def test_small_ridge_backward_one_launch_matches_float64(need_phi, need_y, dtype
 def test_matmul_low_halves_must_match_their_main_part():
     a, b = rand(5, 7), rand(7, 3)
     with pytest.raises(ValueError, match="b_lo must match"):
-        kgram.matmul(a, b, b_lo=rand(3, 7).T)               # same shape, other strides
+        kmatmul.matmul(a, b, b_lo=rand(3, 7).T)               # same shape, other strides
     with pytest.raises(ValueError, match="a_lo must match"):
-        kgram.matmul(a, b, a_lo=rand(5, 7, dtype=torch.float64))
+        kmatmul.matmul(a, b, a_lo=rand(5, 7, dtype=torch.float64))
 
 
 def test_small_ridge_strided_mixed_inputs_and_lam_edges():
@@ -363,7 +364,7 @@ def test_linear_ce_forward_backward_match_float64(dtype, tau):
     close_to_exact(lse, lse_ref, lse_ex, tol)
     assert loss[3] == 0 and loss[36] == 0
     grad_rows = rand(n, dtype=lse.dtype, seed=9).abs() * (t != -100)
-    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, grad_rows, -100, 16, True, True, blocks=SMALL, splits=2)
+    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, grad_rows, -100, 16, True, True, blocks=SMALL, k_slices=2)
     gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, tau, lse_ref, grad_rows, -100, 16, True, True)
     gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, tau, lse_ex, grad_rows.double(),
                                                 -100, 16, True, True)
@@ -380,7 +381,7 @@ def test_linear_ce_backward_flags_and_chunking(need_x, need_w, chunk_size):
     _, lse = reference.linear_ce_forward(x, w, t, 0.7, -100, n)
     grad_rows = torch.full((n,), 1.0 / n, device=DEVICE)
     gx, gw = kce.linear_ce_backward(x, w, t, 0.7, lse, grad_rows, -100, chunk_size, need_x, need_w,
-                                    blocks=SMALL, splits=3)
+                                    blocks=SMALL, k_slices=3)
     gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, 0.7, lse, grad_rows, -100, n, need_x, need_w)
     gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.7, lse.double(), grad_rows.double(),
                                                 -100, n, need_x, need_w)
@@ -518,7 +519,7 @@ def test_linear_ce_bf16_x_fp32_w_splits_w_into_bf16_halves(mode, monkeypatch):
     g = rand(n, seed=9).abs() * (t != -100)
     tau = 0.05                                  # logits of ~100: the split's ~2^-17 relative error shows most here
     loss, lse = kce.linear_ce_forward(x, w, t, tau, -100, 8, blocks=SMALL)
-    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, g, -100, 8, True, True, blocks=SMALL, splits=3)
+    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, g, -100, 8, True, True, blocks=SMALL, k_slices=3)
     assert len(calls) == (2 if mode == "auto" else 0)
     if mode == "auto":
         assert_within_split_bound(loss, gx, gw, x, w, t, tau, g)
