@@ -2,9 +2,10 @@
 the ahead-of-time path of clpdd_fast.kernels.aot (sm_90; no GPU needed).
 
 The variants:
-  1. every kernel launch of tests/test_kernels.py, recorded while the file runs under Triton's interpreter (here the
-     two bf16 halves of a split fp32 w are fp32 tensors: those few variants are recorded with fp32 operands);
-  2. the launches of its GPU-only tests (test_gpu_*) and of the rows gpu_check.sh asks bench_ops.py and bench_step.py
+  1. every kernel launch of the kernel tests (tests/test_kernel_*.py), recorded while they run under Triton's
+     interpreter (here the two bf16 halves of a split fp32 w are fp32 tensors: those few variants are recorded with
+     fp32 operands);
+  2. the launches of their GPU-only tests (test_gpu_*) and of the rows gpu_check.sh asks bench_ops.py and bench_step.py
      for, recorded on meta tensors at their shapes (they need a GPU to run).
 Each distinct compile (kernel, argument types, constexprs, integer specialisations, alignment hints, launch options)
 is compiled once, --jobs processes at a time; the wall time, and the sum of the per-variant times (one core), are
@@ -47,12 +48,13 @@ def pytest_unconfigure(config):
 
 
 def test_launches(path: str) -> None:
-    """Run tests/test_kernels.py under the interpreter, recording its launches into `path`."""
+    """Run the kernel tests under the interpreter, recording their launches into `path`."""
     env = dict(os.environ, TRITON_INTERPRET="1", CLPDD_RECORD_LAUNCHES=path,
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     env.pop("CLPDD_AOT_CHECK", None)
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "compile_cost", "-p", "no:cacheprovider",
-                    "tests/test_kernels.py"], cwd=ROOT, env=env, check=False)
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_kernel_*.py"))
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "compile_cost", "-p", "no:cacheprovider", *files],
+                   cwd=ROOT, env=env, check=False)
 
 
 def gpu_launches() -> list[tuple]:
@@ -125,7 +127,7 @@ def gpu_launches() -> list[tuple]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
-    p.add_argument("--launches", default=None, help="launches of tests/test_kernels.py recorded before (skips the "
+    p.add_argument("--launches", default=None, help="launches of the kernel tests recorded before (skips the "
                    "interpreted test run)")
     args = p.parse_args(argv)
     from clpdd_fast import settings
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
         path = os.path.join(tempfile.mkdtemp(), "test_launches.pkl")
         start = time.time()
         test_launches(path)
-        print(f"# tests/test_kernels.py under the interpreter, recorded in {time.time() - start:.0f} s", flush=True)
+        print(f"# tests/test_kernel_*.py under the interpreter, recorded in {time.time() - start:.0f} s", flush=True)
     from clpdd_fast.kernels import aot
     import triton
     tests = aot.variants(aot.load_launches(path), 90, every=True)

@@ -19,7 +19,7 @@ register limit, depending on its version) costs a few cached accesses per progra
 specialisation instead of one per group. Autotuned configurations (CLPDD_AUTOTUNE=1) are not compiled: the
 autotuner skips a configuration that does not fit. `save_launches` / `load_launches` carry launches recorded
 elsewhere (e.g. under the interpreter: benchmarks/compile_cost.py). Runs without TRITON_INTERPRET; `make test` runs
-it for sm_90 (tests/test_kernels.py, CLPDD_AOT_CHECK=1).
+it for sm_90 (tests/test_kernel_aot.py, CLPDD_AOT_CHECK=1).
 """
 from __future__ import annotations
 

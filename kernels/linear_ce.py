@@ -21,7 +21,7 @@ two bf16 halves, |w - hi - lo| <= 2^-17 |w|, and x w = x hi + x lo runs as two t
 accumulation (x is exact in bf16, so each product is exact); the backward splits its coefficients the same way
 (`bf16_pair` below, constexpr BF16_PAIR in the kernels).
 The resulting error bound (per logit 2^-17 sum_k |x_k| |w_kj| / tau, plus fp32 accumulation) is in README.md and
-checked by tests/test_kernels.py (split_ce_bounds).
+checked by tests/test_kernel_linear_ce.py (with split_ce_bounds of tests/ce_split_bound.py).
 Otherwise operands are fp32 and the products are exact fp32 ("ieee"). CLPDD_CE_PRECISION (clpdd_fast.settings):
 "auto" (default, the above), "ieee" (exact fp32 products whenever an operand is fp32: no split), "tf32" (TF32 products
 for fp32 operands, no split). fp64 inputs compute in fp64.
