@@ -15,7 +15,6 @@ Needs a CUDA GPU: exits with status 2 and a message otherwise.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -176,16 +175,11 @@ def bench_ce(table: Table, shape_name: str, args, rates: dict):
 
 def with_env(fn, precision: str):
     """fn (a whole forward + backward: the backward reads it too) run with CLPDD_CE_PRECISION=precision."""
+    from clpdd_fast import settings
+
     def call():
-        old = os.environ.get("CLPDD_CE_PRECISION")
-        os.environ["CLPDD_CE_PRECISION"] = precision
-        try:
+        with settings.overridden("CLPDD_CE_PRECISION", precision):
             return fn()
-        finally:
-            if old is None:
-                del os.environ["CLPDD_CE_PRECISION"]
-            else:
-                os.environ["CLPDD_CE_PRECISION"] = old
     return call
 
 

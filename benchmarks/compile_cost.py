@@ -2,9 +2,10 @@
 the ahead-of-time path of clpdd_fast.kernels.aot (sm_90; no GPU needed).
 
 The variants:
-  1. every kernel launch of tests/test_kernels.py, recorded while the file runs under Triton's interpreter (here the
-     two bf16 halves of a split fp32 w are fp32 tensors: those few variants are recorded with fp32 operands);
-  2. the launches of its GPU-only tests (test_gpu_*) and of the rows gpu_check.sh asks bench_ops.py and bench_step.py
+  1. every kernel launch of the kernel tests (tests/test_kernel_*.py), recorded while they run under Triton's
+     interpreter (here the two bf16 halves of a split fp32 w are fp32 tensors: those few variants are recorded with
+     fp32 operands);
+  2. the launches of their GPU-only tests (test_gpu_*) and of the rows gpu_check.sh asks bench_ops.py and bench_step.py
      for, recorded on meta tensors at their shapes (they need a GPU to run).
 Each distinct compile (kernel, argument types, constexprs, integer specialisations, alignment hints, launch options)
 is compiled once, --jobs processes at a time; the wall time, and the sum of the per-variant times (one core), are
@@ -47,12 +48,13 @@ def pytest_unconfigure(config):
 
 
 def test_launches(path: str) -> None:
-    """Run tests/test_kernels.py under the interpreter, recording its launches into `path`."""
+    """Run the kernel tests under the interpreter, recording their launches into `path`."""
     env = dict(os.environ, TRITON_INTERPRET="1", CLPDD_RECORD_LAUNCHES=path,
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     env.pop("CLPDD_AOT_CHECK", None)
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "compile_cost", "-p", "no:cacheprovider",
-                    "tests/test_kernels.py"], cwd=ROOT, env=env, check=False)
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_kernel_*.py"))
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "compile_cost", "-p", "no:cacheprovider", *files],
+                   cwd=ROOT, env=env, check=False)
 
 
 def gpu_launches() -> list[tuple]:
@@ -60,7 +62,7 @@ def gpu_launches() -> list[tuple]:
     import torch
 
     import bench_ops
-    from clpdd_fast import reference
+    from clpdd_fast import reference, settings
     from clpdd_fast.kernels import aot, cholesky, small_ridge
     from clpdd_fast.kernels import backend as kb
     from clpdd_fast.kernels import gram as kgram
@@ -81,7 +83,7 @@ def gpu_launches() -> list[tuple]:
             kb.ridge_backward(phi, y, w, factor, t(d, c), mode, True, False)
 
     bf16, fp32 = torch.bfloat16, torch.float32
-    default = (small_ridge.MAX_SIZE, cholesky.NUM_WARPS, os.environ.get("CLPDD_CE_PRECISION"))
+    default = (small_ridge.MAX_SIZE, cholesky.NUM_WARPS)
     with aot.recording() as launches:
         try:
             # test_gpu_bf16_linear_ce_and_ridge, test_gpu_large_shapes_..., test_gpu_int64_row_offsets_...
@@ -97,9 +99,8 @@ def gpu_launches() -> list[tuple]:
             chunk = reference.default_chunk_size(c, d)
             for w_dt, precisions in ((bf16, ("auto",)), (fp32, ("auto", "ieee"))):
                 for precision in precisions:
-                    os.environ["CLPDD_CE_PRECISION"] = precision
-                    ce(n, d, c, bf16, w_dt, chunk, need_x=False)
-            os.environ.pop("CLPDD_CE_PRECISION")
+                    with settings.overridden("CLPDD_CE_PRECISION", precision):
+                        ce(n, d, c, bf16, w_dt, chunk, need_x=False)
             for m in (10, 32, 64, 128):
                 for max_size in (small_ridge.size_limit(fp32), 0):
                     small_ridge.MAX_SIZE = max_size
@@ -119,19 +120,18 @@ def gpu_launches() -> list[tuple]:
             ridge(1000, 768, 1000, "primal")
             ce(1_281_167, 768, 1000, bf16, fp32, reference.default_chunk_size(1000, 768), need_x=False)
         finally:
-            small_ridge.MAX_SIZE, cholesky.NUM_WARPS = default[:2]
-            if default[2] is not None:
-                os.environ["CLPDD_CE_PRECISION"] = default[2]
+            small_ridge.MAX_SIZE, cholesky.NUM_WARPS = default
     return launches
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
-    p.add_argument("--launches", default=None, help="launches of tests/test_kernels.py recorded before (skips the "
+    p.add_argument("--launches", default=None, help="launches of the kernel tests recorded before (skips the "
                    "interpreted test run)")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from clpdd_fast import settings
+    if settings.triton_interpret():
         p.error("run it without TRITON_INTERPRET=1 (the compiling process needs the compiled kernels)")
     sys.path.insert(0, str(HERE))
     path = args.launches
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         path = os.path.join(tempfile.mkdtemp(), "test_launches.pkl")
         start = time.time()
         test_launches(path)
-        print(f"# tests/test_kernels.py under the interpreter, recorded in {time.time() - start:.0f} s", flush=True)
+        print(f"# tests/test_kernel_*.py under the interpreter, recorded in {time.time() - start:.0f} s", flush=True)
     from clpdd_fast.kernels import aot
     import triton
     tests = aot.variants(aot.load_launches(path), 90, every=True)

@@ -130,11 +130,11 @@ kernel_tests_and_warm_ups() {
   local rest=$((TEST_PROCS > gpu_procs ? TEST_PROCS - gpu_procs : 1))
   for ((i = 0; i < gpu_procs; i++)); do
     launch tests "tests_gpu_only_$i" env CLPDD_SHARD="$i/$gpu_procs" "$PY" -m pytest -q -rs -p no:cacheprovider \
-      -p pytest_shard tests/test_kernels.py -k test_gpu_
+      -p pytest_shard tests/test_kernel_*.py -k test_gpu_
   done
   for ((i = 0; i < rest; i++)); do
     launch tests "tests_other_$i" env CLPDD_SHARD="$i/$rest" "$PY" -m pytest -q -rs -p no:cacheprovider \
-      -p pytest_shard tests/test_kernels.py -k "not test_gpu_"
+      -p pytest_shard tests/test_kernel_*.py -k "not test_gpu_"
   done
   launch warm warm_bench_ops "$PY" benchmarks/bench_ops.py --warm-only "${BENCH_OPS[@]}"
   launch warm warm_compile_baseline "$PY" benchmarks/bench_ops.py --warm-only "${COMPILE_BASELINE[@]}"

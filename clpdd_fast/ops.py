@@ -7,13 +7,11 @@ Low-precision inputs (fp16, bf16) are computed with fp32 accumulation; results c
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from clpdd_fast import reference
+from clpdd_fast import reference, settings
 from clpdd_fast import validation as check
 from clpdd_fast.profiling import nvtx_range
 
@@ -28,7 +26,7 @@ def resolve_backend(backend: str, device: torch.device):
     check.choice("backend", backend, BACKENDS)
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return reference
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not settings.triton_interpret():
         raise ValueError(f"backend='triton' got tensors on {device}: Triton runs on CUDA tensors, or on CPU tensors "
                          "under its interpreter (set TRITON_INTERPRET=1 before Python starts); use backend='torch' "
                          "for the plain-torch path")

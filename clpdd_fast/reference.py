@@ -44,8 +44,9 @@ def gram(x: Tensor, lam: float = 0.0) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- ridge
-def ridge_system(phi: Tensor, lam: float, mode: str) -> Tensor:
-    """The SPD matrix of the ridge problem: phi phi^T + lam I (dual, m x m) or phi^T phi + lam I (primal, d x d)."""
+def ridge_system(phi: Tensor, lam: float, mode: str, gram=gram) -> Tensor:
+    """The SPD matrix of the ridge problem: phi phi^T + lam I (dual, m x m) or phi^T phi + lam I (primal, d x d),
+    by `gram` (this module's, or the Triton backend's)."""
     return gram(phi, lam) if mode == "dual" else gram(phi.T, lam)
 
 

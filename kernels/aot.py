@@ -19,7 +19,7 @@ register limit, depending on its version) costs a few cached accesses per progra
 specialisation instead of one per group. Autotuned configurations (CLPDD_AUTOTUNE=1) are not compiled: the
 autotuner skips a configuration that does not fit. `save_launches` / `load_launches` carry launches recorded
 elsewhere (e.g. under the interpreter: benchmarks/compile_cost.py). Runs without TRITON_INTERPRET; `make test` runs
-it for sm_90 (tests/test_kernels.py, CLPDD_AOT_CHECK=1).
+it for sm_90 (tests/test_kernel_aot.py, CLPDD_AOT_CHECK=1).
 """
 from __future__ import annotations
 
@@ -44,10 +44,12 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from . import backend as _backend
-from . import cholesky, gram, linear_ce, small_ridge
+from clpdd_fast import settings
 
-MODULES = (gram, cholesky, small_ridge, linear_ce)
+from . import backend as _backend
+from . import cholesky, linear_ce, matmul, small_ridge
+
+MODULES = (matmul, cholesky, small_ridge, linear_ce)
 # largest dynamic shared memory one block may use, by compute capability (bytes)
 SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 # input dtype pairs the backend is driven with: (features phi / x, targets y / weights w). Same-dtype pairs, and the
@@ -79,7 +81,7 @@ def recording(run: bool = False):
     """Within the block, every kernel launch of kernels/*.py is recorded (into the yielded list) instead of run, or
     with `run` as well as run (then also under TRITON_INTERPRET=1: `save_launches` carries them to a compiling
     process)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" and not run:
+    if settings.triton_interpret() and not run:
         raise RuntimeError("kernels.aot needs the compiled kernels: run it without TRITON_INTERPRET=1")
     launches, saved = [], []
     for mod in MODULES:
@@ -164,19 +166,12 @@ def _linear_ce(x_dt, w_dt) -> None:
     x, w = _meta(N_CE, D, dtype=x_dt), _meta(D, C, dtype=w_dt)
     t = _meta(N_CE, dtype=torch.int64)
     modes = ("auto", "ieee", "tf32") if torch.float32 in (x_dt, w_dt) else ("auto",)
-    old = os.environ.get("CLPDD_CE_PRECISION")
-    try:
-        for mode in modes:
-            os.environ["CLPDD_CE_PRECISION"] = mode
+    for mode in modes:
+        with settings.overridden("CLPDD_CE_PRECISION", mode):
             _, lse = _backend.linear_ce_forward(x, w, t, 0.1, -100, N_CE)
             grad_rows = _meta(N_CE, dtype=lse.dtype)
             for need_x, need_w in ((True, True), (True, False), (False, True)):
                 _backend.linear_ce_backward(x, w, t, 0.1, lse, grad_rows, -100, N_CE, need_x, need_w)
-    finally:
-        if old is None:
-            os.environ.pop("CLPDD_CE_PRECISION", None)
-        else:
-            os.environ["CLPDD_CE_PRECISION"] = old
 
 
 def dispatch_launches() -> list[tuple]:
@@ -313,11 +308,11 @@ SPILL_ALLOWANCES: list[tuple[str, dict[str, str], str]] = [
     ("_matmul_kernel", {"HAS_A2": "T", "HAS_B2": "T"},
      "dX of the linear CE for bf16 x with an fp32 w in two bf16 halves (three products per step of 128 x 128 x 64 "
      "tiles): 528 / 540 bytes per thread, ~130 accesses in the K loop. CLP-DD's step never runs it (its real "
-     "features need no gradient); BK = 32 would leave 8 bytes (linear_ce.py picks these tiles)"),
+     "features need no gradient); BLOCK_K = 32 would leave 8 bytes (linear_ce.py picks these tiles)"),
     ("_matmul_kernel", {"DOT_DTYPE": "fp64", "ACCUMULATE": "T", "s_ak": "1", "s_bk": "1"},
      "fp64 accumulation into dphi of the blocked primal ridge backward: 40 / 20 bytes per thread, 11 / 5 accesses "
      "in the K loop; fp64 inputs only (tests)"),
-    ("_matmul_kernel", {"SYMMETRIC": "F", "DOT_DTYPE": "fp32", "BM": "64", "ACCUMULATE": "F", "s_ak": "1",
+    ("_matmul_kernel", {"SYMMETRIC": "F", "DOT_DTYPE": "fp32", "BLOCK_M": "64", "ACCUMULATE": "F", "s_ak": "1",
                         "s_bk": "1"},
      "alpha G^T of the blocked dual ridge backward (both operands contiguous along K): 12 bytes per thread, one "
      "access in the K loop with triton 3.8, none with 3.6"),

@@ -2,28 +2,27 @@
 
 `clpdd_fast.ops.resolve_backend` returns this module for CUDA tensors (and for backend="triton" on CPU tensors
 under TRITON_INTERPRET=1). Every matrix product, factorisation and solve below is a Triton launch from
-kernels/gram.py, kernels/cholesky.py, kernels/small_ridge.py (systems of size <= small_ridge.MAX_SIZE and within
-its per-dtype LIMITS: one launch forward, one for the dual backward) or kernels/linear_ce.py; torch is used only to
-allocate, cast and add.
+kernels/matmul.py, kernels/gram.py, kernels/cholesky.py, kernels/small_ridge.py (systems of size <=
+small_ridge.MAX_SIZE and within its per-dtype LIMITS: one launch forward, one for the dual backward) or
+kernels/linear_ce.py; torch is used only to allocate, cast and add.
 Inputs fp16/bf16/fp32 compute in fp32 and return fp32; fp64 inputs compute (and return) fp64.
 """
 from __future__ import annotations
 
 from torch import Tensor
 
+from clpdd_fast.reference import ridge_system
+
 from . import cholesky as _chol
 from . import gram as _gram
 from . import linear_ce as _ce
 from . import small_ridge as _small
+from .matmul import matmul
 
 
 def gram(x: Tensor, lam: float = 0.0) -> Tensor:
     """x (m, d) -> x x^T + lam I (m, m), fp32 (fp64 for fp64 x)."""
     return _gram.gram(x, lam)
-
-
-def _system(phi: Tensor, lam: float, mode: str) -> Tensor:
-    return _gram.gram(phi, lam) if mode == "dual" else _gram.gram(phi.T, lam)
 
 
 def ridge_forward(phi: Tensor, y: Tensor, lam: float, mode: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -37,13 +36,13 @@ def ridge_forward(phi: Tensor, y: Tensor, lam: float, mode: str) -> tuple[Tensor
     if _small.dispatches(size, phi, y):   # one fused launch (plus phi^T y for the primal form)
         if mode == "dual":
             return _small.small_ridge_solve(phi, y, lam, project=True)
-        return _small.small_ridge_solve(phi.T, _gram.matmul(phi.T, y), lam, project=False)
-    factor, info = _chol.cholesky(_system(phi, lam, mode))
+        return _small.small_ridge_solve(phi.T, matmul(phi.T, y), lam, project=False)
+    factor, info = _chol.cholesky(ridge_system(phi, lam, mode, gram=_gram.gram))
     if mode == "dual":
         alpha = _chol.cholesky_solve(y, factor)              # (m, C)
-        w = _gram.matmul(phi.T, alpha)                       # phi^T alpha
+        w = matmul(phi.T, alpha)                             # phi^T alpha
     else:
-        w = _chol.cholesky_solve(_gram.matmul(phi.T, y), factor)
+        w = _chol.cholesky_solve(matmul(phi.T, y), factor)
     return w, factor, info
 
 
@@ -56,24 +55,24 @@ def ridge_backward(phi: Tensor, y: Tensor, w: Tensor, factor: Tensor, grad_w: Te
         return _small.small_ridge_backward(phi, y, factor, g, need_phi, need_y)
     grad_phi = grad_y = None
     if mode == "dual":
-        beta = _chol.cholesky_solve(_gram.matmul(phi, g), factor)                  # A^-1 phi G   (m, C)
+        beta = _chol.cholesky_solve(matmul(phi, g), factor)                        # A^-1 phi G   (m, C)
         if need_phi:
             alpha = _chol.cholesky_solve(y, factor)                                # A^-1 y       (m, C)
             # dphi = alpha G^T - beta (alpha^T phi) - alpha (beta^T phi)
-            grad_phi = _gram.matmul(alpha, g.T)
-            _gram.matmul(beta, _gram.matmul(alpha.T, phi), out=grad_phi, alpha=-1.0, accumulate=True)
-            _gram.matmul(alpha, _gram.matmul(beta.T, phi), out=grad_phi, alpha=-1.0, accumulate=True)
+            grad_phi = matmul(alpha, g.T)
+            matmul(beta, matmul(alpha.T, phi), out=grad_phi, alpha=-1.0, accumulate=True)
+            matmul(alpha, matmul(beta.T, phi), out=grad_phi, alpha=-1.0, accumulate=True)
         if need_y:
             grad_y = beta
     else:
         gamma = _chol.cholesky_solve(g, factor)                                    # B^-1 G       (d, C)
         if need_phi:
             # dphi = y gamma^T - (phi gamma) W^T - (phi W) gamma^T
-            grad_phi = _gram.matmul(y, gamma.T)
-            _gram.matmul(_gram.matmul(phi, gamma), w.T.to(dt), out=grad_phi, alpha=-1.0, accumulate=True)
-            _gram.matmul(_gram.matmul(phi, w.to(dt)), gamma.T, out=grad_phi, alpha=-1.0, accumulate=True)
+            grad_phi = matmul(y, gamma.T)
+            matmul(matmul(phi, gamma), w.T.to(dt), out=grad_phi, alpha=-1.0, accumulate=True)
+            matmul(matmul(phi, w.to(dt)), gamma.T, out=grad_phi, alpha=-1.0, accumulate=True)
         if need_y:
-            grad_y = _gram.matmul(phi, gamma)
+            grad_y = matmul(phi, gamma)
     return grad_phi, grad_y
 
 

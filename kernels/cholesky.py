@@ -22,7 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gram import TL_DTYPES
+from clpdd_fast.reference import compute_dtype
+
+from .matmul import TL_DTYPES
 
 # Block width of the factorisation and of the solves (rows of a diagonal block), and RHS columns per solve program.
 BLOCK = 32
@@ -36,11 +38,12 @@ TILE_CANDIDATES = [(block, warps) for block in (16, 32) for warps in (2, 4)]
 
 
 @triton.jit
-def _lower_inverse(lkk, offs, B: tl.constexpr):
-    """Inverse of a lower-triangular (B, B) register tile by forward substitution on the identity, row by row."""
+def _lower_inverse(lkk, offs, BLOCK: tl.constexpr):
+    """Inverse of a lower-triangular (BLOCK, BLOCK) register tile by forward substitution on the identity, row by
+    row."""
     r = offs[:, None]
     inv = tl.zeros_like(lkk)
-    for i in range(B):
+    for i in range(BLOCK):
         lrow = tl.sum(tl.where(r == i, lkk, 0.0), axis=0)            # L[i, :]
         diag = tl.sum(tl.where(offs == i, lrow, 0.0), axis=0)        # L[i, i]
         v = tl.sum(lrow[:, None] * inv, axis=0)                      # sum_j L[i, j] inv[j, :]
@@ -50,17 +53,17 @@ def _lower_inverse(lkk, offs, B: tl.constexpr):
 
 
 @triton.jit
-def _factor_in_registers(a, offs, DT: tl.constexpr, B: tl.constexpr):
-    """Unblocked right-looking Cholesky of a symmetric (B, B) register tile (lower part read).
+def _factor_in_registers(a, offs, DT: tl.constexpr, BLOCK: tl.constexpr):
+    """Unblocked right-looking Cholesky of a symmetric (BLOCK, BLOCK) register tile (lower part read).
 
-    Returns (L, pivots): L lower triangular with zeros above the diagonal, pivots (B,) the values whose square
+    Returns (L, pivots): L lower triangular with zeros above the diagonal, pivots (BLOCK,) the values whose square
     roots are L's diagonal (a pivot that is not > 0 makes the rest of L meaningless; the caller reports it).
     """
     r = offs[:, None]
     c = offs[None, :]
     low = tl.zeros_like(a)
-    pivots = tl.zeros((B,), dtype=DT)
-    for kk in range(B):
+    pivots = tl.zeros((BLOCK,), dtype=DT)
+    for kk in range(BLOCK):
         col = tl.sum(tl.where(c == kk, a, 0.0), axis=1)               # A[:, kk]: one 2-D reduction per column
         piv = tl.sum(tl.where(offs == kk, col, 0.0), axis=0)          # A[kk, kk]
         pivots = tl.where(offs == kk, piv, pivots)
@@ -72,16 +75,16 @@ def _factor_in_registers(a, offs, DT: tl.constexpr, B: tl.constexpr):
 
 
 @triton.jit
-def _first_bad_pivot(pivots, offs, n_valid, B: tl.constexpr):
+def _first_bad_pivot(pivots, offs, n_valid, BLOCK: tl.constexpr):
     """1-based index of the first pivot among the first n_valid that is not > 0 (NaN included), 0 if none."""
     bad = (~(pivots > 0.0)) & (offs < n_valid)
-    first = tl.min(tl.where(bad, offs + 1, B + 1), axis=0)
-    return tl.where(first == B + 1, 0, first).to(tl.int32)
+    first = tl.min(tl.where(bad, offs + 1, BLOCK + 1), axis=0)
+    return tl.where(first == BLOCK + 1, 0, first).to(tl.int32)
 
 
 @triton.jit
 def _pad_identity(a, rows, n, offs):
-    """a (B, B) with every row and column whose global index (rows) is >= n replaced by the identity's: padding
+    """a (BLOCK, BLOCK) with every row and column whose global index (rows) is >= n replaced by the identity's: padding
     that factors, inverts and solves trivially."""
     pad = rows >= n
     return tl.where(pad[:, None] | pad[None, :], tl.where(offs[:, None] == offs[None, :], 1.0, 0.0), a)
@@ -95,86 +98,86 @@ def _load_tile(ptr, rows, cols, s0, s1, n_rows, n_cols, DT: tl.constexpr):
 
 @triton.jit
 def _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, i, li_prev, s_a0, s_a1, s_l0, s_l1,
-                       DT: tl.constexpr, B: tl.constexpr):
+                       DT: tl.constexpr, BLOCK: tl.constexpr):
     """Factor diagonal block i: A_ii - sum_{j < i-1} L_ij L_ij^T - P P^T (P = L_{i,i-1}, given in registers
     by the caller that just computed it; zeros for i = 0). Writes L_ii, its inverse and the block's info."""
-    offs = tl.arange(0, B).to(tl.int64)
+    offs = tl.arange(0, BLOCK).to(tl.int64)
     r = offs[:, None]
     c = offs[None, :]
-    irows = i * B + offs
+    irows = i * BLOCK + offs
     aii = _load_tile(a_ptr, irows, irows, s_a0, s_a1, n, n, DT)
     for j in range(0, i - 1):
-        lij = _load_tile(l_ptr, irows, j * B + offs, s_l0, s_l1, n, n, DT)
+        lij = _load_tile(l_ptr, irows, j * BLOCK + offs, s_l0, s_l1, n, n, DT)
         aii -= tl.dot(lij, tl.trans(lij), input_precision="ieee", out_dtype=DT)
     aii -= tl.dot(li_prev, tl.trans(li_prev), input_precision="ieee", out_dtype=DT)
     aii = _pad_identity(tl.where(r >= c, aii, 0.0), irows, n, offs)
-    lii, pivots = _factor_in_registers(aii, offs, DT, B)
+    lii, pivots = _factor_in_registers(aii, offs, DT, BLOCK)
     tl.store(l_ptr + irows[:, None] * s_l0 + irows[None, :] * s_l1, lii.to(l_ptr.dtype.element_ty),
              mask=(irows[:, None] < n) & (irows[None, :] < n))
-    tl.store(info_ptr + i, _first_bad_pivot(pivots, offs, n - i * B, B))
-    inv = _lower_inverse(lii, offs, B)
-    tl.store(inv_ptr + i * B * B + r * B + c, inv.to(inv_ptr.dtype.element_ty))
+    tl.store(info_ptr + i, _first_bad_pivot(pivots, offs, n - i * BLOCK, BLOCK))
+    inv = _lower_inverse(lii, offs, BLOCK)
+    tl.store(inv_ptr + i * BLOCK * BLOCK + r * BLOCK + c, inv.to(inv_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _cholesky_step_kernel(a_ptr, l_ptr, inv_ptr, info_ptr, n, k, s_a0, s_a1, s_l0, s_l1,
-                          DT: tl.constexpr, B: tl.constexpr):
+                          DT: tl.constexpr, BLOCK: tl.constexpr):
     """Launch k >= 0: block column k below the diagonal, and (program 0) diagonal block k + 1.
     Launch k = -1: diagonal block 0 alone."""
     pid = tl.program_id(0)
-    offs = tl.arange(0, B).to(tl.int64)
+    offs = tl.arange(0, BLOCK).to(tl.int64)
     if k < 0:
-        _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, 0, tl.zeros((B, B), dtype=DT),
-                           s_a0, s_a1, s_l0, s_l1, DT, B)
+        _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, 0, tl.zeros((BLOCK, BLOCK), dtype=DT),
+                           s_a0, s_a1, s_l0, s_l1, DT, BLOCK)
     else:
-        krows = k * B + offs
-        irows = (k + 1 + pid).to(tl.int64) * B + offs
+        krows = k * BLOCK + offs
+        irows = (k + 1 + pid).to(tl.int64) * BLOCK + offs
         # L_ik = (A_ik - sum_{j<k} L_ij L_kj^T) L_kk^-T, with L_kk^-1 from the launch that factored block k
         p = _load_tile(a_ptr, irows, krows, s_a0, s_a1, n, n, DT)
         for j in range(0, k):
-            jcols = j * B + offs
+            jcols = j * BLOCK + offs
             lij = _load_tile(l_ptr, irows, jcols, s_l0, s_l1, n, n, DT)
             lkj = _load_tile(l_ptr, krows, jcols, s_l0, s_l1, n, n, DT)
             p -= tl.dot(lij, tl.trans(lkj), input_precision="ieee", out_dtype=DT)
-        inv = tl.load(inv_ptr + k * B * B + offs[:, None] * B + offs[None, :])
+        inv = tl.load(inv_ptr + k * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :])
         lik = tl.dot(p, tl.trans(inv), input_precision="ieee", out_dtype=DT)
         tl.store(l_ptr + irows[:, None] * s_l0 + krows[None, :] * s_l1, lik.to(l_ptr.dtype.element_ty),
                  mask=(irows[:, None] < n) & (krows[None, :] < n))
         if pid == 0:   # look-ahead: block k + 1's diagonal needs only this program's L_{k+1,k} beyond stored L
-            _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, k + 1, lik, s_a0, s_a1, s_l0, s_l1, DT, B)
+            _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, k + 1, lik, s_a0, s_a1, s_l0, s_l1, DT, BLOCK)
 
 
 @triton.jit
-def _diag_inverse_kernel(l_ptr, inv_ptr, n, s_l0, s_l1, DT: tl.constexpr, B: tl.constexpr):
+def _diag_inverse_kernel(l_ptr, inv_ptr, n, s_l0, s_l1, DT: tl.constexpr, BLOCK: tl.constexpr):
     """Program k: the inverse of L's diagonal block k (padding rows as identity), for the solves."""
     k = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, B).to(tl.int64)
+    offs = tl.arange(0, BLOCK).to(tl.int64)
     r = offs[:, None]
     c = offs[None, :]
-    krows = k * B + offs
+    krows = k * BLOCK + offs
     lkk = _load_tile(l_ptr, krows, krows, s_l0, s_l1, n, n, DT)
     lkk = _pad_identity(tl.where(r >= c, lkk, 0.0), krows, n, offs)
-    tl.store(inv_ptr + k * B * B + r * B + c, _lower_inverse(lkk, offs, B).to(inv_ptr.dtype.element_ty))
+    tl.store(inv_ptr + k * BLOCK * BLOCK + r * BLOCK + c, _lower_inverse(lkk, offs, BLOCK).to(inv_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _cholesky_solve_kernel(l_ptr, inv_ptr, x_ptr, n, nrhs, s_l0, s_l1, s_x0, s_x1,
-                           DT: tl.constexpr, B: tl.constexpr, BR: tl.constexpr):
+                           DT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_RHS: tl.constexpr):
     pid = tl.program_id(0)
-    offs = tl.arange(0, B).to(tl.int64)
-    tile = offs[:, None] * B + offs[None, :]
-    cols = pid.to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
-    nb = tl.cdiv(n, B)
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    tile = offs[:, None] * BLOCK + offs[None, :]
+    cols = pid.to(tl.int64) * BLOCK_RHS + tl.arange(0, BLOCK_RHS).to(tl.int64)
+    nb = tl.cdiv(n, BLOCK)
     # forward substitution: L Z = B, Z overwrites B block row by block row
     for k in range(0, nb):
-        krows = k * B + offs
+        krows = k * BLOCK + offs
         acc = _load_tile(x_ptr, krows, cols, s_x0, s_x1, n, nrhs, DT)
         for j in range(0, k):
-            jrows = j * B + offs
+            jrows = j * BLOCK + offs
             lkj = _load_tile(l_ptr, krows, jrows, s_l0, s_l1, n, n, DT)
             zj = _load_tile(x_ptr, jrows, cols, s_x0, s_x1, n, nrhs, DT)
             acc -= tl.dot(lkj, zj, input_precision="ieee", out_dtype=DT)
-        inv = tl.load(inv_ptr + k * B * B + tile)
+        inv = tl.load(inv_ptr + k * BLOCK * BLOCK + tile)
         z = tl.dot(inv, acc, input_precision="ieee", out_dtype=DT)
         mask = (krows[:, None] < n) & (cols[None, :] < nrhs)
         tl.store(x_ptr + krows[:, None] * s_x0 + cols[None, :] * s_x1, z.to(x_ptr.dtype.element_ty), mask=mask)
@@ -182,22 +185,18 @@ def _cholesky_solve_kernel(l_ptr, inv_ptr, x_ptr, n, nrhs, s_l0, s_l1, s_x0, s_x
     # backward substitution: L^T X = Z, from the last block row up
     for kr in range(0, nb):
         k = nb - 1 - kr
-        krows = k * B + offs
+        krows = k * BLOCK + offs
         acc = _load_tile(x_ptr, krows, cols, s_x0, s_x1, n, nrhs, DT)
         for j in range(k + 1, nb):
-            jrows = j * B + offs
+            jrows = j * BLOCK + offs
             ljk = _load_tile(l_ptr, jrows, krows, s_l0, s_l1, n, n, DT)
             xj = _load_tile(x_ptr, jrows, cols, s_x0, s_x1, n, nrhs, DT)
             acc -= tl.dot(tl.trans(ljk), xj, input_precision="ieee", out_dtype=DT)
-        inv = tl.load(inv_ptr + k * B * B + tile)
+        inv = tl.load(inv_ptr + k * BLOCK * BLOCK + tile)
         xk = tl.dot(tl.trans(inv), acc, input_precision="ieee", out_dtype=DT)
         mask = (krows[:, None] < n) & (cols[None, :] < nrhs)
         tl.store(x_ptr + krows[:, None] * s_x0 + cols[None, :] * s_x1, xk.to(x_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def cholesky(a: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
@@ -214,7 +213,7 @@ def cholesky(a: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     if a.dim() != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"cholesky: expected a square 2-D matrix a, got shape {tuple(a.shape)}")
     n = a.shape[0]
-    dt = _compute_dtype(a)
+    dt = compute_dtype(a)
     nb = triton.cdiv(n, block)
     factor = torch.zeros((n, n), dtype=dt, device=a.device)   # the upper triangle stays zero
     block_info = torch.empty(nb, dtype=torch.int32, device=a.device)
@@ -222,7 +221,7 @@ def cholesky(a: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     for k in range(-1, nb - 1):
         _cholesky_step_kernel[(max(1, nb - 1 - k),)](a, factor, inverses, block_info, n, k, a.stride(0),
                                                      a.stride(1), factor.stride(0), factor.stride(1),
-                                                     DT=TL_DTYPES[dt], B=block, num_warps=NUM_WARPS,
+                                                     DT=TL_DTYPES[dt], BLOCK=block, num_warps=NUM_WARPS,
                                                      num_stages=NUM_STAGES)
     # first bad pivot over all block columns, on the device (no host sync)
     starts = torch.arange(nb, device=a.device, dtype=torch.int32) * block
@@ -249,10 +248,10 @@ def cholesky_solve(b: Tensor, factor: Tensor, block: int = BLOCK, block_rhs: int
     nb = triton.cdiv(n, block)
     dt = TL_DTYPES[factor.dtype]
     inverses = torch.empty((nb, block, block), dtype=factor.dtype, device=factor.device)
-    _diag_inverse_kernel[(nb,)](factor, inverses, n, factor.stride(0), factor.stride(1), DT=dt, B=block,
+    _diag_inverse_kernel[(nb,)](factor, inverses, n, factor.stride(0), factor.stride(1), DT=dt, BLOCK=block,
                                 num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     grid = (triton.cdiv(nrhs, block_rhs),)
     _cholesky_solve_kernel[grid](factor, inverses, x, n, nrhs, factor.stride(0), factor.stride(1), x.stride(0),
-                                 x.stride(1), DT=dt, B=block, BR=block_rhs, num_warps=NUM_WARPS,
+                                 x.stride(1), DT=dt, BLOCK=block, BLOCK_RHS=block_rhs, num_warps=NUM_WARPS,
                                  num_stages=NUM_STAGES)
     return x

@@ -1,61 +1,58 @@
 """Fused linear temperature-softmax cross-entropy: loss_i = logsumexp(x_i W / tau) - (x_i W / tau)[y_i].
 
-Forward (`linear_ce_forward`): one program per block of BN rows loops over class tiles of BC columns, computes each
-(BN, BC) logits tile as a tiled product over the feature dimension (BD at a time), scales it by the runtime float
-1/tau, and folds it into an online logsumexp and the picked target logit. Only (N,) losses and (N,) logsumexps
-are written: no logits exist beyond one register tile.
+Forward (`linear_ce_forward`): one program per block of BLOCK_ROWS rows loops over class tiles of BLOCK_CLASSES
+columns, computes each (BLOCK_ROWS, BLOCK_CLASSES) logits tile as a tiled product over the feature dimension
+(BLOCK_FEATURES at a time), scales it by the runtime float 1/tau, and folds it into an online logsumexp and the picked
+target logit. Only (N,) losses and (N,) logsumexps are written: no logits exist beyond one register tile.
 
 Backward (`linear_ce_backward`), over row chunks of at most `chunk_size` rows (and at most COEF_BUDGET_BYTES of
 coefficients):
   1. `_ce_coef_kernel` recomputes each logits tile and writes coef = (softmax - onehot) * grad_row / tau for the
      chunk (chunk x C; bf16 on the bf16 path, fp32 otherwise);
-  2. dW += x_chunk^T @ coef by the strided matmul kernel, split over the chunk's rows into `splits` fixed slices
+  2. dW += x_chunk^T @ coef by the strided matmul kernel, divided over the chunk's rows into `k_slices` fixed slices
      that each own a private fp32 partial dW (read-modify-write, no atomics); the partials are summed in a fixed
      order at the end, so two runs give bitwise-identical dW;
   3. dX_chunk = coef @ W^T when x needs a gradient.
-Extra memory: one coefficient chunk (<= COEF_BUDGET_BYTES) + splits x d x C fp32 partials; never N x C.
+Extra memory: one coefficient chunk (<= COEF_BUDGET_BYTES) + k_slices x d x C fp32 partials; never N x C.
 
 Precision: when x and w are both bf16 (or both fp16) the products use tensor cores in that dtype with fp32
 accumulation. When x is bf16 and w fp32 (what a bf16 feature cache and the fp32 ridge probe give), w is split into
 two bf16 halves, |w - hi - lo| <= 2^-17 |w|, and x w = x hi + x lo runs as two tensor-core products with fp32
-accumulation (x is exact in bf16, so each product is exact); the backward splits its coefficients the same way.
+accumulation (x is exact in bf16, so each product is exact); the backward splits its coefficients the same way
+(`bf16_pair` below, constexpr BF16_PAIR in the kernels).
 The resulting error bound (per logit 2^-17 sum_k |x_k| |w_kj| / tau, plus fp32 accumulation) is in README.md and
-checked by tests/test_kernels.py (split_ce_bounds).
-Otherwise operands are fp32 and the products are exact fp32 ("ieee"). CLPDD_CE_PRECISION: "auto" (default, the
-above), "ieee" (exact fp32 products whenever an operand is fp32: no split), "tf32" (TF32 products for fp32 operands,
-no split). fp64 inputs compute in fp64.
+checked by tests/test_kernel_linear_ce.py (with split_ce_bounds of tests/ce_split_bound.py).
+Otherwise operands are fp32 and the products are exact fp32 ("ieee"). CLPDD_CE_PRECISION (clpdd_fast.settings):
+"auto" (default, the above), "ieee" (exact fp32 products whenever an operand is fp32: no split), "tf32" (TF32 products
+for fp32 operands, no split). fp64 inputs compute in fp64.
 
-Tiles: fixed defaults below; CLPDD_AUTOTUNE=1 (read at import) autotunes the two CE kernels over a few configs.
+Tiles: fixed defaults below; CLPDD_AUTOTUNE=1 (read at each launch) autotunes the two CE kernels over a few configs.
 """
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gram import LARGE, LARGE_FP32, TL_DTYPES, accumulate_dtype, dot_dtype, interpreting, matmul
+from clpdd_fast import settings
+from clpdd_fast.reference import compute_dtype
+
+from .matmul import LARGE, LARGE_FP32, TL_DTYPES, dot_dtype, matmul
 
 # default tiles: rows, classes, features per step; on the interpreter the same sizes run (fewer numpy steps)
-BLOCKS = {"BN": 64, "BC": 128, "BD": 64}
+BLOCKS = {"BLOCK_ROWS": 64, "BLOCK_CLASSES": 128, "BLOCK_FEATURES": 64}
 NUM_WARPS = 8
 NUM_STAGES = 3
-BLOCKS_FP64 = {"BN": 32, "BC": 64, "BD": 32, "num_warps": 4, "num_stages": 2}
+BLOCKS_FP64 = {"BLOCK_ROWS": 32, "BLOCK_CLASSES": 64, "BLOCK_FEATURES": 32, "num_warps": 4, "num_stages": 2}
 COEF_BUDGET_BYTES = 32 * 2**20     # one backward chunk of coefficients (32 MiB)
-MAX_SPLITS = 8                     # fp32 partial dW buffers (each d x C)
-AUTOTUNE = os.environ.get("CLPDD_AUTOTUNE") == "1"
-_CONFIGS = [triton.Config({"BN": bn, "BC": bc, "BD": bd}, num_warps=w, num_stages=s)
-            for bn, bc, bd, w, s in [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3),
-                                     (128, 64, 32, 4, 4), (64, 256, 32, 8, 3)]]
-
-
-def fp32_precision() -> str:
-    value = os.environ.get("CLPDD_CE_PRECISION", "auto")
-    if value not in ("auto", "ieee", "tf32"):
-        raise ValueError(f"CLPDD_CE_PRECISION: expected 'auto', 'ieee' or 'tf32', got {value!r}")
-    return value
+MAX_K_SLICES = 8                   # fp32 partial dW buffers (each d x C)
+_CONFIGS = [triton.Config({"BLOCK_ROWS": rows, "BLOCK_CLASSES": classes, "BLOCK_FEATURES": features}, num_warps=w,
+                          num_stages=s)
+            for rows, classes, features, w, s in [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3),
+                                                  (128, 64, 32, 4, 4), (64, 256, 32, 8, 3)]]
 
 
 def split_bf16(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,7 +66,7 @@ def split_bf16(t: Tensor) -> tuple[Tensor, Tensor]:
     """
     hi = t.to(torch.bfloat16)
     lo = (t - hi.float()).to(torch.bfloat16)
-    store = torch.float32 if interpreting() else torch.bfloat16
+    store = torch.float32 if settings.triton_interpret() else torch.bfloat16
     return hi.to(store).contiguous(), lo.to(store).contiguous()
 
 
@@ -84,19 +81,20 @@ def _round_to_bf16(v):
 
 @triton.jit
 def _logits_tile(x_ptr, w_ptr, w2_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
-                 SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                 BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
-    """(BN, BC) tile of x w / tau with -inf in the columns past C; with SPLIT, w is the pair w + w2."""
-    acc = tl.zeros((BN, BC), dtype=ACC_DTYPE)
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD).to(tl.int64)
+                 BF16_PAIR: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_FEATURES: tl.constexpr):
+    """(BLOCK_ROWS, BLOCK_CLASSES) tile of x w / tau with -inf in the columns past C; with BF16_PAIR, w is the pair
+    w + w2."""
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_CLASSES), dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_FEATURES):
+        ds = d0 + tl.arange(0, BLOCK_FEATURES).to(tl.int64)
         xt = tl.load(x_ptr + rows[:, None] * s_x0 + ds[None, :] * s_x1,
                      mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0).to(DOT_DTYPE)
         w_offs = ds[:, None] * s_w0 + cols[None, :] * s_w1
         w_mask = (ds[:, None] < D) & (cols[None, :] < C)
         wt = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
         acc = tl.dot(xt, wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        if SPLIT:
+        if BF16_PAIR:
             wt2 = tl.load(w2_ptr + w_offs, mask=w_mask, other=0.0)
             acc = tl.dot(xt, wt2.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     return tl.where(cols[None, :] < C, acc * inv_tau, float("-inf"))
@@ -104,21 +102,21 @@ def _logits_tile(x_ptr, w_ptr, w2_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_
 
 @triton.jit
 def _ce_forward_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, s_x0, s_x1, s_w0, s_w1,
-                       inv_tau_ptr, ignore_index, SPLIT: tl.constexpr,
+                       inv_tau_ptr, ignore_index, BF16_PAIR: tl.constexpr,
                        DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                       BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+                       BLOCK_ROWS: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_FEATURES: tl.constexpr):
     pid = tl.program_id(0)
     inv_tau = tl.load(inv_tau_ptr)   # 1/tau from memory: runtime value, and exact in fp64 (a float arg is fp32)
-    rows = pid.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    rows = pid.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
     rmask = rows < N
     tgt = tl.load(t_ptr + rows, mask=rmask, other=ignore_index).to(tl.int64)
-    m_i = tl.full((BN,), float("-inf"), dtype=ACC_DTYPE)
-    s_i = tl.zeros((BN,), dtype=ACC_DTYPE)
-    picked = tl.zeros((BN,), dtype=ACC_DTYPE)
-    for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC).to(tl.int64)
+    m_i = tl.full((BLOCK_ROWS,), float("-inf"), dtype=ACC_DTYPE)
+    s_i = tl.zeros((BLOCK_ROWS,), dtype=ACC_DTYPE)
+    picked = tl.zeros((BLOCK_ROWS,), dtype=ACC_DTYPE)
+    for c0 in range(0, C, BLOCK_CLASSES):
+        cols = c0 + tl.arange(0, BLOCK_CLASSES).to(tl.int64)
         logits = _logits_tile(x_ptr, w_ptr, w2_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
-                              SPLIT, DOT_DTYPE, ACC_DTYPE, PRECISION, BN, BC, BD)
+                              BF16_PAIR, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_ROWS, BLOCK_CLASSES, BLOCK_FEATURES)
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
         m_i = m_new
@@ -131,26 +129,26 @@ def _ce_forward_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, 
 
 @triton.jit
 def _ce_coef_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, lse_ptr, g_ptr, coef_ptr, coef2_ptr, N, D, C,
-                    s_x0, s_x1, s_w0, s_w1, s_c0, s_c1, inv_tau_ptr, SPLIT: tl.constexpr,
+                    s_x0, s_x1, s_w0, s_w1, s_c0, s_c1, inv_tau_ptr, BF16_PAIR: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                    BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+                    BLOCK_ROWS: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_FEATURES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     inv_tau = tl.load(inv_tau_ptr)
-    rows = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
-    cols = pid_c.to(tl.int64) * BC + tl.arange(0, BC).to(tl.int64)
+    rows = pid_n.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    cols = pid_c.to(tl.int64) * BLOCK_CLASSES + tl.arange(0, BLOCK_CLASSES).to(tl.int64)
     rmask = rows < N
     # ignored rows have g == 0 (folded in by the caller), and their target never equals a column index
     tgt = tl.load(t_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(ACC_DTYPE)
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(ACC_DTYPE) * inv_tau
     logits = _logits_tile(x_ptr, w_ptr, w2_ptr, rows, cols, N, D, C, s_x0, s_x1, s_w0, s_w1, inv_tau,
-                          SPLIT, DOT_DTYPE, ACC_DTYPE, PRECISION, BN, BC, BD)
+                          BF16_PAIR, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_ROWS, BLOCK_CLASSES, BLOCK_FEATURES)
     p = tl.exp(logits - lse[:, None])
     coef = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
     c_offs = rows[:, None] * s_c0 + cols[None, :] * s_c1
     c_mask = rmask[:, None] & (cols[None, :] < C)
-    if SPLIT:   # bf16 high part and the bf16 rounding of the remainder, for the tensor-core dW / dX products
+    if BF16_PAIR:   # bf16 high part and the bf16 rounding of the remainder, for the tensor-core dW / dX products
         hi = _round_to_bf16(coef)
         tl.store(coef_ptr + c_offs, hi.to(coef_ptr.dtype.element_ty), mask=c_mask)
         tl.store(coef2_ptr + c_offs, (coef - hi).to(coef2_ptr.dtype.element_ty), mask=c_mask)
@@ -158,18 +156,26 @@ def _ce_coef_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, lse_ptr, g_ptr, coef_ptr, coef2
         tl.store(coef_ptr + c_offs, coef.to(coef_ptr.dtype.element_ty), mask=c_mask)
 
 
-if AUTOTUNE:
-    _ce_forward_kernel = triton.autotune(_CONFIGS, key=["D", "C"])(_ce_forward_kernel)
-    _ce_coef_kernel = triton.autotune(_CONFIGS, key=["D", "C"])(_ce_coef_kernel)
+@functools.cache
+def _autotuned(kernel):
+    """The autotuning wrapper of a CE kernel (CLPDD_AUTOTUNE=1), built at its first launch and kept (with what it
+    has measured)."""
+    return triton.autotune(_CONFIGS, key=["D", "C"])(kernel)
 
 
 def _inv_tau(tau: float, dtype: torch.dtype, device) -> Tensor:
     return torch.full((1,), 1.0 / tau, dtype=dtype, device=device)
 
 
+def _launchable(kernel, blocks: dict | None, acc: torch.dtype):
+    """(kernel to launch, its launch options): the autotuned kernel with no options under CLPDD_AUTOTUNE=1 (when no
+    explicit blocks are given), else the kernel with the fixed tiles (or `blocks`)."""
+    if blocks is None and settings.autotune():
+        return _autotuned(kernel), {}
+    return kernel, _launch_meta(blocks, acc)
+
+
 def _launch_meta(blocks: dict | None, acc: torch.dtype) -> dict:
-    if AUTOTUNE and blocks is None:
-        return {}   # the autotuner picks the tiles (explicit blocks cannot be combined with it)
     if blocks is None and acc == torch.float64:
         return dict(BLOCKS_FP64)   # fp64 tiles take twice the shared memory: smaller tiles, fewer stages
     meta = dict(BLOCKS if blocks is None else blocks)
@@ -179,12 +185,12 @@ def _launch_meta(blocks: dict | None, acc: torch.dtype) -> dict:
 
 
 def _precision(x: Tensor, w: Tensor) -> tuple[torch.dtype, torch.dtype, str, bool]:
-    """(accumulate dtype, tl.dot operand dtype, input_precision, split): split when x is bf16 and w fp32 under
+    """(compute dtype, tl.dot operand dtype, input_precision, bf16_pair): bf16_pair when x is bf16 and w fp32 under
     CLPDD_CE_PRECISION=auto (the default): w enters as two bf16 halves (`split_bf16`) on tensor cores."""
-    mode = fp32_precision()
-    acc = accumulate_dtype(x, w)
+    mode = settings.ce_precision()
+    acc = compute_dtype(x, w)
     if mode == "auto" and x.dtype == torch.bfloat16 and w.dtype == torch.float32:
-        return acc, (torch.float32 if interpreting() else torch.bfloat16), "ieee", True
+        return acc, (torch.float32 if settings.triton_interpret() else torch.bfloat16), "ieee", True
     ddt = dot_dtype(x, w)
     return acc, ddt, ("tf32" if mode == "tf32" and ddt == torch.float32 else "ieee"), False
 
@@ -196,37 +202,39 @@ def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_i
     Args:
         x: (N, d) fp16/bf16/fp32/fp64, any strides. w: (d, C), same family of dtypes.
         target: (N,) int32/int64 in [0, C) or ignore_index. tau: runtime float > 0.
-        chunk_size: unused (the kernel never holds more than a (BN, BC) logits tile); kept for the backend contract.
-        blocks: optional {"BN", "BC", "BD"} tile override (powers of two >= 16), e.g. for tests.
+        chunk_size: unused (the kernel never holds more than a (BLOCK_ROWS, BLOCK_CLASSES) logits tile); kept for
+            the backend contract.
+        blocks: optional {"BLOCK_ROWS", "BLOCK_CLASSES", "BLOCK_FEATURES"} tile override (powers of two >= 16), e.g.
+            for tests.
     Returns:
         (loss_rows (N,), lse (N,)) fp32 (fp64 for fp64 inputs); ignored rows get loss 0.
     """
     n, d = x.shape
     num_classes = w.shape[1]
-    acc, ddt, prec, split = _precision(x, w)
-    w_hi, w_lo = split_bf16(w) if split else (w, w)
+    acc, ddt, prec, bf16_pair = _precision(x, w)
+    w_hi, w_lo = split_bf16(w) if bf16_pair else (w, w)
     loss = torch.empty(n, dtype=acc, device=x.device)
     lse = torch.empty(n, dtype=acc, device=x.device)
-    meta = _launch_meta(blocks, acc)
-    grid = lambda m: (triton.cdiv(n, m["BN"]),)  # noqa: E731
-    _ce_forward_kernel[grid](x, w_hi, w_lo, target, loss, lse, n, d, num_classes, x.stride(0), x.stride(1),
-                             w_hi.stride(0), w_hi.stride(1), _inv_tau(tau, acc, x.device), int(ignore_index),
-                             SPLIT=split, DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
+    kernel, meta = _launchable(_ce_forward_kernel, blocks, acc)
+    grid = lambda m: (triton.cdiv(n, m["BLOCK_ROWS"]),)  # noqa: E731
+    kernel[grid](x, w_hi, w_lo, target, loss, lse, n, d, num_classes, x.stride(0), x.stride(1), w_hi.stride(0),
+                 w_hi.stride(1), _inv_tau(tau, acc, x.device), int(ignore_index), BF16_PAIR=bf16_pair,
+                 DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
     return loss, lse
 
 
-def _num_splits(device: torch.device, d: int, num_classes: int, tiles: dict) -> int:
+def _num_k_slices(device: torch.device, d: int, num_classes: int, tiles: dict) -> int:
     """Fixed slices of the row reduction for dW: enough output tiles x slices to fill the GPU twice."""
     if device.type != "cuda":
-        return 2  # the interpreter: exercise the split path
-    tiles = triton.cdiv(d, tiles["BM"]) * triton.cdiv(num_classes, tiles["BN"])
+        return 2  # the interpreter: exercise the sliced path
+    tiles = triton.cdiv(d, tiles["BLOCK_M"]) * triton.cdiv(num_classes, tiles["BLOCK_N"])
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, tiles)))
+    return max(1, min(MAX_K_SLICES, triton.cdiv(2 * sms, tiles)))
 
 
 def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
                        ignore_index: int, chunk_size: int, need_x: bool, need_w: bool,
-                       blocks: dict | None = None, splits: int | None = None) -> tuple[Tensor | None, Tensor | None]:
+                       blocks: dict | None = None, k_slices: int | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of sum_i grad_rows[i] * loss_i wrt x and w, recomputing logits tiles; deterministic.
 
     Args:
@@ -234,53 +242,55 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Te
         grad_rows (N,): per-row weights, already scaled by the reduction and 0 on ignored rows.
         ignore_index: unused here (grad_rows is 0 on ignored rows), kept for the backend contract.
         chunk_size: rows per backward chunk (also bounded by COEF_BUDGET_BYTES of coefficients).
-        need_x, need_w: which gradients to compute. blocks, splits: tile / split overrides (tests).
+        need_x, need_w: which gradients to compute. blocks, k_slices: tile / dW slice-count overrides (tests).
     Returns:
         (grad_x (N, d), grad_w (d, C)) fp32 (fp64 for fp64 inputs), or None where not needed.
     """
     n, d = x.shape
     num_classes = w.shape[1]
-    acc, ddt, prec, split = _precision(x, w)
+    acc, ddt, prec, bf16_pair = _precision(x, w)
     if not (need_x or need_w):
         return None, None
-    w_hi, w_lo = split_bf16(w) if split else (w, w)
-    # coefficients: bf16 on the bf16 path, a bf16 pair (hi, lo) on the split path, fp32/fp64 otherwise
+    w_hi, w_lo = split_bf16(w) if bf16_pair else (w, w)
+    # coefficients: bf16 on the bf16 path, a bf16 pair (hi, lo) on the bf16-pair path, fp32/fp64 otherwise
     coef_dt = torch.bfloat16 if ddt == torch.bfloat16 else acc
-    coef_bytes = torch.empty((), dtype=coef_dt).element_size() * (2 if split else 1)
+    coef_bytes = torch.empty((), dtype=coef_dt).element_size() * (2 if bf16_pair else 1)
     rows = max(1, min(chunk_size, n, COEF_BUDGET_BYTES // (coef_bytes * num_classes)))
     coef = torch.empty((rows, num_classes), dtype=coef_dt, device=x.device)
-    coef_lo = torch.empty_like(coef) if split else coef
+    coef_lo = torch.empty_like(coef) if bf16_pair else coef
     # matmul tiles of the backward GEMMs: large on a GPU, the default 64-wide ones for fp64 and for test overrides
     mm = None
     if acc != torch.float64 and blocks is None:
         mm = LARGE if coef_dt == torch.bfloat16 else LARGE_FP32
-    splits = _num_splits(x.device, d, num_classes, mm or {"BM": 64, "BN": 64}) if splits is None else splits
-    parts = torch.empty((splits, d, num_classes), dtype=acc, device=x.device) if need_w else None
+    if k_slices is None:
+        k_slices = _num_k_slices(x.device, d, num_classes, mm or {"BLOCK_M": 64, "BLOCK_N": 64})
+    parts = torch.empty((k_slices, d, num_classes), dtype=acc, device=x.device) if need_w else None
     grad_x = torch.empty((n, d), dtype=acc, device=x.device) if need_x else None
     grad_rows = grad_rows.to(acc).contiguous()
     lse = lse.contiguous()
-    meta = _launch_meta(blocks, acc)
+    kernel, meta = _launchable(_ce_coef_kernel, blocks, acc)
     inv_tau = _inv_tau(tau, acc, x.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         nrows = stop - start
         xc = x[start:stop]
-        grid = lambda m: (triton.cdiv(nrows, m["BN"]), triton.cdiv(num_classes, m["BC"]))  # noqa: E731
-        _ce_coef_kernel[grid](xc, w_hi, w_lo, target[start:stop], lse[start:stop], grad_rows[start:stop], coef,
-                              coef_lo, nrows, d, num_classes, xc.stride(0), xc.stride(1), w_hi.stride(0),
-                              w_hi.stride(1), coef.stride(0), coef.stride(1), inv_tau, SPLIT=split,
-                              DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
+        grid = lambda m: (triton.cdiv(nrows, m["BLOCK_ROWS"]),  # noqa: E731
+                          triton.cdiv(num_classes, m["BLOCK_CLASSES"]))
+        kernel[grid](xc, w_hi, w_lo, target[start:stop], lse[start:stop], grad_rows[start:stop], coef, coef_lo,
+                     nrows, d, num_classes, xc.stride(0), xc.stride(1), w_hi.stride(0), w_hi.stride(1),
+                     coef.stride(0), coef.stride(1), inv_tau, BF16_PAIR=bf16_pair, DOT_DTYPE=TL_DTYPES[ddt],
+                     ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
         cchunk = coef[:nrows]
-        clow = coef_lo[:nrows] if split else None
+        clow = coef_lo[:nrows] if bf16_pair else None
         if need_w:   # x is exact in bf16: x^T (coef_hi + coef_lo)
-            matmul(xc.T, cchunk, out=parts, accumulate=start > 0, splits=splits, precision=prec, blocks=mm,
+            matmul(xc.T, cchunk, out=parts, accumulate=start > 0, k_slices=k_slices, precision=prec, blocks=mm,
                    b_lo=clow)
         if need_x:   # (coef_hi + coef_lo)(w_hi + w_lo)^T without the lo x lo term
             matmul(cchunk, w_hi.T, out=grad_x[start:stop], precision=prec, blocks=mm, a_lo=clow,
-                   b_lo=w_lo.T if split else None)
+                   b_lo=w_lo.T if bf16_pair else None)
     grad_w = None
     if need_w:
         grad_w = parts[0].clone()
-        for s in range(1, splits):  # fixed order: bitwise reproducible
+        for s in range(1, k_slices):  # fixed order: bitwise reproducible
             grad_w += parts[s]
     return grad_x, grad_w

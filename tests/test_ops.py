@@ -1,23 +1,19 @@
 """The public ops on the torch backend against independent float64 oracles (numpy/scipy), gradcheck, chunking, errors."""
+from functools import partial
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+import helpers
 from clpdd_fast import NotPositiveDefiniteError, clpdd_loss, gram, linear_softmax_ce, ridge_solve
 
 SHAPES = [(7, 19, 5), (29, 11, 3), (13, 13, 4)]  # (m, d, C): m < d, m > d, m == d
-
-
-def rand(*shape, seed, dtype=torch.float64, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad)
-
-
-def labels(n, c, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, c, (n,), generator=g)
+# the torch backend's inputs: CPU tensors, float64 unless a test asks for another dtype
+rand = partial(helpers.rand, dtype=torch.float64, device="cpu")
+labels = partial(helpers.labels, device="cpu")
 
 
 def ridge_numpy(phi, y, lam):

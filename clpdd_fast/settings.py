@@ -1,0 +1,63 @@
+"""The settings read from the environment, all in this module: one function per variable, validating its value.
+
+Each function reads its variable when called (not at import), so a change takes effect at the next call; unset or
+empty means the default (the first of its values). README.md ("Environment variables") has the table.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+VALUES = {
+    "TRITON_INTERPRET": ("0", "1"),
+    "CLPDD_AUTOTUNE": ("0", "1"),
+    "CLPDD_CE_PRECISION": ("auto", "ieee", "tf32"),
+    "CLPDD_TRACEBACK": ("0", "1"),
+}
+
+
+def _read(name: str) -> str:
+    values = VALUES[name]
+    value = os.environ.get(name) or values[0]
+    if value not in values:
+        quoted = [repr(v) for v in values]
+        raise ValueError(f"{name}: expected {', '.join(quoted[:-1])} or {quoted[-1]}, got {value!r}")
+    return value
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET=1: Triton's interpreter runs the kernels on CPU tensors. Triton reads it too, when kernels
+    are decorated: set it before Python imports triton."""
+    return _read("TRITON_INTERPRET") == "1"
+
+
+def autotune() -> bool:
+    """CLPDD_AUTOTUNE=1: the CE kernels pick their tiles by autotuning (read at each CE launch); fixed tiles
+    otherwise."""
+    return _read("CLPDD_AUTOTUNE") == "1"
+
+
+def ce_precision() -> str:
+    """CLPDD_CE_PRECISION: the products of fp32 operands in the CE kernels: "auto" (an fp32 w with bf16 x as two bf16
+    halves on tensor cores), "ieee" (exact fp32 products) or "tf32"."""
+    return _read("CLPDD_CE_PRECISION")
+
+
+def show_traceback() -> bool:
+    """CLPDD_TRACEBACK=1: a CLI ends with the Python traceback instead of one `error: ...` line."""
+    return _read("CLPDD_TRACEBACK") == "1"
+
+
+@contextlib.contextmanager
+def overridden(name: str, value: str):
+    """Within the block, the variable `name` (one of VALUES) holds `value`; restored afterwards."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        _read(name)   # a bad value fails here, naming the variable
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

@@ -1,0 +1,259 @@
+"""kernels/backend.py (the five backend functions on the kernels) against clpdd_fast.reference and float64, through
+the fused small-system path and the blocked one, and the public ops with backend="triton"; under Triton's interpreter
+on CPU tensors without CUDA (tests/conftest.py sets TRITON_INTERPRET=1), compiled with CUDA, plus the GPU-only tests
+(bf16, large shapes, bitwise determinism, memory).
+"""
+import inspect
+
+import pytest
+import torch
+
+from helpers import CUDA, DEVICE, check_kernels_can_run, close_to_exact, gpu_only, labels, rand, spd, tol_for
+
+check_kernels_can_run()
+
+import triton  # noqa: E402
+
+from ce_split_bound import assert_within_split_bound  # noqa: E402
+from clpdd_fast import ops, reference  # noqa: E402
+from clpdd_fast.kernels import backend as kbackend  # noqa: E402
+from clpdd_fast.kernels import cholesky as kchol  # noqa: E402
+from clpdd_fast.kernels import matmul as kmatmul  # noqa: E402
+from clpdd_fast.kernels import small_ridge as ksmall  # noqa: E402
+from clpdd_fast.validation import NotPositiveDefiniteError  # noqa: E402
+
+
+def test_backend_exposes_the_reference_functions_with_the_same_signatures():
+    for name in ("gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward"):
+        ours = inspect.signature(getattr(kbackend, name))
+        theirs = inspect.signature(getattr(reference, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+
+
+def test_kernels_run_under_the_interpreter_on_cpu():
+    if not CUDA:
+        assert type(kmatmul._matmul_kernel).__name__.startswith("Interpreted")
+    assert ops.resolve_backend("triton", torch.device(DEVICE)) is kbackend
+
+
+@pytest.fixture(params=["fused", "blocked"])
+def ridge_path(request, monkeypatch):
+    """Run a ridge test through the one-launch small-system kernel and through the blocked Cholesky path."""
+    monkeypatch.setattr(ksmall, "MAX_SIZE", max(ksmall.LIMITS.values()) if request.param == "fused" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backend_sends_a_system_above_the_dtype_limit_to_the_blocked_path(dtype, monkeypatch):
+    """With MAX_SIZE above the kernel's limit for this dtype, a system at the limit still takes the one-launch kernel
+    and one past it the blocked path; both match float64."""
+    monkeypatch.setattr(ksmall, "MAX_SIZE", 10 * ksmall.size_limit(dtype))
+    calls = []
+    for name in ("small_ridge_solve", "small_ridge_backward"):
+        real = getattr(ksmall, name)
+        monkeypatch.setattr(ksmall, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    for n, fused in ((ksmall.size_limit(dtype), True), (ksmall.size_limit(dtype) + 3, False)):
+        calls.clear()
+        phi, y, g = rand(n, 9, dtype=dtype, seed=1), rand(n, 3, dtype=dtype, seed=2), rand(9, 3, dtype=dtype, seed=3)
+        w, factor, info = kbackend.ridge_forward(phi, y, 0.5, "dual")
+        gp, gy = kbackend.ridge_backward(phi, y, w, factor, g, "dual", True, True)
+        assert int(info) == 0 and calls == (["small_ridge_solve", "small_ridge_backward"] if fused else [])
+        w_ex, factor_ex, _ = reference.ridge_forward(phi.double(), y.double(), 0.5, "dual")
+        gp_ex, gy_ex = reference.ridge_backward(phi.double(), y.double(), w_ex, factor_ex, g.double(), "dual",
+                                                True, True)
+        w_ref, factor_ref, _ = reference.ridge_forward(phi, y, 0.5, "dual")
+        gp_ref, gy_ref = reference.ridge_backward(phi, y, w_ref, factor_ref, g, "dual", True, True)
+        for fast, ref, exact in ((w, w_ref, w_ex), (gp, gp_ref, gp_ex), (gy, gy_ref, gy_ex)):
+            close_to_exact(fast, ref, exact, tol_for(dtype) * 10)
+
+
+RIDGE_CASES = [(29, 19, 7, "primal"), (29, 19, 7, "dual"), (13, 37, 5, "dual"), (13, 37, 5, "primal")]
+
+
+@pytest.mark.parametrize("m,d,num_classes,mode", RIDGE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lam", [0.3, 1e3])
+def test_ridge_forward_backward_match_reference_and_float64(ridge_path, m, d, num_classes, mode, dtype, lam):
+    phi = rand(m, d, dtype=dtype, seed=m)
+    y = rand(m, num_classes, dtype=dtype, seed=d)
+    w, factor, info = kbackend.ridge_forward(phi, y, lam, mode)
+    assert int(info) == 0
+    w_ref, factor_ref, _ = reference.ridge_forward(phi, y, lam, mode)
+    w_ex, factor_ex, _ = reference.ridge_forward(phi.double(), y.double(), lam, mode)
+    tol = tol_for(dtype) * 10
+    close_to_exact(w, w_ref, w_ex, tol)
+    close_to_exact(factor, factor_ref, factor_ex, tol)
+    g = rand(d, num_classes, dtype=dtype, seed=11)
+    gp, gy = kbackend.ridge_backward(phi, y, w, factor, g, mode, True, True)
+    gp_ref, gy_ref = reference.ridge_backward(phi, y, w_ref, factor_ref, g, mode, True, True)
+    gp_ex, gy_ex = reference.ridge_backward(phi.double(), y.double(), w_ex, factor_ex, g.double(), mode, True, True)
+    close_to_exact(gp, gp_ref, gp_ex, tol)
+    close_to_exact(gy, gy_ref, gy_ex, tol)
+    assert kbackend.ridge_backward(phi, y, w, factor, g, mode, False, False) == (None, None)
+
+
+def test_ridge_low_precision_inputs_and_tiny_lam(ridge_path):
+    phi = rand(13, 37, dtype=torch.float16, seed=4)
+    y = rand(13, 5, dtype=torch.float16, seed=5)
+    w, factor, info = kbackend.ridge_forward(phi, y, 1e-6, "dual")
+    assert int(info) == 0 and w.dtype == torch.float32
+    w_ref, _, _ = reference.ridge_forward(phi, y, 1e-6, "dual")
+    w_ex, _, _ = reference.ridge_forward(phi.double(), y.double(), 1e-6, "dual")
+    close_to_exact(w, w_ref, w_ex, 1e-4)
+
+
+@pytest.mark.parametrize("mode", ["dual", "primal"])
+def test_public_ridge_solve_and_gram_triton_match_torch(ridge_path, mode):
+    results = {}
+    for backend, dtype in (("torch", torch.float32), ("triton", torch.float32), ("torch", torch.float64)):
+        phi = rand(29, 19, dtype=dtype, seed=2).requires_grad_()
+        y = rand(29, 7, dtype=dtype, seed=3).requires_grad_()
+        w = ops.ridge_solve(phi, y, 0.7, mode, backend=backend)
+        k = ops.gram(phi, 0.1, backend=backend)
+        ((w * rand(19, 7, dtype=dtype, seed=4)).sum() + (k * k).sum() * 1e-3).backward()
+        results[backend, dtype] = (w.detach(), k.detach(), phi.grad, y.grad)
+    for fast, ref, exact in zip(results["triton", torch.float32], results["torch", torch.float32],
+                                results["torch", torch.float64]):
+        close_to_exact(fast, ref, exact, 1e-5)
+
+
+@pytest.mark.parametrize("real_dtype", [torch.float32, torch.bfloat16])   # bf16: the --precision bf16 pipeline
+def test_public_clpdd_loss_triton_matches_torch(ridge_path, real_dtype):
+    out = {}
+    for backend, dtype in (("torch", torch.float32), ("triton", torch.float32), ("torch", torch.float64)):
+        phi_s = rand(10, 19, dtype=dtype, seed=1).requires_grad_()
+        y_s = torch.arange(10, device=DEVICE) % 5
+        # real features rounded to real_dtype first, so that every backend sees the same values
+        phi_r, y_r = rand(37, 19, dtype=real_dtype, seed=2), labels(37, 5)
+        phi_r = phi_r if dtype == torch.float32 else phi_r.to(dtype)
+        loss = ops.clpdd_loss(phi_s, y_s, phi_r, y_r, lam=0.3, tau=0.05, num_classes=5, backend=backend)
+        loss.backward()
+        out[backend, dtype] = (loss.detach(), phi_s.grad)
+    for fast, ref, exact in zip(out["triton", torch.float32], out["torch", torch.float32],
+                                out["torch", torch.float64]):
+        close_to_exact(fast, ref, exact, 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dual", "primal"])
+def test_ridge_gradcheck_through_the_triton_backend(ridge_path, mode):
+    """Finite differences against the kernels' own backward (fp64), not only against the torch backward
+    (fast_mode: random directional derivatives, a few interpreted launches instead of one per input)."""
+    phi = rand(5, 4, dtype=torch.float64, seed=31).requires_grad_()
+    y = rand(5, 3, dtype=torch.float64, seed=32).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p, t: ops.ridge_solve(p, t, 0.45, mode, backend="triton"), (phi, y),
+                                    fast_mode=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
+def test_public_ridge_solve_raises_not_positive_definite_on_overflowing_features(ridge_path):
+    phi = torch.full((6, 5), 1e20, device=DEVICE)        # the Gram matrix overflows: inf / NaN pivots
+    y = rand(6, 3)
+    for backend in ("torch", "triton"):
+        with pytest.raises(NotPositiveDefiniteError, match="not positive definite"):
+            ops.ridge_solve(phi, y, 1e-3, "dual", backend=backend)
+
+
+def test_triton_path_never_calls_torch_linalg_or_cross_entropy(ridge_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton path called a torch routine it replaces")
+    for owner, name in [(torch.linalg, "cholesky"), (torch.linalg, "cholesky_ex"), (torch, "cholesky_solve"),
+                        (torch.linalg, "solve_triangular"), (torch.linalg, "solve"), (torch.linalg, "inv"),
+                        (torch, "logsumexp"), (torch.Tensor, "logsumexp"), (torch, "cholesky"),
+                        (torch.nn.functional, "cross_entropy"), (torch.nn.functional, "log_softmax"),
+                        (torch.nn.functional, "softmax"), (torch, "log_softmax"), (torch, "softmax")]:
+        monkeypatch.setattr(owner, name, boom)
+    phi_s = rand(10, 19, seed=1).requires_grad_()
+    y_s = torch.arange(10, device=DEVICE) % 5
+    phi_r, y_r = rand(37, 19, seed=2), labels(37, 5)
+    loss = ops.clpdd_loss(phi_s, y_s, phi_r, y_r, lam=0.3, tau=0.5, num_classes=5, backend="triton")
+    loss.backward()
+    k = ops.gram(phi_s, 0.1, backend="triton")
+    assert torch.isfinite(loss) and torch.isfinite(phi_s.grad).all() and torch.isfinite(k).all()
+    with pytest.raises(AssertionError, match="replaces"):
+        ops.clpdd_loss(phi_s, y_s, phi_r, y_r, lam=0.3, num_classes=5, backend="torch")
+
+
+@gpu_only
+def test_gpu_bf16_linear_ce_and_ridge():
+    n, d, num_classes = 4099, 768, 1000
+    x = rand(n, d, dtype=torch.bfloat16, seed=1)
+    w = rand(d, num_classes, dtype=torch.bfloat16, seed=2, scale=0.05)
+    t = labels(n, num_classes, ignore=(7,))
+    loss, lse = kbackend.linear_ce_forward(x, w, t, 0.1, -100, 4096)
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, 0.1, -100, 4096)
+    torch.testing.assert_close(loss.double(), loss_ex, rtol=1e-4, atol=1e-3)
+    g = torch.full((n,), 1.0 / n, device=DEVICE) * (t != -100)
+    gx, gw = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 4096, True, True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.1, lse_ex, g.double(), -100, 4096,
+                                                True, True)
+    # bf16 coefficients: ~2^-9 relative per term (replayed in float64 with this data: 0.2 of these tolerances; a
+    # truncating tensor-core adder, modelled, uses 0.01 of the loss tolerance above)
+    assert (gw.double() - gw_ex).abs().max() <= 1e-2 * gw_ex.abs().max()
+    assert (gx.double() - gx_ex).abs().max() <= 1e-2 * gx_ex.abs().max()
+    # bf16 x with an fp32 w: w split into bf16 halves (2^-17 relative), within the split's derived bound. With
+    # this data the float64 replay of the split uses at most 0.72 of the split part (dX; 0.04 loss, 0.02 dW: exact
+    # arithmetic, so no chance involved); the whole path run by the interpreter on the CPU 0.21 of the kernel part
+    # (0.007 loss); a model of a truncating tensor-core adder without guard bits 0.15 (loss), 0.09 (dX).
+    w32 = rand(d, num_classes, seed=2, scale=0.05)
+    loss, lse = kbackend.linear_ce_forward(x, w32, t, 0.1, -100, 4096)
+    gx, gw = kbackend.linear_ce_backward(x, w32, t, 0.1, lse, g, -100, 4096, True, True)
+    assert_within_split_bound(loss, gx, gw, x, w32, t, 0.1, g)
+    phi = rand(1000, 768, dtype=torch.bfloat16, seed=3)
+    y = torch.nn.functional.one_hot(torch.arange(1000, device=DEVICE) % 100, 100).to(torch.bfloat16)
+    for mode in ("dual", "primal"):
+        w_t, _, info = kbackend.ridge_forward(phi, y, 10.0, mode)
+        w_ex, _, _ = reference.ridge_forward(phi.double(), y.double(), 10.0, mode)
+        assert int(info) == 0
+        assert (w_t.double() - w_ex).abs().max() <= 1e-3 * w_ex.abs().max()
+
+
+@gpu_only
+def test_gpu_large_shapes_bitwise_determinism_and_memory():
+    n, d, num_classes = 200_003, 768, 1000
+    x = rand(n, d, dtype=torch.bfloat16, seed=4)
+    t = labels(n, num_classes)
+    g = torch.full((n,), 1.0 / n, device=DEVICE)
+    for w_dtype in (torch.bfloat16, torch.float32):   # bf16 pair, and bf16 x with fp32 w (split into halves)
+        w = rand(d, num_classes, dtype=w_dtype, seed=5, scale=0.05)
+        loss, lse = kbackend.linear_ce_forward(x, w, t, 0.1, -100, 16384)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _, gw1 = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 16384, False, True)
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra < 100 * 2**20, f"backward ({w_dtype}) used {extra / 2**20:.1f} MiB beyond its inputs"
+        _, gw2 = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 16384, False, True)
+        assert torch.equal(gw1, gw2), f"two runs must give bitwise-identical dW ({w_dtype})"
+        if w_dtype == torch.float32:   # the split's derived bound (float64 row blocks of ~3 GB); the fp32 torch
+            # comparison it replaces had no derivation: a float64 replay of the split alone used 0.38 of rtol=atol=1e-4
+            for s in range(0, n, 50_000):
+                assert_within_split_bound(loss[s:s + 50_000], None, None, x[s:s + 50_000], w, t[s:s + 50_000], 0.1)
+        else:
+            loss_ref, _ = reference.linear_ce_forward(x, w, t, 0.1, -100, 16384)
+            torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
+    a = spd(1000, torch.float32, seed=6)
+    f1, _ = kchol.cholesky(a)
+    f2, _ = kchol.cholesky(a)
+    assert torch.equal(f1, f2)
+
+
+@gpu_only
+def test_gpu_int64_row_offsets_beyond_2_pow_31_elements():
+    d, num_classes = 768, 16
+    n = (2**31) // d + 4099                                # n * d > 2^31: int32 offsets would wrap
+    try:
+        x = torch.empty((n, d), dtype=torch.bfloat16, device=DEVICE)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    x[: n - 64].zero_()
+    x[n - 64:] = rand(64, d, dtype=torch.bfloat16, seed=1)
+    w = rand(d, num_classes, dtype=torch.bfloat16, seed=2, scale=0.1)
+    t = labels(n, num_classes)
+    loss, _ = kbackend.linear_ce_forward(x, w, t, 1.0, -100, 1 << 20)
+    tail, _ = reference.linear_ce_forward(x[n - 64:], w, t[n - 64:], 1.0, -100, 64)
+    torch.testing.assert_close(loss[n - 64:], tail, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_version_is_recent_enough():
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    assert (major, minor) >= (3, 0)

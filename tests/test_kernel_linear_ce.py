@@ -1,0 +1,191 @@
+"""kernels/linear_ce.py (fused linear softmax CE and its chunked backward) against float64, directly and through the
+public op, under Triton's interpreter on CPU tensors without CUDA (tests/conftest.py sets TRITON_INTERPRET=1),
+compiled with CUDA.
+
+Shapes are small and odd so that every dimension has a masked tail; tiles are >= 16 (GPU tl.dot minimum).
+"""
+import pytest
+import torch
+
+from helpers import DEVICE, check_kernels_can_run, close_to_exact, labels, rand, tol_for
+
+check_kernels_can_run()
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from ce_split_bound import assert_within_split_bound  # noqa: E402
+from clpdd_fast import ops, reference  # noqa: E402
+from clpdd_fast.kernels import linear_ce as kce  # noqa: E402
+
+# several tiles in every dimension at the test shapes
+SMALL = {"BLOCK_ROWS": 16, "BLOCK_CLASSES": 16, "BLOCK_FEATURES": 16}
+
+
+CE_SHAPE = (37, 19, 23)   # N, d, C: tails in every dimension with 16-wide tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("tau", [0.03, 1.0, 50.0])
+def test_linear_ce_forward_backward_match_float64(dtype, tau):
+    n, d, num_classes = CE_SHAPE
+    x = rand(n, d, dtype=dtype, seed=1)
+    w = rand(d, num_classes, dtype=dtype, seed=2, scale=0.5)
+    t = labels(n, num_classes, ignore=(3, 36))
+    loss, lse = kce.linear_ce_forward(x, w, t, tau, -100, 16, blocks=SMALL)
+    loss_ref, lse_ref = reference.linear_ce_forward(x, w, t, tau, -100, 16)
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, tau, -100, 16)
+    tol = tol_for(dtype) * 10
+    close_to_exact(loss, loss_ref, loss_ex, tol)
+    close_to_exact(lse, lse_ref, lse_ex, tol)
+    assert loss[3] == 0 and loss[36] == 0
+    grad_rows = rand(n, dtype=lse.dtype, seed=9).abs() * (t != -100)
+    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, grad_rows, -100, 16, True, True, blocks=SMALL, k_slices=2)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, tau, lse_ref, grad_rows, -100, 16, True, True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, tau, lse_ex, grad_rows.double(),
+                                                -100, 16, True, True)
+    close_to_exact(gx, gx_ref, gx_ex, tol)
+    close_to_exact(gw, gw_ref, gw_ex, tol)
+    assert torch.all(gx[3] == 0)
+
+
+@pytest.mark.parametrize("need_x,need_w", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("chunk_size", [1000, 16, 5])
+def test_linear_ce_backward_flags_and_chunking(need_x, need_w, chunk_size):
+    n, d, num_classes = CE_SHAPE
+    x, w, t = rand(n, d, seed=3), rand(d, num_classes, seed=4, scale=0.3), labels(n, num_classes, seed=2)
+    _, lse = reference.linear_ce_forward(x, w, t, 0.7, -100, n)
+    grad_rows = torch.full((n,), 1.0 / n, device=DEVICE)
+    gx, gw = kce.linear_ce_backward(x, w, t, 0.7, lse, grad_rows, -100, chunk_size, need_x, need_w,
+                                    blocks=SMALL, k_slices=3)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, 0.7, lse, grad_rows, -100, n, need_x, need_w)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.7, lse.double(), grad_rows.double(),
+                                                -100, n, need_x, need_w)
+    assert (gx is None) == (not need_x) and (gw is None) == (not need_w)
+    if need_x:
+        close_to_exact(gx, gx_ref, gx_ex, 2e-5)
+    if need_w:
+        close_to_exact(gw, gw_ref, gw_ex, 2e-5)
+
+
+def test_linear_ce_default_tiles_mixed_dtypes_and_strided_inputs():
+    n, d, num_classes = CE_SHAPE
+    x = rand(d, n, dtype=torch.float16, seed=5).T                     # fp16 features, transposed view
+    w = rand(d, num_classes, seed=6, scale=0.3)                         # fp32 weights: fp32 ieee path
+    t = labels(n, num_classes, seed=3).int()
+    loss, lse = kce.linear_ce_forward(x, w, t, 0.5, -100, 8)
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, 0.5, -100, 8)
+    close_to_exact(loss, reference.linear_ce_forward(x, w, t, 0.5, -100, 8)[0], loss_ex, 1e-5)
+    gx, gw = kce.linear_ce_backward(x, w, t, 0.5, lse, torch.ones(n, device=DEVICE), -100, 8, True, True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.5, lse_ex,
+                                                torch.ones(n, dtype=torch.float64, device=DEVICE), -100, 8, True, True)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, 0.5, lse, torch.ones(n, device=DEVICE), -100, 8, True, True)
+    close_to_exact(gx, gx_ref, gx_ex, 1e-5)
+    close_to_exact(gw, gw_ref, gw_ex, 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["auto", "ieee", "tf32"])
+def test_linear_ce_bf16_x_fp32_w_splits_w_into_bf16_halves(mode, monkeypatch):
+    """bf16 features with an fp32 probe (the bf16 pipeline): by default w enters as hi + lo bf16 halves on tensor
+    cores, within the split's derived error bound of float64; CLPDD_CE_PRECISION=ieee/tf32 keeps fp32 operands."""
+    monkeypatch.setenv("CLPDD_CE_PRECISION", mode)
+    calls = []
+    real_split = kce.split_bf16
+    monkeypatch.setattr(kce, "split_bf16", lambda t: calls.append(t.shape) or real_split(t))
+    n, d, num_classes = CE_SHAPE
+    x = rand(n, d, dtype=torch.bfloat16, seed=7)
+    w = rand(d, num_classes, seed=8, scale=0.3)
+    t = labels(n, num_classes, seed=4, ignore=(3,))
+    g = rand(n, seed=9).abs() * (t != -100)
+    tau = 0.05                                  # logits of ~100: the split's ~2^-17 relative error shows most here
+    loss, lse = kce.linear_ce_forward(x, w, t, tau, -100, 8, blocks=SMALL)
+    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, g, -100, 8, True, True, blocks=SMALL, k_slices=3)
+    assert len(calls) == (2 if mode == "auto" else 0)
+    if mode == "auto":
+        assert_within_split_bound(loss, gx, gw, x, w, t, tau, g)
+        return
+    xd, wd = x.double(), w.double()
+    loss_ex, lse_ex = reference.linear_ce_forward(xd, wd, t, tau, -100, 8)
+    gx_ex, gw_ex = reference.linear_ce_backward(xd, wd, t, tau, lse_ex, g.double(), -100, 8, True, True)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, tau, lse, g, -100, 8, True, True)
+    tol = 1e-3 if mode == "tf32" else 1e-5     # tf32 products are ~2^-11 relative (the interpreter ignores it)
+    close_to_exact(loss, reference.linear_ce_forward(x, w, t, tau, -100, 8)[0], loss_ex, tol)
+    close_to_exact(gw, gw_ref, gw_ex, tol)
+    close_to_exact(gx, gx_ref, gx_ex, tol)
+
+
+def test_split_bf16_halves_reconstruct_fp32_and_bad_precision_setting_raises(monkeypatch):
+    w = rand(19, 23, seed=3) * torch.logspace(-20, 20, 23, device=DEVICE)
+    hi, lo = kce.split_bf16(w)
+    assert torch.equal(hi.float(), w.to(torch.bfloat16).float())             # hi is w rounded to bf16
+    assert torch.equal(lo.float(), lo.to(torch.bfloat16).float())            # lo is bf16 too
+    rel = ((hi.double() + lo.double() - w.double()).abs() / w.double().abs()).max().item()
+    assert 2.0**-18 < rel <= 2.0**-17                                         # the bound the README documents
+    monkeypatch.setenv("CLPDD_CE_PRECISION", "fast")
+    with pytest.raises(ValueError, match="CLPDD_CE_PRECISION"):
+        kce.linear_ce_forward(rand(5, 3, dtype=torch.bfloat16), w[:3, :4], labels(5, 4), 1.0, -100, 8)
+
+
+def test_autotune_is_read_at_launch_and_explicit_blocks_keep_their_tiles(monkeypatch):
+    """CLPDD_AUTOTUNE=1, set after import, gives the launch the kernel's autotuner (one per kernel, kept) and no
+    tiles; explicit blocks, or the variable unset, give the kernel itself with fixed tiles."""
+    kernel = kce._ce_forward_kernel
+    monkeypatch.setenv("CLPDD_AUTOTUNE", "1")
+    tuned, meta = kce._launchable(kernel, None, torch.float32)
+    assert isinstance(tuned, triton.runtime.Autotuner) and tuned.fn is kernel and meta == {}
+    assert kce._launchable(kernel, None, torch.float32)[0] is tuned
+    assert kce._launchable(kernel, SMALL, torch.float32) == (kernel, {**SMALL, "num_warps": kce.NUM_WARPS,
+                                                                      "num_stages": kce.NUM_STAGES})
+    monkeypatch.delenv("CLPDD_AUTOTUNE")
+    assert kce._launchable(kernel, None, torch.float32) == (kernel, {**kce.BLOCKS, "num_warps": kce.NUM_WARPS,
+                                                                     "num_stages": kce.NUM_STAGES})
+
+
+@triton.jit
+def _round_to_bf16_probe(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(src_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(dst_ptr + offs, kce._round_to_bf16(v), mask=offs < n)
+
+
+def test_in_kernel_bf16_rounding_is_round_to_nearest_even_like_torch():
+    v = rand(1000, seed=12) * torch.logspace(-30, 30, 1000, device=DEVICE)
+    ties = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8), 2.0**-8 * 3], device=DEVICE)
+    v = torch.cat([v, ties, torch.zeros(1, device=DEVICE)])
+    out = torch.full_like(v, float("nan"))
+    _round_to_bf16_probe[(triton.cdiv(v.numel(), 256),)](v, out, v.numel(), BLOCK=256)
+    assert torch.equal(out, v.to(torch.bfloat16).float())
+
+
+def test_linear_ce_backward_is_bitwise_reproducible():
+    n, d, num_classes = CE_SHAPE
+    x, w, t = rand(n, d, seed=7), rand(d, num_classes, seed=8), labels(n, num_classes, seed=4)
+    _, lse = kce.linear_ce_forward(x, w, t, 1.0, -100, n, blocks=SMALL)
+    g = torch.ones(n, device=DEVICE)
+    first = kce.linear_ce_backward(x, w, t, 1.0, lse, g, -100, 16, True, True, blocks=SMALL)
+    second = kce.linear_ce_backward(x, w, t, 1.0, lse, g, -100, 16, True, True, blocks=SMALL)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_public_linear_softmax_ce_triton_matches_torch(reduction):
+    n, d, num_classes = CE_SHAPE
+    results = {}
+    for backend, dtype in (("torch", torch.float32), ("triton", torch.float32), ("torch", torch.float64)):
+        x = rand(n, d, dtype=dtype, seed=1).requires_grad_()
+        w = rand(d, num_classes, dtype=dtype, seed=2, scale=0.5).requires_grad_()
+        t = labels(n, num_classes, ignore=(0, 5))
+        loss = ops.linear_softmax_ce(x, w, t, tau=0.2, reduction=reduction, chunk_size=16, backend=backend)
+        (loss.sum() if reduction == "none" else loss).backward()
+        results[backend, dtype] = (loss.detach(), x.grad, w.grad)
+    for fast, ref, exact in zip(results["triton", torch.float32], results["torch", torch.float32],
+                                results["torch", torch.float64]):
+        close_to_exact(fast, ref, exact, 1e-5)
+
+
+def test_linear_ce_gradcheck_through_the_triton_backend():
+    x = rand(7, 4, dtype=torch.float64, seed=33).requires_grad_()
+    w = rand(4, 5, dtype=torch.float64, seed=34).requires_grad_()
+    t = labels(7, 5, ignore=(2,))
+    assert torch.autograd.gradcheck(lambda a, b: ops.linear_softmax_ce(a, b, t, 0.7, "mean", 3, backend="triton"),
+                                    (x, w), fast_mode=True)

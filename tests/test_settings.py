@@ -1,0 +1,43 @@
+"""clpdd_fast.settings: every variable read when used, its default when unset or empty, a bad value named."""
+import os
+
+import pytest
+
+from clpdd_fast import settings
+
+READERS = {"TRITON_INTERPRET": settings.triton_interpret, "CLPDD_AUTOTUNE": settings.autotune,
+           "CLPDD_CE_PRECISION": settings.ce_precision, "CLPDD_TRACEBACK": settings.show_traceback}
+DEFAULTS = {"TRITON_INTERPRET": False, "CLPDD_AUTOTUNE": False, "CLPDD_CE_PRECISION": "auto", "CLPDD_TRACEBACK": False}
+
+
+def test_every_variable_has_one_reader():
+    assert set(READERS) == set(settings.VALUES)
+
+
+@pytest.mark.parametrize("name", list(READERS))
+def test_a_setting_is_read_when_used_with_its_default_when_unset_and_a_bad_value_named(name, monkeypatch):
+    read = READERS[name]
+    monkeypatch.delenv(name, raising=False)
+    assert read() == DEFAULTS[name]
+    monkeypatch.setenv(name, "")
+    assert read() == DEFAULTS[name]
+    seen = []
+    for value in settings.VALUES[name]:
+        monkeypatch.setenv(name, value)
+        seen.append(read())
+    assert seen[0] == DEFAULTS[name] and len(set(seen)) == len(seen)
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"^{name}: expected '.+' or '.+', got 'yes'$"):
+        read()
+
+
+def test_overridden_sets_the_variable_for_the_block_and_restores_it(monkeypatch):
+    monkeypatch.delenv("CLPDD_CE_PRECISION", raising=False)
+    with settings.overridden("CLPDD_CE_PRECISION", "tf32"):
+        assert settings.ce_precision() == "tf32"
+    assert "CLPDD_CE_PRECISION" not in os.environ
+    monkeypatch.setenv("CLPDD_CE_PRECISION", "ieee")
+    with pytest.raises(ValueError, match="^CLPDD_CE_PRECISION: expected"):
+        with settings.overridden("CLPDD_CE_PRECISION", "fast"):
+            pass
+    assert os.environ["CLPDD_CE_PRECISION"] == "ieee"
