@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
+
+from clpdd_fast import settings
 
 
 def positive_int(text: str) -> int:
@@ -60,13 +63,12 @@ def run_main(main) -> None:
     """Run a CLI's main(): bad input (ValueError, TypeError, FileNotFoundError: their messages name the argument, and
     SystemExit("error: ...") raised by the tools' own checks) ends the program with that message and status 2
     instead of a traceback (or Python's status 1); CLPDD_TRACEBACK=1 keeps the traceback."""
-    import os
-    import sys
-
+    keep_traceback = False
     try:
+        keep_traceback = settings.show_traceback()   # a bad value ends in an error line, as bad input does
         main()
     except (ValueError, TypeError, FileNotFoundError) as err:
-        if os.environ.get("CLPDD_TRACEBACK") == "1":
+        if keep_traceback:
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
