@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import Table, device_name, results_header  # noqa: E402
+from common import RssSampler, Table, device_name, results_header  # noqa: E402
 
 IMAGENET = dict(model="vit_base_patch14_dinov2", image_size=224, synthetic_size=256, m=[1000], n=[1_281_167],
                 classes=1000, chunk_size=50, precision="bf16", augment="standard")
@@ -64,33 +63,6 @@ def parse_args(argv=None):
     if args.augs_per_batch is None:
         args.augs_per_batch = 3 if args.imagenet else 10
     return args
-
-
-class RssSampler:
-    """Peak resident set (MiB) of this process while active, sampled from /proc/self/statm by a thread."""
-
-    def __init__(self, period_s: float = 0.001):
-        self.period_s, self.peak, self._stop = period_s, 0.0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def rss(self) -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.period_s)
-
-    def __enter__(self):
-        self.base = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def measure(cfg: dict) -> dict:

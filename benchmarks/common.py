@@ -4,6 +4,8 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -56,3 +58,30 @@ class Table:
 
     def row(self, *cells) -> None:
         self._emit(["| " + " | ".join(str(c) for c in cells) + " |"])
+
+
+class RssSampler:
+    """Peak resident set (MiB) of this process while active, sampled from /proc/self/statm by a thread."""
+
+    def __init__(self, period_s: float = 0.001):
+        self.period_s, self.peak, self._stop = period_s, 0.0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def rss(self) -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.period_s)
+
+    def __enter__(self):
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -147,7 +148,8 @@ def setup(cfg: RunConfig) -> Setup:
     first, stop = world.block(len(exp.y_train))  # this rank's shard of the real rows
     real_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     real_x = transform.apply_chunked(exp.phi_train[first:stop], dtype=real_dtype).to(device)
-    validation.finite("real features (after --features)", real_x)  # once here; the step skips this check
+    validation.finite("real features (after --features)", real_x)  # once here; the step skips these checks
+    validation.labels("real labels", exp.y_train, exp.num_classes)
 
     # The random real images per class serve twice: the synthetic set's initialisation and the baseline.
     picks = random_real_indices(exp.y_train, exp.num_classes, cfg.ipc, seed=cfg.seed + 1)
@@ -225,6 +227,10 @@ def train_loop(cfg: RunConfig, s: Setup) -> int:
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 loss = float(step_fn(s.synthetic, s.inputs, generator))  # changes only .grad and the generators
+                if not math.isfinite(loss):   # the ops run unchecked (no host syncs): the loss carries the news
+                    raise SystemExit(f"error: step {done + 1}: the loss is {loss}: the ridge system of the synthetic "
+                                     f"features is singular (use a larger --lam than {cfg.lam:g}) or the run diverged "
+                                     f"(use a smaller --lr than {cfg.lr:g}); {s.out} holds the last checkpoint")
                 with interrupts.held():  # the commit: a first Ctrl-C waits for its end
                     with nvtx_range("optimizer_step"):
                         optimizer.step()

@@ -97,12 +97,13 @@ def _chunk_logits(x: Tensor, w: Tensor, tau: float, start: int, stop: int) -> Te
     return (x[start:stop].to(w.dtype) @ w) / tau
 
 
-def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int,
-                      chunk_size: int) -> tuple[Tensor, Tensor]:
+def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
+                      precision: str = "auto") -> tuple[Tensor, Tensor]:
     """Per-row CE of softmax(x w / tau) against target, never holding more than chunk_size x C logits.
 
     x (N, d), w (d, C), target (N,) int. Returns (loss_rows (N,), lse (N,)) in the compute dtype; rows whose
-    target is ignore_index get loss 0. lse is the row logsumexp, saved for the backward.
+    target is ignore_index get loss 0, rows whose target lies outside [0, C) NaN. lse is the row logsumexp, saved
+    for the backward. precision: the Triton backend's choice of products; here products are exact in fp32 (fp64).
     """
     dt = compute_dtype(x, w)
     wc = w.to(dt)
@@ -114,15 +115,16 @@ def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_i
         logits = _chunk_logits(x, wc, tau, start, stop)
         t = target[start:stop]
         valid = t != ignore_index
-        picked = logits.gather(1, torch.where(valid, t, 0).long().unsqueeze(1)).squeeze(1)
+        known = valid & (t >= 0) & (t < w.shape[1])
+        picked = logits.gather(1, torch.where(known, t, 0).long().unsqueeze(1)).squeeze(1)
         lse[start:stop] = torch.logsumexp(logits, dim=1)
-        loss[start:stop] = torch.where(valid, lse[start:stop] - picked, 0.0)
+        loss[start:stop] = torch.where(known, lse[start:stop] - picked, torch.where(valid, float("nan"), 0.0))
     return loss, lse
 
 
 def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
-                       ignore_index: int, chunk_size: int, need_x: bool,
-                       need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+                       ignore_index: int, chunk_size: int, need_x: bool, need_w: bool,
+                       precision: str = "auto") -> tuple[Tensor | None, Tensor | None]:
     """Gradients of sum_i grad_rows[i] * loss_i wrt x and w, recomputing each chunk's logits.
 
     grad_rows (N,) already folds in the reduction (1/count for 'mean') and is 0 on ignored rows.
@@ -137,13 +139,34 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Te
         stop = min(start + chunk_size, n)
         logits = _chunk_logits(x, wc, tau, start, stop)
         t = target[start:stop]
-        valid = t != ignore_index
+        known = (t != ignore_index) & (t >= 0) & (t < w.shape[1])
         coef = torch.exp(logits - lse[start:stop, None])
         rows = torch.arange(stop - start, device=x.device)
-        coef[rows, torch.where(valid, t, 0).long()] -= valid.to(dt)
+        coef[rows, torch.where(known, t, 0).long()] -= known.to(dt)
         coef *= (grad_rows[start:stop].to(dt) / tau)[:, None]
         if need_w:
             grad_w += x[start:stop].to(dt).T @ coef
         if need_x:
             grad_x[start:stop] = coef @ wc.T
     return grad_x, grad_w
+
+
+# ----------------------------------------------------------------------------------------------- CLP-DD's MSE ablation
+def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """(m, C) one-hot rows of `labels`, with no host synchronisation (a label outside [0, C) gives a zero row:
+    check labels first where they enter)."""
+    return (labels.long()[:, None] == torch.arange(num_classes, device=labels.device)).to(dtype)
+
+
+def mse_outer(phi_r: Tensor, w: Tensor, y_r: Tensor, chunk_size: int) -> Tensor:
+    """(1/N) sum_i ||phi_r[i] W - onehot(y_r[i])||^2 through S = phi_r^T phi_r and class sums M = phi_r^T Y_r,
+    so that no N x C matrix exists: ||X W - Y||^2 = tr(W^T S W) - 2 tr(W^T M) + N."""
+    dt = w.dtype
+    n, num_classes = phi_r.shape[0], w.shape[1]
+    s = w.new_zeros(w.shape[0], w.shape[0])
+    m = w.new_zeros(w.shape)
+    for start in range(0, n, chunk_size):
+        xc = phi_r[start:start + chunk_size].to(dt)
+        s = s + xc.T @ xc
+        m = m + xc.T @ one_hot(y_r[start:start + chunk_size], num_classes, dt)
+    return ((w * (s @ w)).sum() - 2 * (w * m).sum() + n) / n

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from clpdd_fast.feature_transform import FeatureTransform
-from clpdd_fast.ops import one_hot, ridge_solve
+from clpdd_fast.ops import ridge_solve
+from clpdd_fast.reference import one_hot
 
 
 @torch.no_grad()

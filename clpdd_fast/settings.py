@@ -25,6 +25,13 @@ def _read(name: str) -> str:
     return value
 
 
+def is_set(name: str) -> bool:
+    """Whether the variable `name` (one of VALUES) is set to a non-empty value."""
+    if name not in VALUES:
+        raise KeyError(name)
+    return bool(os.environ.get(name))
+
+
 def triton_interpret() -> bool:
     """TRITON_INTERPRET=1: Triton's interpreter runs the kernels on CPU tensors. Triton reads it too, when kernels
     are decorated: set it before Python imports triton."""

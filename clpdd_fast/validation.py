@@ -69,9 +69,13 @@ def choice(name: str, value, options) -> str:
     return value
 
 
-def finite(name: str, value: Tensor) -> None:
-    if not bool(torch.isfinite(value).all()):
-        bad = int((~torch.isfinite(value)).sum())
+def finite(name: str, value: Tensor, chunk_rows: int = 65536) -> None:
+    """No NaN or inf in `value`, scanned `chunk_rows` rows at a time (memory bounded whatever its size)."""
+    bad = 0
+    for start in range(0, max(1, value.shape[0] if value.dim() else 1), chunk_rows):
+        part = value[start:start + chunk_rows] if value.dim() else value
+        bad += int((~torch.isfinite(part)).sum())
+    if bad:
         raise ValueError(f"{name}: contains {bad} non-finite value(s) (NaN or inf); pass check_finite=False "
                          "to skip this check")
 

@@ -76,17 +76,18 @@ def ridge_backward(phi: Tensor, y: Tensor, w: Tensor, factor: Tensor, grad_w: Te
     return grad_phi, grad_y
 
 
-def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int,
-                      chunk_size: int) -> tuple[Tensor, Tensor]:
+def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
+                      precision: str = "auto") -> tuple[Tensor, Tensor]:
     """(loss_rows (N,), lse (N,)) of softmax(x w / tau) against target; fused, no logits buffer."""
-    return _ce.linear_ce_forward(x, w, target, tau, ignore_index, chunk_size)
+    return _ce.linear_ce_forward(x, w, target, tau, ignore_index, chunk_size, precision)
 
 
 def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
-                       ignore_index: int, chunk_size: int, need_x: bool,
-                       need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+                       ignore_index: int, chunk_size: int, need_x: bool, need_w: bool,
+                       precision: str = "auto") -> tuple[Tensor | None, Tensor | None]:
     """(grad_x (N, d), grad_w (d, C)) or None where not needed; deterministic (no atomics)."""
-    return _ce.linear_ce_backward(x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, need_x, need_w)
+    return _ce.linear_ce_backward(x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, need_x, need_w,
+                                  precision=precision)
 
 
 __all__ = ["gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward"]

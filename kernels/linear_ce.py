@@ -122,7 +122,8 @@ def _ce_forward_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, 
         m_i = m_new
         picked += tl.sum(tl.where(cols[None, :] == tgt[:, None], logits, 0.0), axis=1)
     lse = m_i + tl.log(s_i)
-    loss = tl.where(tgt != ignore_index, lse - picked, 0.0)
+    known = (tgt >= 0) & (tgt < C)   # a target outside [0, C) (and not ignored) gets NaN: no silent wrong loss
+    loss = tl.where(tgt != ignore_index, tl.where(known, lse - picked, float("nan")), 0.0)
     tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=rmask)
     tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
 
@@ -184,10 +185,10 @@ def _launch_meta(blocks: dict | None, acc: torch.dtype) -> dict:
     return meta
 
 
-def _precision(x: Tensor, w: Tensor) -> tuple[torch.dtype, torch.dtype, str, bool]:
-    """(compute dtype, tl.dot operand dtype, input_precision, bf16_pair): bf16_pair when x is bf16 and w fp32 under
-    CLPDD_CE_PRECISION=auto (the default): w enters as two bf16 halves (`split_bf16`) on tensor cores."""
-    mode = settings.ce_precision()
+def _precision(x: Tensor, w: Tensor, mode: str) -> tuple[torch.dtype, torch.dtype, str, bool]:
+    """(compute dtype, tl.dot operand dtype, input_precision, bf16_pair) for precision `mode` ("auto", "ieee" or
+    "tf32"): bf16_pair when x is bf16 and w fp32 under "auto": w enters as two bf16 halves (`split_bf16`) on tensor
+    cores."""
     acc = compute_dtype(x, w)
     if mode == "auto" and x.dtype == torch.bfloat16 and w.dtype == torch.float32:
         return acc, (torch.float32 if settings.triton_interpret() else torch.bfloat16), "ieee", True
@@ -196,7 +197,7 @@ def _precision(x: Tensor, w: Tensor) -> tuple[torch.dtype, torch.dtype, str, boo
 
 
 def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
-                      blocks: dict | None = None) -> tuple[Tensor, Tensor]:
+                      precision: str | None = None, blocks: dict | None = None) -> tuple[Tensor, Tensor]:
     """Per-row CE of softmax(x w / tau) against target, fused (no logits buffer).
 
     Args:
@@ -204,14 +205,17 @@ def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_i
         target: (N,) int32/int64 in [0, C) or ignore_index. tau: runtime float > 0.
         chunk_size: unused (the kernel never holds more than a (BLOCK_ROWS, BLOCK_CLASSES) logits tile); kept for
             the backend contract.
+        precision: "auto", "ieee" or "tf32" (products of fp32 operands; see the module docstring); None reads
+            CLPDD_CE_PRECISION.
         blocks: optional {"BLOCK_ROWS", "BLOCK_CLASSES", "BLOCK_FEATURES"} tile override (powers of two >= 16), e.g.
             for tests.
     Returns:
-        (loss_rows (N,), lse (N,)) fp32 (fp64 for fp64 inputs); ignored rows get loss 0.
+        (loss_rows (N,), lse (N,)) fp32 (fp64 for fp64 inputs); ignored rows get loss 0, rows whose target lies
+        outside [0, C) NaN.
     """
     n, d = x.shape
     num_classes = w.shape[1]
-    acc, ddt, prec, bf16_pair = _precision(x, w)
+    acc, ddt, prec, bf16_pair = _precision(x, w, precision or settings.ce_precision())
     w_hi, w_lo = split_bf16(w) if bf16_pair else (w, w)
     loss = torch.empty(n, dtype=acc, device=x.device)
     lse = torch.empty(n, dtype=acc, device=x.device)
@@ -234,7 +238,8 @@ def _num_k_slices(device: torch.device, d: int, num_classes: int, tiles: dict) -
 
 def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
                        ignore_index: int, chunk_size: int, need_x: bool, need_w: bool,
-                       blocks: dict | None = None, k_slices: int | None = None) -> tuple[Tensor | None, Tensor | None]:
+                       precision: str | None = None, blocks: dict | None = None,
+                       k_slices: int | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of sum_i grad_rows[i] * loss_i wrt x and w, recomputing logits tiles; deterministic.
 
     Args:
@@ -242,13 +247,14 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Te
         grad_rows (N,): per-row weights, already scaled by the reduction and 0 on ignored rows.
         ignore_index: unused here (grad_rows is 0 on ignored rows), kept for the backend contract.
         chunk_size: rows per backward chunk (also bounded by COEF_BUDGET_BYTES of coefficients).
-        need_x, need_w: which gradients to compute. blocks, k_slices: tile / dW slice-count overrides (tests).
+        need_x, need_w: which gradients to compute. precision: as in the forward.
+        blocks, k_slices: tile / dW slice-count overrides (tests).
     Returns:
         (grad_x (N, d), grad_w (d, C)) fp32 (fp64 for fp64 inputs), or None where not needed.
     """
     n, d = x.shape
     num_classes = w.shape[1]
-    acc, ddt, prec, bf16_pair = _precision(x, w)
+    acc, ddt, prec, bf16_pair = _precision(x, w, precision or settings.ce_precision())
     if not (need_x or need_w):
         return None, None
     w_hi, w_lo = split_bf16(w) if bf16_pair else (w, w)

@@ -255,3 +255,23 @@ def test_command_line_bad_device_without_a_traceback(tmp_path):
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("python -m clpdd_fast.distill: error: argument --device:")
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_step_is_taken(tiny_idx, tmp_path, monkeypatch):
+    """The step runs its ops unchecked (no host syncs): a NaN loss (a singular ridge system, a diverged run) stops the
+    loop with an error line before the optimiser step; the last checkpoint stays and resumes."""
+    from clpdd_fast import methods
+    real, calls = methods.METHODS["clpdd"], []
+
+    def third_is_nan(synthetic, inputs, generator):
+        calls.append(1)
+        loss = real(synthetic, inputs, generator)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setitem(methods.METHODS, "clpdd", third_is_nan)
+    run = tmp_path / "r"
+    with pytest.raises(SystemExit, match="^error: step 3: the loss is nan: .*--lam.*--lr"):
+        main(run_args(tiny_idx, run, tmp_path / "cache", "--iterations", "5", "--checkpoint-every", "1"))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.setitem(methods.METHODS, "clpdd", real)
+    assert main(run_args(tiny_idx, run, tmp_path / "cache", "--iterations", "5", "--checkpoint-every", "1",
+                         "--resume"))["steps"] == 5

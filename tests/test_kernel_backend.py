@@ -257,3 +257,63 @@ def test_gpu_int64_row_offsets_beyond_2_pow_31_elements():
 def test_triton_version_is_recent_enough():
     major, minor = (int(p) for p in triton.__version__.split(".")[:2])
     assert (major, minor) >= (3, 0)
+
+
+# ----------------------------------------------------------------------------------------------- the custom-op layer
+def test_opcheck_and_fullgraph_compile_on_the_triton_backend():
+    """The `clpdd` custom ops with backend="triton": opcheck passes, and torch.compile(fullgraph=True) of a function
+    calling every op gives the eager result (compiled kernels on a GPU, the interpreter on the CPU)."""
+    torch._dynamo.reset()
+    phi_s, phi_r = rand(7, 5, seed=90, requires_grad=True), rand(19, 5, seed=91, requires_grad=True)
+    y_s, y_r = torch.arange(7, device=DEVICE) % 3, labels(19, 3, seed=92)
+    c = torch.ops.clpdd
+    for op, args in [(c.gram.default, (phi_s, 0.1, "triton", True, "x")),
+                     (c.ridge_factorize.default, (phi_s, rand(7, 3, seed=93), 0.5, "dual", "triton", True, "phi,y")),
+                     (c.linear_ce_rows.default, (phi_r, rand(5, 3, seed=94), y_r, 0.5, -100, 8, "triton", "auto", True,
+                                                 "x,w,target"))]:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+    def user(a, b):
+        return ops.gram(a, 0.1, backend="triton").square().mean() + \
+            ops.clpdd_loss(a, y_s, b, y_r, 0.5, 0.4, num_classes=3, backend="triton")
+
+    eager = user(phi_s, phi_r)
+    grads = torch.autograd.grad(eager, (phi_s, phi_r))
+    got = torch.compile(user, fullgraph=True, backend="inductor" if CUDA else "aot_eager")(phi_s, phi_r)
+    got_grads = torch.autograd.grad(got, (phi_s, phi_r))
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+    for g, e in zip(got_grads, grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@gpu_only
+def test_gpu_no_host_synchronisation_without_check_finite():
+    """With check_finite=False a CLP-DD loss and its backward make no device-to-host synchronisation (torch's sync
+    debug mode turns one into an error)."""
+    phi_s = rand(40, 64, seed=95, requires_grad=True)
+    phi_r, y_r = rand(3000, 64, seed=96, dtype=torch.bfloat16), labels(3000, 10, seed=97)
+    y_s = torch.arange(40, device=DEVICE) % 10
+    for mode in ("dual", "primal"):   # warm-up: compile the kernels first
+        ops.clpdd_loss(phi_s, y_s, phi_r, y_r, 0.5, 0.1, mode=mode, num_classes=10, check_finite=False).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in ("dual", "primal"):
+            ops.clpdd_loss(phi_s, y_s, phi_r, y_r, 0.5, 0.1, mode=mode, num_classes=10, check_finite=False).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_a_second_gpu_run_there():
+    """Every launch runs on its tensors' device, whatever the current device is."""
+    phi_s = rand(9, 6, seed=98, device="cuda:1", requires_grad=True)
+    phi_r, y_r = rand(50, 6, seed=99, device="cuda:1"), labels(50, 3, seed=100, device="cuda:1")
+    with torch.cuda.device(0):
+        loss = ops.clpdd_loss(phi_s, torch.arange(9, device="cuda:1") % 3, phi_r, y_r, 0.5, num_classes=3)
+        loss.backward()
+    expect = ops.clpdd_loss(phi_s.detach().cpu().double(), torch.arange(9) % 3, phi_r.cpu().double(), y_r.cpu(), 0.5,
+                            num_classes=3)
+    assert loss.device == torch.device("cuda:1") and phi_s.grad.device == torch.device("cuda:1")
+    torch.testing.assert_close(loss.double().cpu(), expect, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,307 @@
+"""The ops as torch custom ops (namespace `clpdd`): what torch.compile, autocast, opcheck and autograd see.
+
+Registered here, each with a fake (meta) implementation for tracing:
+    clpdd::gram(x, lam, backend, check, names) -> K                           autograd registered
+    clpdd::ridge_factorize(phi, y, lam, mode, backend, check, names) -> (W, L)  autograd registered (through W)
+    clpdd::ridge_backward(...) -> (dphi, dy)                                   the ridge backward's kernels
+    clpdd::linear_ce_rows(x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names)
+        -> (loss_rows, lse)                                                    autograd registered (through loss_rows)
+    clpdd::linear_ce_backward(...) -> (dx, dw)                                 the CE backward's kernels
+and three composites of them, which torch.compile traces through: clpdd::ridge_solve, clpdd::linear_softmax_ce and
+clpdd::clpdd_loss (`clpdd_fast.ops` has their documented functional wrappers).
+
+Inside every implementation autocast is off and the current CUDA device is the tensors' own, so the ridge systems
+are never factorised in bf16 and every Triton launch lands on the right GPU. The backward kernels are custom ops
+without autograd: differentiating a gradient of these ops a second time raises instead of silently returning zeros.
+
+check=True validates the result, not the inputs: one pass over the output (a scalar test of the (N,) losses for the
+CE, of W for the ridge probe); only when it is not finite are the inputs scanned, in bounded chunks, to name the bad
+argument. check=False does none of this and makes no host synchronisation: a singular ridge system or a label out of
+range then shows up as NaN in the result. `names` (comma-separated) are the argument names the messages use.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from clpdd_fast import reference, settings
+from clpdd_fast import validation as check_input
+from clpdd_fast.profiling import nvtx_range
+
+NAMESPACE = "clpdd"
+
+
+def resolve_backend(backend: str, device: torch.device):
+    """The module that implements the five backend functions of `clpdd_fast.reference` for this device."""
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return reference
+    if device.type != "cuda" and not settings.triton_interpret():
+        raise ValueError(f"backend='triton' got tensors on {device}: Triton runs on CUDA tensors, or on CPU tensors "
+                         "under its interpreter (set TRITON_INTERPRET=1 before Python starts); use backend='torch' "
+                         "for the plain-torch path")
+    from clpdd_fast.kernels import backend as triton_backend
+    return triton_backend
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device):
+    """Autocast off, and `device` current when it is a GPU (a Triton launch goes to the current device)."""
+    with torch.autocast(device.type, enabled=False):
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                yield
+        else:
+            yield
+
+
+def _precision(precision: str) -> str:
+    """"torch": what torch's float32 matmul precision says ("tf32" unless it is "highest", then "auto")."""
+    if precision != "torch":
+        return precision
+    return "auto" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _names(names: str, count: int) -> list[str]:
+    parts = [n.strip() for n in names.split(",")]
+    if len(parts) != count:
+        raise ValueError(f"names: expected {count} comma-separated argument names, got {names!r}")
+    return parts
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def _out(t: Tensor | None, like: Tensor) -> Tensor:
+    """An op's output: contiguous (as the fake implementations promise), or empty when not computed."""
+    return _empty(like) if t is None else t.contiguous()
+
+
+def _cast_like(grad: Tensor | None, like: Tensor) -> Tensor | None:
+    return None if grad is None else grad.to(like.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- gram
+@torch.library.custom_op(f"{NAMESPACE}::gram", mutates_args=())
+def gram_op(x: Tensor, lam: float, backend: str, check: bool, names: str) -> Tensor:
+    with on_device(x.device):
+        k = resolve_backend(backend, x.device).gram(x, lam).contiguous()
+    if check and not bool(torch.isfinite(k).all()):
+        (x_name,) = _names(names, 1)
+        check_input.finite(x_name, x)
+        raise ValueError(f"{x_name}: {x_name} {x_name}^T overflows {k.dtype} (largest |{x_name}| = "
+                         f"{float(x.abs().max()):.3g}); scale the features down")
+    return k
+
+
+@gram_op.register_fake
+def _(x, lam, backend, check, names):
+    return x.new_empty((x.shape[0], x.shape[0]), dtype=reference.compute_dtype(x))
+
+
+def _gram_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _gram_backward(ctx, grad_k):
+    (x,) = ctx.saved_tensors
+    with on_device(x.device):
+        g = grad_k.to(reference.compute_dtype(x, grad_k))
+        return _cast_like((g + g.T) @ x.to(g.dtype), x), None, None, None, None
+
+
+gram_op.register_autograd(_gram_backward, setup_context=_gram_setup)
+
+
+# ----------------------------------------------------------------------------------------------- one-hot targets
+@torch.library.custom_op(f"{NAMESPACE}::one_hot", mutates_args=())
+def one_hot_op(labels: Tensor, num_classes: int, dtype: torch.dtype, check: bool, name: str) -> Tensor:
+    """(m, C) one-hot rows of integer labels; with check, a label outside [0, C) is an error naming `name` (without,
+    it gives a zero row)."""
+    if check:
+        check_input.labels(name, labels, num_classes)
+    return reference.one_hot(labels, num_classes, dtype)
+
+
+@one_hot_op.register_fake
+def _(labels, num_classes, dtype, check, name):
+    return labels.new_empty((labels.shape[0], num_classes), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------- ridge
+def _system_size(phi: Tensor, mode: str) -> int:
+    return phi.shape[0] if mode == "dual" else phi.shape[1]
+
+
+@torch.library.custom_op(f"{NAMESPACE}::ridge_factorize", mutates_args=())
+def ridge_factorize(phi: Tensor, y: Tensor, lam: float, mode: str, backend: str, check: bool,
+                    names: str) -> tuple[Tensor, Tensor]:
+    """(W, lower Cholesky factor of the ridge system). A failed factorisation raises NotPositiveDefiniteError with
+    check, and gives a NaN W without."""
+    with on_device(phi.device), nvtx_range(f"ridge_solve[{mode}]"):
+        w, factor, info = resolve_backend(backend, phi.device).ridge_forward(phi, y, lam, mode)
+    w, factor = w.contiguous(), factor.contiguous()
+    if not check:
+        return torch.where(info == 0, w, torch.full_like(w, float("nan"))), factor
+    pivot = int(info)
+    if pivot or not bool(torch.isfinite(w).all()):
+        phi_name, y_name = _names(names, 2)
+        check_input.finite(phi_name, phi)
+        check_input.finite(y_name, y)
+        size = _system_size(phi, mode)
+        if pivot:
+            raise check_input.NotPositiveDefiniteError(
+                f"ridge_solve: the {mode} system ({size} x {size}, lam={lam:g}) is not positive definite "
+                f"(Cholesky failed at pivot {pivot}); use a larger lam (e.g. {lam * 100:g}) or centre/normalise "
+                "the features")
+        raise ValueError(f"ridge_solve: W overflows {w.dtype} (the {mode} system is {size} x {size}, lam={lam:g}); "
+                         "use a larger lam or scale the features")
+    return w, factor
+
+
+@ridge_factorize.register_fake
+def _(phi, y, lam, mode, backend, check, names):
+    dt = reference.compute_dtype(phi, y)
+    size = _system_size(phi, mode)
+    return phi.new_empty((phi.shape[1], y.shape[1]), dtype=dt), phi.new_empty((size, size), dtype=dt)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::ridge_backward", mutates_args=())
+def ridge_backward_op(phi: Tensor, y: Tensor, w: Tensor, factor: Tensor, grad_w: Tensor, mode: str, backend: str,
+                      need_phi: bool, need_y: bool) -> tuple[Tensor, Tensor]:
+    """(dL/dphi, dL/dy) in the factor's dtype; an empty tensor for a gradient not asked for."""
+    with on_device(phi.device):
+        grad_phi, grad_y = resolve_backend(backend, phi.device).ridge_backward(phi, y, w, factor, grad_w, mode,
+                                                                                need_phi, need_y)
+    return _out(grad_phi if need_phi else None, factor), _out(grad_y if need_y else None, factor)
+
+
+@ridge_backward_op.register_fake
+def _(phi, y, w, factor, grad_w, mode, backend, need_phi, need_y):
+    return (factor.new_empty(phi.shape) if need_phi else _empty(factor)), \
+        (factor.new_empty(y.shape) if need_y else _empty(factor))
+
+
+def _ridge_setup(ctx, inputs, output):
+    phi, y, lam, mode, backend, check, names = inputs
+    ctx.mode, ctx.backend = mode, backend
+    ctx.save_for_backward(phi, y, output[0], output[1])
+
+
+def _ridge_backward(ctx, grad_w, grad_factor):
+    phi, y, w, factor = ctx.saved_tensors
+    need_phi, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_phi, grad_y = ridge_backward_op(phi, y, w, factor, grad_w, ctx.mode, ctx.backend, need_phi, need_y)
+    return (_cast_like(grad_phi, phi) if need_phi else None), (_cast_like(grad_y, y) if need_y else None), \
+        None, None, None, None, None
+
+
+ridge_factorize.register_autograd(_ridge_backward, setup_context=_ridge_setup)
+
+
+# ----------------------------------------------------------------------------------------------- linear CE
+@torch.library.custom_op(f"{NAMESPACE}::linear_ce_rows", mutates_args=())
+def linear_ce_rows(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
+                   backend: str, precision: str, check: bool, names: str) -> tuple[Tensor, Tensor]:
+    """(per-row losses, per-row logsumexp) of softmax(x w / tau) against target; ignored rows lose 0, a row whose
+    target lies outside [0, C) gets NaN."""
+    with on_device(x.device), nvtx_range("linear_softmax_ce"):
+        loss, lse = resolve_backend(backend, x.device).linear_ce_forward(x, w, target, tau, ignore_index, chunk_size,
+                                                                          _precision(precision))
+    loss, lse = loss.contiguous(), lse.contiguous()
+    if check and not bool(torch.isfinite(loss).all()):
+        x_name, w_name, t_name = _names(names, 3)
+        check_input.finite(x_name, x)
+        check_input.finite(w_name, w)
+        check_input.labels(t_name, target, w.shape[1], ignore_index)
+        raise ValueError(f"{x_name}: the logits {x_name} {w_name} / tau overflow {loss.dtype} (tau={tau:g}); use a "
+                         "larger tau or scale the features")
+    return loss, lse
+
+
+@linear_ce_rows.register_fake
+def _(x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names):
+    dt = reference.compute_dtype(x, w)
+    return x.new_empty((x.shape[0],), dtype=dt), x.new_empty((x.shape[0],), dtype=dt)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::linear_ce_backward", mutates_args=())
+def linear_ce_backward_op(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
+                          ignore_index: int, chunk_size: int, backend: str, precision: str, need_x: bool,
+                          need_w: bool) -> tuple[Tensor, Tensor]:
+    """(dL/dx, dL/dw) in the compute dtype for the per-row weights grad_rows (0 on ignored rows); an empty tensor for
+    a gradient not asked for."""
+    with on_device(x.device):
+        grad_x, grad_w = resolve_backend(backend, x.device).linear_ce_backward(
+            x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, need_x, need_w, _precision(precision))
+    return _out(grad_x if need_x else None, lse), _out(grad_w if need_w else None, lse)
+
+
+@linear_ce_backward_op.register_fake
+def _(x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, backend, precision, need_x, need_w):
+    return (lse.new_empty(x.shape) if need_x else _empty(lse)), (lse.new_empty(w.shape) if need_w else _empty(lse))
+
+
+def _ce_setup(ctx, inputs, output):
+    x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names = inputs
+    ctx.args = (tau, ignore_index, chunk_size, backend, precision)
+    ctx.save_for_backward(x, w, target, output[1])
+
+
+def _ce_backward(ctx, grad_loss, grad_lse):
+    x, w, target, lse = ctx.saved_tensors
+    tau, ignore_index, chunk_size, backend, precision = ctx.args
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_rows = torch.where(target != ignore_index, grad_loss.to(lse.dtype), 0.0)
+    grad_x, grad_w = linear_ce_backward_op(x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, backend,
+                                           precision, need_x, need_w)
+    return (_cast_like(grad_x, x) if need_x else None), (_cast_like(grad_w, w) if need_w else None), \
+        None, None, None, None, None, None, None, None
+
+
+linear_ce_rows.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+# ----------------------------------------------------------------------------------------------- composites
+# Ops made of the ones above (CompositeImplicitAutograd): autograd, tracing and torch.compile go through their parts.
+_LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def _composite(schema: str):
+    def register(fn):
+        _LIBRARY.define(schema)
+        _LIBRARY.impl(schema.split("(", 1)[0], fn, "CompositeImplicitAutograd")
+        return fn
+    return register
+
+
+@_composite("ridge_solve(Tensor phi, Tensor y, float lam, str mode, str backend, bool check, str names) -> Tensor")
+def _ridge_solve(phi, y, lam, mode, backend, check, names):
+    return ridge_factorize(phi, y, lam, mode, backend, check, names)[0]
+
+
+@_composite("linear_softmax_ce(Tensor x, Tensor w, Tensor target, float tau, str reduction, int chunk_size, "
+            "int ignore_index, str backend, str precision, bool check, str names) -> Tensor")
+def _linear_softmax_ce(x, w, target, tau, reduction, chunk_size, ignore_index, backend, precision, check, names):
+    rows = linear_ce_rows(x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names)[0]
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / (target != ignore_index).sum()
+
+
+@_composite("clpdd_loss(Tensor phi_s, Tensor y_s, Tensor phi_r, Tensor y_r, float lam, float tau, str outer, "
+            "str mode, int chunk_size, str backend, str precision, bool check) -> Tensor")
+def _clpdd_loss(phi_s, y_s, phi_r, y_r, lam, tau, outer, mode, chunk_size, backend, precision, check):
+    """y_s: the (m, C) target matrix. Real labels equal to NO_IGNORE (int32's lowest value) would be ignored."""
+    w = ridge_factorize(phi_s, y_s, lam, mode, backend, check, "phi_s,y_s")[0]
+    if outer == "mse":
+        with torch.autocast(phi_s.device.type, enabled=False):
+            return reference.mse_outer(phi_r, w, y_r, chunk_size)
+    return _linear_softmax_ce(phi_r, w, y_r, tau, "mean", chunk_size, NO_IGNORE, backend, precision, check,
+                              "phi_r,W (the ridge probe),y_r")
+
+
+NO_IGNORE = -2**31   # clpdd_loss's ignore_index: no real label is ignored
