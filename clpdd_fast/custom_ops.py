@@ -2,6 +2,7 @@
 
 Registered here, each with a fake (meta) implementation for tracing:
     clpdd::gram(x, lam, backend, check, names) -> K                           autograd registered
+    clpdd::one_hot(labels, num_classes, dtype, check, name) -> Y              (integer input: no gradient)
     clpdd::ridge_factorize(phi, y, lam, mode, backend, check, names) -> (W, L)  autograd registered (through W)
     clpdd::ridge_backward(...) -> (dphi, dy)                                   the ridge backward's kernels
     clpdd::linear_ce_rows(x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names)

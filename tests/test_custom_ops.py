@@ -59,6 +59,19 @@ def test_the_four_public_ops_are_registered_in_one_namespace():
         assert hasattr(torch.ops.clpdd, name)
 
 
+def test_a_second_derivative_raises_instead_of_being_silently_wrong():
+    phi, x = cpu(5, 3, seed=8, requires_grad=True), cpu(7, 3, seed=9, requires_grad=True)
+    w = ridge_solve(phi, cpu(5, 2, seed=10), 0.5)
+    loss = linear_softmax_ce(x, cpu(3, 4, seed=11), cpu_labels(7, 4, seed=12))
+    for out, wrt, op in ((w.square().sum(), phi, "ridge_backward"), (loss, x, "linear_ce_backward")):
+        (g,) = torch.autograd.grad(out, wrt, create_graph=True)
+        with pytest.raises(RuntimeError, match=f"clpdd.{op}.*no autograd formula"):
+            g.sum().backward()
+    # the Gram matrix's backward is plain torch: its second derivative is exact
+    assert torch.autograd.gradcheck(lambda a: torch.autograd.grad(gram(a).square().sum(), a, create_graph=True)[0],
+                                    (phi,))
+
+
 # ----------------------------------------------------------------------------------------------- torch.compile
 def _user_function(phi_s, y_s, phi_r, y_r):
     """What a user might write around the ops: every op, forward and backward."""
