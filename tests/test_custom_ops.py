@@ -209,6 +209,14 @@ def test_without_check_bad_values_show_as_nan():
         linear_softmax_ce(cpu(5, 3, seed=51), cpu(3, 2, seed=52), t)
 
 
+def test_an_overflow_with_finite_inputs_is_named_as_such():
+    with pytest.raises(ValueError, match=r"^x: x x\^T overflows torch.float32"):
+        gram(torch.full((3, 2), 1e20))
+    x = torch.full((4, 3), 1e30)
+    with pytest.raises(ValueError, match="^x: the logits x w / tau overflow"):
+        linear_softmax_ce(x, torch.ones(3, 2), torch.zeros(4, dtype=torch.long), tau=1e-10)
+
+
 # ----------------------------------------------------------------------------------------------- device and precision
 def test_every_launch_runs_under_the_device_guard(monkeypatch):
     entered = []
