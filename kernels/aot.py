@@ -7,7 +7,9 @@ path, size class and flag its callers can choose, every launch is recorded inste
 Triton's own specialisation rules name the variant each launch would compile (`Variant`). One variant per group
 (kernel, constexprs, launch options; operand dtypes that are cast on load only change the width of loads) is then
 compiled with Triton's compiler for the target, sm_90 by default: shared memory from its metadata, registers and
-spill bytes from the `ptxas -v` log of Triton's own ptxas run, and where spills sit from the SASS.
+spill bytes from the `ptxas -v` log of Triton's own ptxas run, where spills sit from the SASS, and what its main loop
+does from the PTX (`loop_summary`: tensor-core instructions, asynchronous copies, synchronous global loads), which
+kernels/report.py tabulates for the CE kernels.
 
     python -m clpdd_fast.kernels.aot [--arch 90] [--jobs N] [--bench] [--strict] [--every]
 
@@ -56,9 +58,9 @@ SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 9
 # pipeline's low-precision features with fp32 targets / probe (fp64 mixes are rejected by the public ops)
 DTYPE_PAIRS = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
                (torch.float64, torch.float64), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
-# shapes: the ImageNet feature width and label count; CE rows span three backward chunks (first and later chunks
-# differ in a flag); the blocked ridge path at m = 1000 (dual) and d = 768 (primal)
-D, C, N_CE, M_BLOCKED = 768, 1000, 3 * 8192 + 5, 1000
+# shapes: the ImageNet feature width and label counts (ImageNet-1K, ImageNet-100); CE rows span several chunks
+# (first and later chunks differ in a flag); the blocked ridge path at m = 1000 (dual) and d = 768 (primal)
+D, C, C_ONE_TILE, N_CE, M_BLOCKED = 768, 1000, 100, 3 * 8192 + 5, 1000
 
 
 class _Recorder:
@@ -163,15 +165,18 @@ def _ridge(phi_dt, y_dt, size: int, mode: str) -> None:
 
 
 def _linear_ce(x_dt, w_dt) -> None:
-    x, w = _meta(N_CE, D, dtype=x_dt), _meta(D, C, dtype=w_dt)
-    t = _meta(N_CE, dtype=torch.int64)
+    """The CE's forward, recomputing backward and fused forward + backward, each precision mode and gradient flags,
+    at C (several class tiles) and at C_ONE_TILE (one class tile: the fused kernel keeps it in registers)."""
     modes = ("auto", "ieee", "tf32") if torch.float32 in (x_dt, w_dt) else ("auto",)
-    for mode in modes:
-        with settings.overridden("CLPDD_CE_PRECISION", mode):
-            _, lse = _backend.linear_ce_forward(x, w, t, 0.1, -100, N_CE)
+    for num_classes in (C, C_ONE_TILE):
+        x, w = _meta(N_CE, D, dtype=x_dt), _meta(D, num_classes, dtype=w_dt)
+        t = _meta(N_CE, dtype=torch.int64)
+        for mode in modes:
+            _, lse = _backend.linear_ce_forward(x, w, t, 0.1, -100, N_CE, mode)
             grad_rows = _meta(N_CE, dtype=lse.dtype)
             for need_x, need_w in ((True, True), (True, False), (False, True)):
-                _backend.linear_ce_backward(x, w, t, 0.1, lse, grad_rows, -100, N_CE, need_x, need_w)
+                _backend.linear_ce_backward(x, w, t, 0.1, lse, grad_rows, -100, N_CE, need_x, need_w, mode)
+                _backend.linear_ce_forward_backward(x, w, t, 0.1, -100, N_CE, mode, grad_rows, need_x, need_w)
 
 
 def dispatch_launches() -> list[tuple]:
@@ -301,14 +306,71 @@ def spills_in_loops(sass: str) -> int:
     return sum(any(start <= addr <= stop for start, stop in loops) for addr in spills)
 
 
+_BLOCK = re.compile(r"^(?:\$L__(BB\d+_\d+)|// %(bb\.\d+)):")
+_PRODUCTS = re.compile(r"\b(wgmma\.mma_async|mma\.sync|fma\.rn)\S*")
+
+
+def ptx_loops(ptx: str) -> dict[str, dict]:
+    """The innermost loops of a kernel's PTX: {header block: {"depth", "text"}}, text the PTX of the loop's blocks.
+
+    Read from the loop annotations LLVM writes beside each basic block's label ("=>This Inner Loop Header: Depth=2",
+    "in Loop: Header=BB0_4 Depth=2"): a loop's blocks need not be contiguous in the text."""
+    blocks = []   # [name, annotations, lines]
+    for line in ptx.splitlines():
+        label = _BLOCK.match(line)
+        if label:
+            blocks.append([label.group(1) or label.group(2), line[label.end():], []])
+        elif blocks and not blocks[-1][2] and line.strip().startswith("//"):
+            blocks[-1][1] += " " + line.strip()      # annotation lines under the label
+        elif blocks:
+            blocks[-1][2].append(line)
+    loops: dict[str, dict] = {}
+    for name, notes, _ in blocks:
+        inner = re.search(r"=>\s*This Inner Loop Header: Depth=(\d+)", notes)
+        if inner:
+            loops[name] = {"depth": int(inner.group(1)), "text": []}
+    for name, notes, lines in blocks:
+        member = re.search(r"in Loop: Header=(BB\d+_\d+)", notes)
+        owner = name if name in loops else member.group(1) if member else None
+        if owner in loops:
+            loops[owner]["text"] += lines
+    return {name: {"depth": loop["depth"], "text": "\n".join(loop["text"])} for name, loop in loops.items()}
+
+
+def _access_bytes(instruction: str) -> int:
+    """Bytes moved by one ld.global / st.global instruction (its vector width times its element size)."""
+    vec = re.search(r"\.v(\d)\b", instruction)
+    bits = re.search(r"\.[bfsu](\d+)\b", instruction)
+    return (int(vec.group(1)) if vec else 1) * (int(bits.group(1)) // 8 if bits else 4)
+
+
+def loop_access(text: str) -> dict:
+    """What one loop's PTX does with global memory and products: the tensor-core instruction ("wgmma", "mma" or ""
+    for CUDA-core FMA products), asynchronous copies to shared memory (cp.async, with the widest copy in bytes;
+    TMA bulk copies), synchronous global loads (count, widest in bytes) and the number of product instructions."""
+    copies = [int(size, 0) for size in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+|\d+)",
+                                                  text)]
+    loads = [_access_bytes(m) for m in re.findall(r"\bld\.global\S*", text)]
+    return dict(tensor_cores="wgmma" if "wgmma.mma_async" in text else "mma" if "mma.sync" in text else "",
+                async_copies=len(copies), async_bytes=max(copies, default=0),
+                tma=len(re.findall(r"\bcp\.async\.bulk", text)),
+                sync_loads=len(loads), sync_bytes=max(loads, default=0),
+                products=len(_PRODUCTS.findall(text)))
+
+
+def loop_summary(ptx: str) -> dict:
+    """The main loop of a kernel (its GEMM loop: the innermost loop with tensor-core instructions, else the one with
+    the most FMA instructions) as `loop_access` gives it, and the other innermost loops' accesses under "others";
+    {} without a loop."""
+    loops = sorted((loop_access(loop["text"]) for loop in ptx_loops(ptx).values()),
+                   key=lambda acc: (bool(acc["tensor_cores"]), acc["products"]), reverse=True)
+    return {**loops[0], "others": loops[1:]} if loops else {}
+
+
 # Spills that stay in a loop, each with its reason: (kernel, constexprs that single the variants out, as the table
 # writes them, why), measured with this check on sm_90a with triton 3.8 / 3.6. A spill inside a loop of any other
 # dispatched variant fails the check.
 SPILL_ALLOWANCES: list[tuple[str, dict[str, str], str]] = [
-    ("_matmul_kernel", {"HAS_A2": "T", "HAS_B2": "T"},
-     "dX of the linear CE for bf16 x with an fp32 w in two bf16 halves (three products per step of 128 x 128 x 64 "
-     "tiles): 528 / 540 bytes per thread, ~130 accesses in the K loop. CLP-DD's step never runs it (its real "
-     "features need no gradient); BLOCK_K = 32 would leave 8 bytes (linear_ce.py picks these tiles)"),
     ("_matmul_kernel", {"DOT_DTYPE": "fp64", "ACCUMULATE": "T", "s_ak": "1", "s_bk": "1"},
      "fp64 accumulation into dphi of the blocked primal ridge backward: 40 / 20 bytes per thread, 11 / 5 accesses "
      "in the K loop; fp64 inputs only (tests)"),
@@ -354,7 +416,8 @@ def compile_one(i: int) -> dict:
                 sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
                                       check=True).stdout
             in_loops = spills_in_loops(sass)
-        return dict(shared=k.metadata.shared, regs=regs, spill=spill, in_loops=in_loops, seconds=time.time() - start)
+        return dict(shared=k.metadata.shared, regs=regs, spill=spill, in_loops=in_loops,
+                    loop=loop_summary(k.asm["ptx"]), seconds=time.time() - start)
     except Exception as err:   # a compile error is a result of the check: reported, and fails it
         return dict(error=f"{type(err).__name__}: {str(err)[:300]}", seconds=time.time() - start)
     finally:

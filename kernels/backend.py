@@ -90,4 +90,15 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Te
                                   precision=precision)
 
 
-__all__ = ["gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward"]
+def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
+                               precision: str, grad_rows: Tensor, need_x: bool,
+                               need_w: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(loss_rows, lse) as `linear_ce_forward` gives them and, in the same pass, the gradients of
+    sum_i grad_rows[i] * loss_i wrt x and w (None where not needed): each logits tile computed once (two GEMMs: logits,
+    dW), deterministic (no atomics)."""
+    return _ce.linear_ce_forward_backward(x, w, target, tau, ignore_index, chunk_size, precision, grad_rows, need_x,
+                                          need_w)
+
+
+__all__ = ["gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward",
+           "linear_ce_forward_backward"]

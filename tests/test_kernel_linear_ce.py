@@ -4,10 +4,13 @@ compiled with CUDA.
 
 Shapes are small and odd so that every dimension has a masked tail; tiles are >= 16 (GPU tl.dot minimum).
 """
+import inspect
+
 import pytest
 import torch
 
-from helpers import DEVICE, check_kernels_can_run, close_to_exact, labels, rand, tol_for
+from helpers import (DEVICE, check_kernels_can_run, close_to_exact, gpu_only, labels, rand, tol_for,
+                     worst_element)
 
 check_kernels_can_run()
 
@@ -23,6 +26,41 @@ SMALL = {"BLOCK_ROWS": 16, "BLOCK_CLASSES": 16, "BLOCK_FEATURES": 16}
 
 
 CE_SHAPE = (37, 19, 23)   # N, d, C: tails in every dimension with 16-wide tiles
+
+
+def fp16_coef_bound(x, w, t, tau, g):
+    """What storing the coefficients in fp16 (the fp16 path, for tensor-core dX / dW products) adds to dX and dW,
+    elementwise, in float64. The kernels store coef' = (softmax - onehot) g_i / max|g| in [-1, 1], rounded to fp16:
+    at most 2^-11 |coef'| (unit roundoff) for normal numbers, 2^-25 (half the smallest subnormal) below 2^-14; in the
+    gradients' units coef = coef' max|g| / tau. dX = coef w^T and dW = x^T coef take |w| and |x| times that."""
+    xd, wd = x.double(), w.double()
+    z = xd @ wd / tau
+    known = (t >= 0) & (t < w.shape[1])
+    onehot = torch.nn.functional.one_hot(torch.where(known, t, 0).long(), w.shape[1]).double() * known[:, None]
+    coef = (torch.softmax(z, 1) - onehot) * (g.double() / tau)[:, None]
+    dc = 2.0**-11 * coef.abs() + 2.0**-25 * g.double().abs().max() / tau
+    return dict(gx=dc @ wd.abs().T, gw=xd.abs().T @ dc)
+
+
+def check_gradients(gx, gw, x, w, t, tau, g, tol):
+    """dX and dW (either may be None) against float64 like `close_to_exact` (torch's fp32 result as the yardstick);
+    on the fp16 path within that plus the fp16 coefficients' derived bound, elementwise (tol relative to the largest
+    exact value, however small)."""
+    xd, wd = x.double(), w.double()
+    _, lse_ex = reference.linear_ce_forward(xd, wd, t, tau, -100, len(t))
+    _, lse_ref = reference.linear_ce_forward(x, w, t, tau, -100, len(t))
+    exact = reference.linear_ce_backward(xd, wd, t, tau, lse_ex, g.double(), -100, len(t), True, True)
+    ref = reference.linear_ce_backward(x, w, t, tau, lse_ref, g.to(lse_ref.dtype), -100, len(t), True, True)
+    bound = fp16_coef_bound(x, w, t, tau, g) if x.dtype == torch.float16 else None
+    for name, fast, r, e in (("gx", gx, ref[0], exact[0]), ("gw", gw, ref[1], exact[1])):
+        if fast is None:
+            continue
+        if bound is None:
+            close_to_exact(fast, r, e, tol)
+            continue
+        err = (fast.double() - e).abs()
+        allowed = 2 * (r.double() - e).abs().max() + 1.01 * bound[name] + tol * e.abs().max()
+        assert (err <= allowed).all(), f"{name}: {worst_element(fast.double(), e, err - allowed, allowed)}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
@@ -41,12 +79,177 @@ def test_linear_ce_forward_backward_match_float64(dtype, tau):
     assert loss[3] == 0 and loss[36] == 0
     grad_rows = rand(n, dtype=lse.dtype, seed=9).abs() * (t != -100)
     gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, grad_rows, -100, 16, True, True, blocks=SMALL, k_slices=2)
-    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, tau, lse_ref, grad_rows, -100, 16, True, True)
-    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, tau, lse_ex, grad_rows.double(),
-                                                -100, 16, True, True)
-    close_to_exact(gx, gx_ref, gx_ex, tol)
-    close_to_exact(gw, gw_ref, gw_ex, tol)
+    check_gradients(gx, gw, x, w, t, tau, grad_rows, tol)
     assert torch.all(gx[3] == 0)
+
+
+# (N, d, C): several class tiles (C_pad = 32, the logits go through the scratch), and one (C_pad = 16: in registers)
+FUSED_SHAPES = [(37, 19, 23), (29, 21, 13)]
+
+
+def _ce_case(shape, dtype, seed=0):
+    """x, w, targets (rows 3 and N - 1 ignored, row 5 out of range) and per-row weights (0 on ignored rows)."""
+    n, d, num_classes = shape
+    x = rand(n, d, dtype=dtype, seed=seed + 1)
+    w = rand(d, num_classes, dtype=dtype, seed=seed + 2, scale=0.5)
+    t = labels(n, num_classes, seed=seed, ignore=(3, n - 1))
+    t[5] = num_classes + 4
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = (rand(n, dtype=acc, seed=seed + 9).abs() + 0.1) * (t != -100)
+    return x, w, t, g
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("k_slices,chunk_size", [(1, 1000), (2, 20), (3, 16)])
+def test_fused_forward_backward_matches_float64(shape, dtype, k_slices, chunk_size):
+    """Losses, logsumexps and both gradients of the one-pass CE against float64, every row chunk (20: not a multiple
+    of the 16-row blocks), slice count, dtype and class-tile case; ignored rows lose 0 and get no gradient, an
+    out-of-range target gives a NaN loss."""
+    x, w, t, g = _ce_case(shape, dtype)
+    tau = 0.07
+    loss, lse, gx, gw = kce.linear_ce_forward_backward(x, w, t, tau, -100, chunk_size, None, g, True, True,
+                                                       blocks=SMALL, k_slices=k_slices)
+    loss_ref, lse_ref = reference.linear_ce_forward(x, w, t, tau, -100, chunk_size)
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, tau, -100, chunk_size)
+    tol = tol_for(dtype) * 10
+    n = shape[0]
+    assert torch.isnan(loss[5]) and loss[3] == 0 and loss[n - 1] == 0
+    counted = torch.ones(n, dtype=torch.bool)
+    counted[5] = False
+    close_to_exact(loss[counted], loss_ref[counted], loss_ex[counted], tol)
+    close_to_exact(lse, lse_ref, lse_ex, tol)
+    check_gradients(gx, gw, x, w, t, tau, g, tol)
+    assert torch.all(gx[3] == 0) and torch.all(gx[n - 1] == 0)
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+@pytest.mark.parametrize("need_x,need_w", [(True, False), (False, True), (False, False)])
+def test_fused_forward_backward_flags(shape, need_x, need_w):
+    x, w, t, g = _ce_case(shape, torch.float32, seed=3)
+    loss, lse, gx, gw = kce.linear_ce_forward_backward(x, w, t, 0.5, -100, 16, "ieee", g, need_x, need_w,
+                                                       blocks=SMALL, k_slices=2)
+    assert (gx is None) == (not need_x) and (gw is None) == (not need_w)
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, 0.5, -100, 16)
+    close_to_exact(lse, reference.linear_ce_forward(x, w, t, 0.5, -100, 16)[1], lse_ex, 2e-4)
+    check_gradients(gx, gw, x, w, t, 0.5, g, 2e-4)
+
+
+def test_fp16_coefficients_keep_their_precision_at_small_row_weights():
+    """The mean over a million rows weights each row by 1e-6: with tau = 0.05 the coefficients are ~1e-6 p, deep in
+    fp16's subnormals (below 6e-5) unless scaled. Both backward paths stay within the fp16 coefficients' bound."""
+    x, w, t, _ = _ce_case(CE_SHAPE, torch.float16, seed=5)
+    g = torch.full((len(t),), 1e-6, device=DEVICE) * (t != -100)
+    tau = 0.05
+    _, lse, gx, gw = kce.linear_ce_forward_backward(x, w, t, tau, -100, 16, None, g, True, True, blocks=SMALL,
+                                                    k_slices=2)
+    check_gradients(gx, gw, x, w, t, tau, g, 2e-4)
+    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, g, -100, 16, True, True, blocks=SMALL, k_slices=2)
+    check_gradients(gx, gw, x, w, t, tau, g, 2e-4)
+
+
+def test_fused_forward_backward_computes_each_logits_tile_once():
+    """Two products in all (three with dX): per row chunk one launch of the fused kernel (logits, logsumexp,
+    coefficients) and the dW / dX products; neither the forward kernel nor the recomputing coefficient kernel."""
+    from clpdd_fast.kernels import aot
+    x, w, t, g = _ce_case(FUSED_SHAPES[0], torch.float32)
+    with aot.recording(run=True) as launches:
+        kce.linear_ce_forward_backward(x, w, t, 0.5, -100, 16, None, g, True, True, blocks=SMALL, k_slices=2)
+    names = [kernel.fn.__name__ for kernel, _, _ in launches]
+    chunks = -(-x.shape[0] // 16)
+    assert names == ["_ce_fused_kernel", "_matmul_kernel", "_matmul_kernel"] * chunks, names
+
+
+def test_fused_dw_is_bitwise_reproducible_and_split_path_within_its_bound():
+    """bf16 features with an fp32 w (the bf16 pipeline's default path: w and the coefficients as bf16 halves) within
+    the split's derived bound of float64; two runs give bitwise-identical dW (fixed partial slices, no atomics)."""
+    n, d, num_classes = CE_SHAPE
+    x = rand(n, d, dtype=torch.bfloat16, seed=7)
+    w = rand(d, num_classes, seed=8, scale=0.3)
+    t = labels(n, num_classes, seed=4, ignore=(3,))
+    g = rand(n, seed=9).abs() * (t != -100)
+    tau = 0.05
+    runs = [kce.linear_ce_forward_backward(x, w, t, tau, -100, 16, "auto", g, True, True, blocks=SMALL, k_slices=3)
+            for _ in range(2)]
+    loss, _, gx, gw = runs[0]
+    assert_within_split_bound(loss, gx, gw, x, w, t, tau, g)
+    assert torch.equal(runs[0][3], runs[1][3]) and torch.equal(runs[0][2], runs[1][2])
+
+
+def test_streamed_w_is_padded_to_aligned_rows_only_when_needed():
+    """The kernels stream w with rows of a multiple of 16 elements: a w whose C or row stride is not gets a
+    zero-padded copy (the padding never reaches a result: the loss and gradient tests run such shapes)."""
+    w = rand(19, 23, seed=1)
+    padded = kce._aligned(w)
+    assert padded.shape == (19, 32) and torch.equal(padded[:, :23], w) and torch.all(padded[:, 23:] == 0)
+    aligned = rand(19, 32, seed=2)
+    assert kce._aligned(aligned) is aligned
+    assert kce._aligned(rand(32, 19, seed=3).T).stride() == (32, 1)       # transposed: copied
+    assert kce._aligned(rand(19, 48, seed=4)[:, :32]).shape == (19, 32)   # row stride 48: aligned view kept
+    assert kce.padded_width(1000) == 1008 and kce.padded_width(100) == 112 and kce.padded_width(16) == 16
+
+
+def test_dw_slice_count_fills_the_sms_in_whole_waves():
+    """On a GPU (meta tensors stand for an sm_90 one: 132 SMs) the dW slice count makes the product's programs
+    (output tiles x slices) a whole number of waves where the limits allow: ImageNet-100 (6 tiles of 128 x 128) gets
+    22 slices = 132 programs; ImageNet-1K's 48 tiles get 5 (240 programs: 91% of 2 waves) under the partials'
+    memory budget (5 slices); a short chunk no more slices than it has BLOCK_K row steps."""
+    tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
+    meta = torch.device("meta")
+    assert kce._num_k_slices(meta, 768, 112, tiles, 100_000) == 22
+    assert kce._num_k_slices(meta, 768, 1008, tiles, 16_000) == 5
+    assert kce._num_k_slices(meta, 768, 112, tiles, 100) == 2          # 2 row steps of 64
+    assert kce._num_k_slices(torch.device("cpu"), 768, 1008, tiles, 16_000) == 2   # the interpreter
+
+
+def test_backend_forward_backward_has_the_agreed_signature():
+    from clpdd_fast.kernels import backend as kbackend
+    names = ["x", "w", "target", "tau", "ignore_index", "chunk_size", "precision", "grad_rows", "need_x", "need_w"]
+    assert list(inspect.signature(kbackend.linear_ce_forward_backward).parameters) == names
+    x, w, t, g = _ce_case(FUSED_SHAPES[1], torch.float64)
+    loss, lse, gx, gw = kbackend.linear_ce_forward_backward(x, w, t, 0.3, -100, 8, "auto", g, True, True)
+    loss_ex, lse_ex = reference.linear_ce_forward(x, w, t, 0.3, -100, 8)
+    torch.testing.assert_close(lse, lse_ex, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss, loss_ex, rtol=1e-12, atol=1e-12, equal_nan=True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x, w, t, 0.3, lse_ex, g, -100, 8, True, True)
+    torch.testing.assert_close(gx, gx_ex, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, gw_ex, rtol=1e-12, atol=1e-12)
+
+
+@gpu_only
+def test_gpu_fused_forward_backward_at_imagenet_width():
+    """Compiled (gpu_check.sh): the one-pass CE at d = 768, C = 1000 over several chunks, where the threads of a block
+    write 16-bit coefficients over fp32 logits that other threads stored and read (the barriers the interpreter
+    cannot test), in bf16, bf16 x + fp32 w (the pair) and fp16: losses as the forward kernel's, dW within what its
+    coefficients' rounding allows of float64, bitwise identical on a second run, < 100 MiB beyond inputs and
+    outputs."""
+    n, d, num_classes = 20_011, 768, 1000
+    t = labels(n, num_classes, ignore=(7,))
+    g = torch.full((n,), 1.0 / n, device=DEVICE) * (t != -100)
+    for x_dt, w_dt in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                       (torch.float16, torch.float16)):
+        x = rand(n, d, dtype=x_dt, seed=1)
+        w = rand(d, num_classes, dtype=w_dt, seed=2, scale=0.05)
+        loss_f, lse_f = kce.linear_ce_forward(x, w, t, 0.1, -100, n)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss, lse, _, gw = kce.linear_ce_forward_backward(x, w, t, 0.1, -100, n, None, g, False, True)
+        outputs = 2 * loss.nbytes + gw.nbytes
+        extra = torch.cuda.max_memory_allocated() - base - outputs
+        assert extra < 100 * 2**20, f"{x_dt} x, {w_dt} w: {extra / 2**20:.1f} MiB beyond inputs and outputs"
+        torch.testing.assert_close(loss, loss_f, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, lse_f, rtol=1e-5, atol=1e-5)
+        assert torch.equal(gw, kce.linear_ce_forward_backward(x, w, t, 0.1, -100, n, None, g, False, True)[3])
+        if w_dt == torch.float32:
+            assert_within_split_bound(loss, None, gw, x, w, t, 0.1, g)
+        elif x_dt == torch.float16:
+            check_gradients(None, gw, x, w, t, 0.1, g, 1e-4)
+        else:   # bf16 coefficients: 2^-9 relative per term, as test_kernel_backend's bf16 check allows
+            _, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, 0.1, -100, 4096)
+            gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.1, lse_ex, g.double(), -100, 4096,
+                                                 False, True)[1]
+            assert (gw.double() - gw_ex).abs().max() <= 1e-2 * gw_ex.abs().max()
 
 
 @pytest.mark.parametrize("need_x,need_w", [(True, False), (False, True), (False, False)])
