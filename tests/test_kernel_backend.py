@@ -170,7 +170,8 @@ def _ridge_launches(dtype, mode, precision):
 @pytest.mark.parametrize("mode", ["dual", "primal"])
 @pytest.mark.parametrize("dtype,precision,expected", [(torch.float32, "tf32x3", "tf32x3"),
                                                       (torch.float32, None, "ieee"),
-                                                      (torch.float64, "tf32x3", "ieee")])
+                                                      (torch.float64, "tf32x3", "ieee")],
+                         ids=["fp32-tf32x3", "fp32-unset", "fp64-tf32x3"])
 def test_ridge_precision_reaches_every_product_of_gram_and_the_blocked_path(dtype, precision, expected, mode,
                                                                             monkeypatch):
     """CLPDD_RIDGE_PRECISION is the input_precision of every tl.dot launch of gram, the blocked Cholesky, the solves
