@@ -12,6 +12,7 @@ VALUES = {
     "TRITON_INTERPRET": ("0", "1"),
     "CLPDD_AUTOTUNE": ("0", "1"),
     "CLPDD_CE_PRECISION": ("auto", "ieee", "tf32"),
+    "CLPDD_RIDGE_PRECISION": ("ieee", "tf32x3"),
     "CLPDD_TRACEBACK": ("0", "1"),
 }
 
@@ -48,6 +49,12 @@ def ce_precision() -> str:
     """CLPDD_CE_PRECISION: the products of fp32 operands in the CE kernels: "auto" (an fp32 w with bf16 x as two bf16
     halves on tensor cores), "ieee" (exact fp32 products) or "tf32"."""
     return _read("CLPDD_CE_PRECISION")
+
+
+def ridge_precision() -> str:
+    """CLPDD_RIDGE_PRECISION: the products of fp32 operands in the Triton Gram, blocked Cholesky, solves and ridge
+    backward: "ieee" (exact fp32 products on FMA units) or "tf32x3" (three TF32 tensor-core products per product)."""
+    return _read("CLPDD_RIDGE_PRECISION")
 
 
 def show_traceback() -> bool:

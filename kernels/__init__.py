@@ -15,6 +15,7 @@
                   from the PTX the main loop's asynchronous copies and tensor-core instructions
 
 The kernels import only clpdd_fast.reference (the compute-dtype rule, the ridge system) and clpdd_fast.settings (the
-environment variables TRITON_INTERPRET, CLPDD_AUTOTUNE and CLPDD_CE_PRECISION: README.md has the table). The last two
-change the CE kernels only: Gram and Cholesky always use exact fp32 products.
+environment variables TRITON_INTERPRET, CLPDD_AUTOTUNE, CLPDD_CE_PRECISION and CLPDD_RIDGE_PRECISION: README.md has
+the table). CLPDD_AUTOTUNE and CLPDD_CE_PRECISION change the CE kernels only; CLPDD_RIDGE_PRECISION the products of
+the Gram matrix and the blocked ridge path (backend.py).
 """

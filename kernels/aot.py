@@ -187,12 +187,14 @@ def dispatch_launches() -> list[tuple]:
     try:
         with recording() as launches:
             for x_dt, y_dt in DTYPE_PAIRS:
-                for lam in (0.0, 0.5):
-                    _backend.gram(_meta(M_BLOCKED, D, dtype=x_dt), lam)
-                compute = torch.float64 if torch.float64 in (x_dt, y_dt) else torch.float32
-                for mode in ("dual", "primal"):
-                    for size in _small_sizes(compute) + [M_BLOCKED if mode == "dual" else D]:
-                        _ridge(x_dt, y_dt, size, mode)
+                for ridge_precision in settings.VALUES["CLPDD_RIDGE_PRECISION"]:
+                    with settings.overridden("CLPDD_RIDGE_PRECISION", ridge_precision):
+                        for lam in (0.0, 0.5):
+                            _backend.gram(_meta(M_BLOCKED, D, dtype=x_dt), lam)
+                        compute = torch.float64 if torch.float64 in (x_dt, y_dt) else torch.float32
+                        for mode in ("dual", "primal"):
+                            for size in _small_sizes(compute) + [M_BLOCKED if mode == "dual" else D]:
+                                _ridge(x_dt, y_dt, size, mode)
                 _linear_ce(x_dt, y_dt)
     finally:
         small_ridge.MAX_SIZE = default

@@ -5,12 +5,15 @@ under TRITON_INTERPRET=1). Every matrix product, factorisation and solve below i
 kernels/matmul.py, kernels/gram.py, kernels/cholesky.py, kernels/small_ridge.py (systems of size <=
 small_ridge.MAX_SIZE and within its per-dtype LIMITS: one launch forward, one for the dual backward) or
 kernels/linear_ce.py; torch is used only to allocate, cast and add.
-Inputs fp16/bf16/fp32 compute in fp32 and return fp32; fp64 inputs compute (and return) fp64.
+Inputs fp16/bf16/fp32 compute in fp32 and return fp32; fp64 inputs compute (and return) fp64. The products of fp32
+operands in the Gram matrix and the blocked ridge path (Gram, Cholesky, solves, projections, backward) use
+CLPDD_RIDGE_PRECISION ("ieee" or "tf32x3", read at each call); the one-launch small systems always "ieee".
 """
 from __future__ import annotations
 
 from torch import Tensor
 
+from clpdd_fast import settings
 from clpdd_fast.reference import ridge_system
 
 from . import cholesky as _chol
@@ -22,7 +25,7 @@ from .matmul import matmul
 
 def gram(x: Tensor, lam: float = 0.0) -> Tensor:
     """x (m, d) -> x x^T + lam I (m, m), fp32 (fp64 for fp64 x)."""
-    return _gram.gram(x, lam)
+    return _gram.gram(x, lam, settings.ridge_precision())
 
 
 def ridge_forward(phi: Tensor, y: Tensor, lam: float, mode: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -37,12 +40,14 @@ def ridge_forward(phi: Tensor, y: Tensor, lam: float, mode: str) -> tuple[Tensor
         if mode == "dual":
             return _small.small_ridge_solve(phi, y, lam, project=True)
         return _small.small_ridge_solve(phi.T, matmul(phi.T, y), lam, project=False)
-    factor, info = _chol.cholesky(ridge_system(phi, lam, mode, gram=_gram.gram))
+    prec = settings.ridge_precision()
+    system = ridge_system(phi, lam, mode, gram=lambda x, lam: _gram.gram(x, lam, prec))
+    factor, info = _chol.cholesky(system, precision=prec)
     if mode == "dual":
-        alpha = _chol.cholesky_solve(y, factor)              # (m, C)
-        w = matmul(phi.T, alpha)                             # phi^T alpha
+        alpha = _chol.cholesky_solve(y, factor, precision=prec)               # (m, C)
+        w = matmul(phi.T, alpha, precision=prec)                              # phi^T alpha
     else:
-        w = _chol.cholesky_solve(matmul(phi.T, y), factor)
+        w = _chol.cholesky_solve(matmul(phi.T, y, precision=prec), factor, precision=prec)
     return w, factor, info
 
 
@@ -54,25 +59,28 @@ def ridge_backward(phi: Tensor, y: Tensor, w: Tensor, factor: Tensor, grad_w: Te
     if mode == "dual" and _small.dispatches(phi.shape[0], factor):   # one fused launch
         return _small.small_ridge_backward(phi, y, factor, g, need_phi, need_y)
     grad_phi = grad_y = None
+    prec = settings.ridge_precision()
+    mm = lambda a, b, **kw: matmul(a, b, precision=prec, **kw)                    # noqa: E731
+    solve = lambda b: _chol.cholesky_solve(b, factor, precision=prec)            # noqa: E731
     if mode == "dual":
-        beta = _chol.cholesky_solve(matmul(phi, g), factor)                        # A^-1 phi G   (m, C)
+        beta = solve(mm(phi, g))                                                   # A^-1 phi G   (m, C)
         if need_phi:
-            alpha = _chol.cholesky_solve(y, factor)                                # A^-1 y       (m, C)
+            alpha = solve(y)                                                       # A^-1 y       (m, C)
             # dphi = alpha G^T - beta (alpha^T phi) - alpha (beta^T phi)
-            grad_phi = matmul(alpha, g.T)
-            matmul(beta, matmul(alpha.T, phi), out=grad_phi, alpha=-1.0, accumulate=True)
-            matmul(alpha, matmul(beta.T, phi), out=grad_phi, alpha=-1.0, accumulate=True)
+            grad_phi = mm(alpha, g.T)
+            mm(beta, mm(alpha.T, phi), out=grad_phi, alpha=-1.0, accumulate=True)
+            mm(alpha, mm(beta.T, phi), out=grad_phi, alpha=-1.0, accumulate=True)
         if need_y:
             grad_y = beta
     else:
-        gamma = _chol.cholesky_solve(g, factor)                                    # B^-1 G       (d, C)
+        gamma = solve(g)                                                           # B^-1 G       (d, C)
         if need_phi:
             # dphi = y gamma^T - (phi gamma) W^T - (phi W) gamma^T
-            grad_phi = matmul(y, gamma.T)
-            matmul(matmul(phi, gamma), w.T.to(dt), out=grad_phi, alpha=-1.0, accumulate=True)
-            matmul(matmul(phi, w.to(dt)), gamma.T, out=grad_phi, alpha=-1.0, accumulate=True)
+            grad_phi = mm(y, gamma.T)
+            mm(mm(phi, gamma), w.T.to(dt), out=grad_phi, alpha=-1.0, accumulate=True)
+            mm(mm(phi, w.to(dt)), gamma.T, out=grad_phi, alpha=-1.0, accumulate=True)
         if need_y:
-            grad_y = matmul(phi, gamma)
+            grad_y = mm(phi, gamma)
     return grad_phi, grad_y
 
 

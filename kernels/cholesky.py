@@ -13,7 +13,10 @@ program owns a tile of right-hand-side columns runs the forward substitution L Z
 L^T X = Z over all block rows, in place in the output, with a block barrier between a block row's store and the
 next one's loads.
 
-Precision: fp32 operands with exact fp32 products (input_precision="ieee"); fp64 operands in fp64.
+Precision: every tl.dot takes the launcher's `precision` for fp32 operands: "ieee" (exact fp32 products, the default)
+or "tf32x3" (three TF32 tensor-core products, about as accurate: benchmarks/precision_study.py; plain TF32 is not
+offered: its updates make the factorisation of a well-posed ridge system with lam <= 1e-3 fail). fp64 operands
+compute in fp64 ("ieee").
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from torch import Tensor
 from clpdd_fast.reference import compute_dtype
 
 from .matmul import TL_DTYPES
+
+PRECISIONS = ("ieee", "tf32x3")   # input_precision of the products of fp32 operands
 
 # Block width of the factorisation and of the solves (rows of a diagonal block), and RHS columns per solve program.
 BLOCK = 32
@@ -98,7 +103,7 @@ def _load_tile(ptr, rows, cols, s0, s1, n_rows, n_cols, DT: tl.constexpr):
 
 @triton.jit
 def _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, i, li_prev, s_a0, s_a1, s_l0, s_l1,
-                       DT: tl.constexpr, BLOCK: tl.constexpr):
+                       DT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     """Factor diagonal block i: A_ii - sum_{j < i-1} L_ij L_ij^T - P P^T (P = L_{i,i-1}, given in registers
     by the caller that just computed it; zeros for i = 0). Writes L_ii, its inverse and the block's info."""
     offs = tl.arange(0, BLOCK).to(tl.int64)
@@ -108,8 +113,8 @@ def _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, i, li_prev, s_a0, s_a
     aii = _load_tile(a_ptr, irows, irows, s_a0, s_a1, n, n, DT)
     for j in range(0, i - 1):
         lij = _load_tile(l_ptr, irows, j * BLOCK + offs, s_l0, s_l1, n, n, DT)
-        aii -= tl.dot(lij, tl.trans(lij), input_precision="ieee", out_dtype=DT)
-    aii -= tl.dot(li_prev, tl.trans(li_prev), input_precision="ieee", out_dtype=DT)
+        aii -= tl.dot(lij, tl.trans(lij), input_precision=PRECISION, out_dtype=DT)
+    aii -= tl.dot(li_prev, tl.trans(li_prev), input_precision=PRECISION, out_dtype=DT)
     aii = _pad_identity(tl.where(r >= c, aii, 0.0), irows, n, offs)
     lii, pivots = _factor_in_registers(aii, offs, DT, BLOCK)
     tl.store(l_ptr + irows[:, None] * s_l0 + irows[None, :] * s_l1, lii.to(l_ptr.dtype.element_ty),
@@ -121,14 +126,14 @@ def _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, i, li_prev, s_a0, s_a
 
 @triton.jit
 def _cholesky_step_kernel(a_ptr, l_ptr, inv_ptr, info_ptr, n, k, s_a0, s_a1, s_l0, s_l1,
-                          DT: tl.constexpr, BLOCK: tl.constexpr):
+                          DT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     """Launch k >= 0: block column k below the diagonal, and (program 0) diagonal block k + 1.
     Launch k = -1: diagonal block 0 alone."""
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK).to(tl.int64)
     if k < 0:
         _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, 0, tl.zeros((BLOCK, BLOCK), dtype=DT),
-                           s_a0, s_a1, s_l0, s_l1, DT, BLOCK)
+                           s_a0, s_a1, s_l0, s_l1, DT, BLOCK, PRECISION)
     else:
         krows = k * BLOCK + offs
         irows = (k + 1 + pid).to(tl.int64) * BLOCK + offs
@@ -138,13 +143,14 @@ def _cholesky_step_kernel(a_ptr, l_ptr, inv_ptr, info_ptr, n, k, s_a0, s_a1, s_l
             jcols = j * BLOCK + offs
             lij = _load_tile(l_ptr, irows, jcols, s_l0, s_l1, n, n, DT)
             lkj = _load_tile(l_ptr, krows, jcols, s_l0, s_l1, n, n, DT)
-            p -= tl.dot(lij, tl.trans(lkj), input_precision="ieee", out_dtype=DT)
+            p -= tl.dot(lij, tl.trans(lkj), input_precision=PRECISION, out_dtype=DT)
         inv = tl.load(inv_ptr + k * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :])
-        lik = tl.dot(p, tl.trans(inv), input_precision="ieee", out_dtype=DT)
+        lik = tl.dot(p, tl.trans(inv), input_precision=PRECISION, out_dtype=DT)
         tl.store(l_ptr + irows[:, None] * s_l0 + krows[None, :] * s_l1, lik.to(l_ptr.dtype.element_ty),
                  mask=(irows[:, None] < n) & (krows[None, :] < n))
         if pid == 0:   # look-ahead: block k + 1's diagonal needs only this program's L_{k+1,k} beyond stored L
-            _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, k + 1, lik, s_a0, s_a1, s_l0, s_l1, DT, BLOCK)
+            _factor_diag_block(a_ptr, l_ptr, inv_ptr, info_ptr, n, k + 1, lik, s_a0, s_a1, s_l0, s_l1, DT, BLOCK,
+                               PRECISION)
 
 
 @triton.jit
@@ -162,7 +168,7 @@ def _diag_inverse_kernel(l_ptr, inv_ptr, n, s_l0, s_l1, DT: tl.constexpr, BLOCK:
 
 @triton.jit
 def _cholesky_solve_kernel(l_ptr, inv_ptr, x_ptr, n, nrhs, s_l0, s_l1, s_x0, s_x1,
-                           DT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_RHS: tl.constexpr):
+                           DT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_RHS: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK).to(tl.int64)
     tile = offs[:, None] * BLOCK + offs[None, :]
@@ -176,9 +182,9 @@ def _cholesky_solve_kernel(l_ptr, inv_ptr, x_ptr, n, nrhs, s_l0, s_l1, s_x0, s_x
             jrows = j * BLOCK + offs
             lkj = _load_tile(l_ptr, krows, jrows, s_l0, s_l1, n, n, DT)
             zj = _load_tile(x_ptr, jrows, cols, s_x0, s_x1, n, nrhs, DT)
-            acc -= tl.dot(lkj, zj, input_precision="ieee", out_dtype=DT)
+            acc -= tl.dot(lkj, zj, input_precision=PRECISION, out_dtype=DT)
         inv = tl.load(inv_ptr + k * BLOCK * BLOCK + tile)
-        z = tl.dot(inv, acc, input_precision="ieee", out_dtype=DT)
+        z = tl.dot(inv, acc, input_precision=PRECISION, out_dtype=DT)
         mask = (krows[:, None] < n) & (cols[None, :] < nrhs)
         tl.store(x_ptr + krows[:, None] * s_x0 + cols[None, :] * s_x1, z.to(x_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the stores of this block row must be visible to every thread before the next loads
@@ -191,20 +197,27 @@ def _cholesky_solve_kernel(l_ptr, inv_ptr, x_ptr, n, nrhs, s_l0, s_l1, s_x0, s_x
             jrows = j * BLOCK + offs
             ljk = _load_tile(l_ptr, jrows, krows, s_l0, s_l1, n, n, DT)
             xj = _load_tile(x_ptr, jrows, cols, s_x0, s_x1, n, nrhs, DT)
-            acc -= tl.dot(tl.trans(ljk), xj, input_precision="ieee", out_dtype=DT)
+            acc -= tl.dot(tl.trans(ljk), xj, input_precision=PRECISION, out_dtype=DT)
         inv = tl.load(inv_ptr + k * BLOCK * BLOCK + tile)
-        xk = tl.dot(tl.trans(inv), acc, input_precision="ieee", out_dtype=DT)
+        xk = tl.dot(tl.trans(inv), acc, input_precision=PRECISION, out_dtype=DT)
         mask = (krows[:, None] < n) & (cols[None, :] < nrhs)
         tl.store(x_ptr + krows[:, None] * s_x0 + cols[None, :] * s_x1, xk.to(x_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()
 
 
-def cholesky(a: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+def _precision(precision: str, dt: torch.dtype) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return precision if dt == torch.float32 else "ieee"
+
+
+def cholesky(a: Tensor, block: int = BLOCK, precision: str = "ieee") -> tuple[Tensor, Tensor]:
     """Lower Cholesky factor of a symmetric matrix, like torch.linalg.cholesky_ex.
 
     Args:
         a: (n, n) symmetric, fp16/bf16/fp32/fp64; only its lower triangle is read.
         block: block width (a power of two >= 16).
+        precision: "ieee" or "tf32x3", the products of the block updates in fp32 (fp64 is always exact).
     Returns:
         (L, info): L (n, n) lower triangular (zeros above the diagonal), fp32 (fp64 for fp64 a); info an int32
         0-D tensor on a's device, 0 when a is positive definite, else the 1-based index of the first pivot that is
@@ -214,6 +227,7 @@ def cholesky(a: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
         raise ValueError(f"cholesky: expected a square 2-D matrix a, got shape {tuple(a.shape)}")
     n = a.shape[0]
     dt = compute_dtype(a)
+    prec = _precision(precision, dt)
     nb = triton.cdiv(n, block)
     factor = torch.zeros((n, n), dtype=dt, device=a.device)   # the upper triangle stays zero
     block_info = torch.empty(nb, dtype=torch.int32, device=a.device)
@@ -221,8 +235,8 @@ def cholesky(a: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     for k in range(-1, nb - 1):
         _cholesky_step_kernel[(max(1, nb - 1 - k),)](a, factor, inverses, block_info, n, k, a.stride(0),
                                                      a.stride(1), factor.stride(0), factor.stride(1),
-                                                     DT=TL_DTYPES[dt], BLOCK=block, num_warps=NUM_WARPS,
-                                                     num_stages=NUM_STAGES)
+                                                     DT=TL_DTYPES[dt], BLOCK=block, PRECISION=prec,
+                                                     num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     # first bad pivot over all block columns, on the device (no host sync)
     starts = torch.arange(nb, device=a.device, dtype=torch.int32) * block
     never = torch.iinfo(torch.int32).max
@@ -231,12 +245,14 @@ def cholesky(a: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     return factor, info
 
 
-def cholesky_solve(b: Tensor, factor: Tensor, block: int = BLOCK, block_rhs: int = BLOCK_RHS) -> Tensor:
+def cholesky_solve(b: Tensor, factor: Tensor, block: int = BLOCK, block_rhs: int = BLOCK_RHS,
+                   precision: str = "ieee") -> Tensor:
     """X = (L L^T)^-1 b for the lower factor L, like torch.cholesky_solve(b, L).
 
     Args:
         b: (n, k) right-hand sides, any float dtype and strides (copied into the fresh output).
         factor: (n, n) lower triangular L from `cholesky`.
+        precision: "ieee" or "tf32x3", the products of the substitutions in fp32 (fp64 is always exact).
     Returns:
         (n, k) in factor's dtype (fp32 or fp64).
     """
@@ -244,6 +260,7 @@ def cholesky_solve(b: Tensor, factor: Tensor, block: int = BLOCK, block_rhs: int
         raise ValueError(f"cholesky_solve: expected b (n, k) and factor (n, n), got {tuple(b.shape)} and "
                          f"{tuple(factor.shape)}")
     n, nrhs = b.shape
+    prec = _precision(precision, factor.dtype)
     x = b.to(factor.dtype, copy=True).contiguous()
     nb = triton.cdiv(n, block)
     dt = TL_DTYPES[factor.dtype]
@@ -252,6 +269,6 @@ def cholesky_solve(b: Tensor, factor: Tensor, block: int = BLOCK, block_rhs: int
                                 num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     grid = (triton.cdiv(nrhs, block_rhs),)
     _cholesky_solve_kernel[grid](factor, inverses, x, n, nrhs, factor.stride(0), factor.stride(1), x.stride(0),
-                                 x.stride(1), DT=dt, BLOCK=block, BLOCK_RHS=block_rhs, num_warps=NUM_WARPS,
-                                 num_stages=NUM_STAGES)
+                                 x.stride(1), DT=dt, BLOCK=block, BLOCK_RHS=block_rhs, PRECISION=prec,
+                                 num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return x

@@ -9,7 +9,8 @@ and a symmetric mode in which only the lower tiles are computed and each is mirr
 sums in).
 
 Precision: operands are cast to `dot_dtype` inside the kernel and multiplied with `input_precision="ieee"`
-unless the caller asks for "tf32"; accumulation is fp32 (fp64 for fp64 operands: `compute_dtype`).
+unless the caller asks for "tf32" or "tf32x3" (fp32 operands only); accumulation is fp32 (fp64 for fp64 operands:
+`compute_dtype`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ LARGE_FP32 = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "nu
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
+# tl.dot input precisions for fp32 operands: exact fp32 products (FMA units), one TF32 tensor-core product, or three
+# (Triton's split of each operand into a TF32 value and the TF32 rounding of the rest: about fp32 accuracy)
+FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 def dot_dtype(a: Tensor, b: Tensor) -> torch.dtype:
@@ -124,7 +128,8 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
             fp64 for fp64 operands) when None.
         alpha: runtime scale (passed as an fp32 scalar: use exactly representable values such as 1, -1, 2).
             accumulate: add into the existing content of out (read-modify-write, no atomics).
-        precision: tl.dot input_precision for fp32 operands, "ieee" (exact fp32 products) or "tf32".
+        precision: tl.dot input_precision for fp32 operands, "ieee" (exact fp32 products), "tf32" or "tf32x3"
+            (three TF32 products: benchmarks/precision_study.py measures its accuracy); other dtypes ignore it.
         symmetric: a @ b is known symmetric (b = a^T): only lower tiles are computed and mirrored.
         lam: added to the diagonal of the result (before accumulation).
         blocks: tile override {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} (BLOCK_M == BLOCK_N
@@ -132,6 +137,8 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
     """
     m, k = a.shape
     k2, n = b.shape
+    if precision not in FP32_PRECISIONS:
+        raise ValueError(f"matmul: precision must be one of {FP32_PRECISIONS}, got {precision!r}")
     if k != k2:
         raise ValueError(f"matmul: inner dimensions differ, got a {tuple(a.shape)} and b {tuple(b.shape)}")
     for name, main, low in (("a_lo", a, a_lo), ("b_lo", b, b_lo)):

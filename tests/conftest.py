@@ -5,8 +5,8 @@ import torch
 
 # Settings of the machine that runs the suite must not change what it tests: a developer's CLPDD_* switches, or the
 # variables of a job that torchrun started (in-process main() calls would try to join its process group).
-MACHINE_ENV = ("CLPDD_AUTOTUNE", "CLPDD_CE_PRECISION", "CLPDD_TRACEBACK", "WORLD_SIZE", "RANK", "LOCAL_RANK",
-               "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+MACHINE_ENV = ("CLPDD_AUTOTUNE", "CLPDD_CE_PRECISION", "CLPDD_RIDGE_PRECISION", "CLPDD_TRACEBACK", "WORLD_SIZE",
+               "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 for _name in MACHINE_ENV:
     os.environ.pop(_name, None)
 

@@ -4,6 +4,9 @@ on CPU tensors without CUDA (tests/conftest.py sets TRITON_INTERPRET=1), compile
 (bf16, large shapes, bitwise determinism, memory).
 """
 import inspect
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +18,8 @@ check_kernels_can_run()
 import triton  # noqa: E402
 
 from ce_split_bound import assert_within_split_bound  # noqa: E402
-from clpdd_fast import ops, reference  # noqa: E402
+from clpdd_fast import ops, reference, settings  # noqa: E402
+from clpdd_fast.kernels import aot as kaot  # noqa: E402
 from clpdd_fast.kernels import backend as kbackend  # noqa: E402
 from clpdd_fast.kernels import cholesky as kchol  # noqa: E402
 from clpdd_fast.kernels import matmul as kmatmul  # noqa: E402
@@ -142,6 +146,119 @@ def test_ridge_gradcheck_through_the_triton_backend(ridge_path, mode):
     y = rand(5, 3, dtype=torch.float64, seed=32).requires_grad_()
     assert torch.autograd.gradcheck(lambda p, t: ops.ridge_solve(p, t, 0.45, mode, backend="triton"), (phi, y),
                                     fast_mode=True)
+
+
+def _ridge_launches(dtype, mode, precision):
+    """(kernel name, PRECISION) of every launch of gram and of the blocked ridge path, forward and backward, with
+    CLPDD_RIDGE_PRECISION = precision (None: unset); the results are checked against float64 too."""
+    phi, y, g = rand(37, 19, dtype=dtype, seed=5), rand(37, 4, dtype=dtype, seed=6), rand(19, 4, dtype=dtype, seed=7)
+    with settings.overridden("CLPDD_RIDGE_PRECISION", precision or ""), kaot.recording(run=True) as launches:
+        k = kbackend.gram(phi, 0.5)
+        w, factor, info = kbackend.ridge_forward(phi, y, 0.5, mode)
+        gp, _ = kbackend.ridge_backward(phi, y, w, factor, g, mode, True, True)
+    w_ex, factor_ex, _ = reference.ridge_forward(phi.double(), y.double(), 0.5, mode)
+    gp_ex, _ = reference.ridge_backward(phi.double(), y.double(), w_ex, factor_ex, g.double(), mode, True, False)
+    w_ref, factor_ref, _ = reference.ridge_forward(phi, y, 0.5, mode)
+    gp_ref, _ = reference.ridge_backward(phi, y, w_ref, factor_ref, g, mode, True, False)
+    assert int(info) == 0
+    for fast, ref, exact in ((k, reference.gram(phi, 0.5), reference.gram(phi.double(), 0.5)), (w, w_ref, w_ex),
+                             (gp, gp_ref, gp_ex)):
+        close_to_exact(fast, ref, exact, tol_for(dtype) * 10)
+    return [(kernel.fn.__name__, kwargs.get("PRECISION")) for kernel, _, kwargs in launches]
+
+
+@pytest.mark.parametrize("mode", ["dual", "primal"])
+@pytest.mark.parametrize("dtype,precision,expected", [(torch.float32, "tf32x3", "tf32x3"),
+                                                      (torch.float32, None, "ieee"),
+                                                      (torch.float64, "tf32x3", "ieee")],
+                         ids=["fp32-tf32x3", "fp32-unset", "fp64-tf32x3"])
+def test_ridge_precision_reaches_every_product_of_gram_and_the_blocked_path(dtype, precision, expected, mode,
+                                                                            monkeypatch):
+    """CLPDD_RIDGE_PRECISION is the input_precision of every tl.dot launch of gram, the blocked Cholesky, the solves
+    and the backward products for fp32 (fp64 stays exact). The interpreter ignores input_precision: the arithmetic of
+    tf32x3 is checked by emulation (tests/test_precision_study.py), its code by the sm_90 compile below, and on a GPU
+    by test_gpu_ridge_tf32x3_matches_float64_where_tf32_fails."""
+    monkeypatch.setattr(ksmall, "MAX_SIZE", 0)
+    launches = _ridge_launches(dtype, mode, precision)
+    names = {name for name, _ in launches}
+    assert {"_matmul_kernel", "_cholesky_step_kernel", "_cholesky_solve_kernel"} <= names
+    assert {name for name, prec in launches if prec is not None} == {"_matmul_kernel", "_cholesky_step_kernel",
+                                                                      "_cholesky_solve_kernel"}
+    assert {prec for _, prec in launches if prec is not None} == {expected}, launches
+
+
+def test_small_ridge_systems_stay_exact_under_tf32x3():
+    """The one-launch kernel of small systems has no precision argument: its products stay exact fp32."""
+    launches = _ridge_launches(torch.float32, "dual", "tf32x3")
+    assert {name for name, _ in launches} == {"_matmul_kernel", "_mirror_diagonal_tiles_kernel",
+                                              "_small_ridge_kernel", "_small_ridge_backward_kernel"}
+    assert {prec for name, prec in launches if name == "_matmul_kernel"} == {"tf32x3"}   # the public gram
+
+
+def test_ridge_precision_rejects_plain_tf32_in_the_cholesky():
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        kchol.cholesky(spd(5, torch.float32), precision="tf32")
+    with pytest.raises(ValueError, match="matmul: precision must be one of"):
+        kmatmul.matmul(rand(3, 4), rand(4, 2), precision="tf32x6")
+
+
+@gpu_only
+@pytest.mark.parametrize("mode", ["dual", "primal"])
+def test_gpu_ridge_tf32x3_matches_float64_with_small_lam(mode):
+    """The hardware's tf32x3 on an ill-conditioned ridge system of m > d unit-norm features (lam 1e-4: emulated
+    plain TF32 fails the factorisation, benchmarks/precision_study.py): within the ridge tests' tolerance of float64,
+    like exact fp32 products."""
+    phi = torch.nn.functional.normalize(rand(600, 100, seed=41) + rand(1, 100, seed=42), dim=1)
+    y = torch.nn.functional.one_hot(torch.arange(600, device=DEVICE) % 10, 10).float()
+    g = rand(100, 10, seed=43)
+    w_ex, f_ex, _ = reference.ridge_forward(phi.double(), y.double(), 1e-4, mode)
+    gp_ex, _ = reference.ridge_backward(phi.double(), y.double(), w_ex, f_ex, g.double(), mode, True, False)
+    w_ref, f_ref, _ = reference.ridge_forward(phi, y, 1e-4, mode)
+    gp_ref, _ = reference.ridge_backward(phi, y, w_ref, f_ref, g, mode, True, False)
+    for precision in ("ieee", "tf32x3"):
+        with settings.overridden("CLPDD_RIDGE_PRECISION", precision):
+            w, factor, info = kbackend.ridge_forward(phi, y, 1e-4, mode)
+            gp, _ = kbackend.ridge_backward(phi, y, w, factor, g, mode, True, False)
+        assert int(info) == 0, precision
+        close_to_exact(w, w_ref, w_ex, tol_for(torch.float32) * 10)
+        close_to_exact(gp, gp_ref, gp_ex, tol_for(torch.float32) * 10)
+
+
+TF32_PTX_SCRIPT = r"""
+import re, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from clpdd_fast import settings
+from clpdd_fast.kernels import aot, backend, small_ridge
+small_ridge.MAX_SIZE = 0
+for precision in ("ieee", "tf32x3"):
+    with settings.overridden("CLPDD_RIDGE_PRECISION", precision), aot.recording() as launches:
+        phi, y = torch.empty(100, 40, device="meta"), torch.empty(100, 7, device="meta")
+        backend.ridge_forward(phi, y, 0.5, "dual")
+    for v in aot.variants(launches, 90):
+        if "PRECISION" in v.flags:
+            ptx = triton.compile(ASTSource(v.kernel, v.signature, v.constexprs, v.attrs),
+                                 target=GPUTarget("cuda", 90, 32), options=v.options.__dict__).asm["ptx"]
+            print(precision, v.kernel.fn.__name__, len(re.findall(r"cvt\.rna\.tf32\.f32", ptx)),
+                  len(re.findall(r"mma\S*\.tf32", ptx)))
+"""
+
+
+@pytest.mark.skipif(os.environ.get("CLPDD_AOT_CHECK") != "1", reason="set CLPDD_AOT_CHECK=1: compiles kernels for "
+                    "sm_90 without a GPU")
+def test_tf32x3_compiles_to_tf32_tensor_core_products_for_hopper():
+    """The PTX of every kernel with a PRECISION argument: with tf32x3, TF32 conversions (cvt.rna, Triton's split) and
+    TF32 tensor-core instructions; with ieee, neither."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", TF32_PTX_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    kernels = {"_matmul_kernel", "_cholesky_step_kernel", "_cholesky_solve_kernel"}
+    for precision in ("ieee", "tf32x3"):
+        assert {r[1] for r in rows if r[0] == precision} == kernels, proc.stdout
+    for precision, name, cvt, mma in rows:
+        assert (int(cvt) > 0 and int(mma) > 0) if precision == "tf32x3" else (int(cvt) == 0 and int(mma) == 0), rows
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")

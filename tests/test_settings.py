@@ -6,8 +6,10 @@ import pytest
 from clpdd_fast import settings
 
 READERS = {"TRITON_INTERPRET": settings.triton_interpret, "CLPDD_AUTOTUNE": settings.autotune,
-           "CLPDD_CE_PRECISION": settings.ce_precision, "CLPDD_TRACEBACK": settings.show_traceback}
-DEFAULTS = {"TRITON_INTERPRET": False, "CLPDD_AUTOTUNE": False, "CLPDD_CE_PRECISION": "auto", "CLPDD_TRACEBACK": False}
+           "CLPDD_CE_PRECISION": settings.ce_precision, "CLPDD_RIDGE_PRECISION": settings.ridge_precision,
+           "CLPDD_TRACEBACK": settings.show_traceback}
+DEFAULTS = {"TRITON_INTERPRET": False, "CLPDD_AUTOTUNE": False, "CLPDD_CE_PRECISION": "auto",
+            "CLPDD_RIDGE_PRECISION": "ieee", "CLPDD_TRACEBACK": False}
 
 
 def test_every_variable_has_one_reader():
