@@ -1,4 +1,4 @@
-"""The Triton backend: the five functions of `clpdd_fast.reference`, same signatures and return conventions.
+"""The Triton backend: the six functions of `clpdd_fast.reference`, same signatures and return conventions.
 
 `clpdd_fast.ops.resolve_backend` returns this module for CUDA tensors (and for backend="triton" on CPU tensors
 under TRITON_INTERPRET=1). Every matrix product, factorisation and solve below is a Triton launch from
@@ -90,4 +90,16 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Te
                                   precision=precision)
 
 
-__all__ = ["gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward"]
+def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
+                               precision: str, grad_rows: Tensor, need_x: bool,
+                               need_w: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(loss_rows, lse, grad_x | None, grad_w | None): the forward and the gradients of sum_i grad_rows[i] loss_i.
+    For now the forward kernel, then the backward kernels (which recompute the logits)."""
+    loss, lse = linear_ce_forward(x, w, target, tau, ignore_index, chunk_size, precision)
+    grad_x, grad_w = linear_ce_backward(x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, need_x, need_w,
+                                        precision)
+    return loss, lse, grad_x, grad_w
+
+
+__all__ = ["gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward",
+           "linear_ce_forward_backward"]
