@@ -8,8 +8,14 @@ Registered here, each with a fake (meta) implementation for tracing:
     clpdd::linear_ce_rows(x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names)
         -> (loss_rows, lse)                                                    autograd registered (through loss_rows)
     clpdd::linear_ce_backward(...) -> (dx, dw)                                 the CE backward's kernels
+    clpdd::linear_ce_reduced(x, w, target, tau, reduction, ..., need_x, need_w)
+        -> (loss, dx, dw)                                                      autograd registered (through loss)
+    clpdd::scale_gradient(grad, scale) -> grad * scale                         linear_ce_reduced's backward
 and three composites of them, which torch.compile traces through: clpdd::ridge_solve, clpdd::linear_softmax_ce and
-clpdd::clpdd_loss (`clpdd_fast.ops` has their documented functional wrappers).
+clpdd::clpdd_loss (`clpdd_fast.ops` has their documented functional wrappers). The CE of a mean or sum whose x or w
+needs a gradient (requires_grad, with grad mode on) goes through linear_ce_reduced: its upstream gradient is a scalar,
+so the gradients are computed in the forward's pass over the logits and the backward only scales them; otherwise
+(reduction "none", or nothing to differentiate) through linear_ce_rows, whose backward recomputes the logits.
 
 Inside every implementation autocast is off and the current CUDA device is the tensors' own, so the ridge systems
 are never factorised in bf16 and every Triton launch lands on the right GPU. The backward kernels are custom ops
@@ -35,7 +41,7 @@ NAMESPACE = "clpdd"
 
 
 def resolve_backend(backend: str, device: torch.device):
-    """The module that implements the five backend functions of `clpdd_fast.reference` for this device."""
+    """The module that implements the six backend functions of `clpdd_fast.reference` for this device."""
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return reference
     if device.type != "cuda" and not settings.triton_interpret():
@@ -203,6 +209,18 @@ ridge_factorize.register_autograd(_ridge_backward, setup_context=_ridge_setup)
 
 
 # ----------------------------------------------------------------------------------------------- linear CE
+def _check_ce(loss: Tensor, x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, names: str) -> None:
+    """With check: the per-row losses are finite, else the inputs are scanned to name the bad one."""
+    if bool(torch.isfinite(loss).all()):
+        return
+    x_name, w_name, t_name = _names(names, 3)
+    check_input.finite(x_name, x)
+    check_input.finite(w_name, w)
+    check_input.labels(t_name, target, w.shape[1], ignore_index)
+    raise ValueError(f"{x_name}: the logits {x_name} {w_name} / tau overflow {loss.dtype} (tau={tau:g}); use a "
+                     "larger tau or scale the features")
+
+
 @torch.library.custom_op(f"{NAMESPACE}::linear_ce_rows", mutates_args=())
 def linear_ce_rows(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
                    backend: str, precision: str, check: bool, names: str) -> tuple[Tensor, Tensor]:
@@ -212,13 +230,8 @@ def linear_ce_rows(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_inde
         loss, lse = resolve_backend(backend, x.device).linear_ce_forward(x, w, target, tau, ignore_index, chunk_size,
                                                                           _precision(precision))
     loss, lse = loss.contiguous(), lse.contiguous()
-    if check and not bool(torch.isfinite(loss).all()):
-        x_name, w_name, t_name = _names(names, 3)
-        check_input.finite(x_name, x)
-        check_input.finite(w_name, w)
-        check_input.labels(t_name, target, w.shape[1], ignore_index)
-        raise ValueError(f"{x_name}: the logits {x_name} {w_name} / tau overflow {loss.dtype} (tau={tau:g}); use a "
-                         "larger tau or scale the features")
+    if check:
+        _check_ce(loss, x, w, target, tau, ignore_index, names)
     return loss, lse
 
 
@@ -265,6 +278,67 @@ def _ce_backward(ctx, grad_loss, grad_lse):
 linear_ce_rows.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::linear_ce_reduced", mutates_args=())
+def linear_ce_reduced(x: Tensor, w: Tensor, target: Tensor, tau: float, reduction: str, ignore_index: int,
+                      chunk_size: int, backend: str, precision: str, check: bool, names: str, need_x: bool,
+                      need_w: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(the mean or sum of the per-row losses, dL/dx, dL/dw): the gradients of the reduced loss computed in the same
+    pass over the logits (an empty tensor for one not asked for), in the compute dtype; the backward only scales
+    them by the upstream gradient. Mean: over the rows not ignored, their weights 1/count computed on the device."""
+    dt = reference.compute_dtype(x, w)
+    valid = target != ignore_index
+    count = valid.sum()
+    grad_rows = torch.where(valid, 1.0 / count.to(dt), 0.0) if reduction == "mean" else valid.to(dt)
+    with on_device(x.device), nvtx_range("linear_softmax_ce"):
+        loss, _, grad_x, grad_w = resolve_backend(backend, x.device).linear_ce_forward_backward(
+            x, w, target, tau, ignore_index, chunk_size, _precision(precision), grad_rows, need_x, need_w)
+    if check:
+        _check_ce(loss, x, w, target, tau, ignore_index, names)
+    total = loss.sum()
+    total = total if reduction == "sum" else total / count
+    return total, _out(grad_x if need_x else None, total), _out(grad_w if need_w else None, total)
+
+
+@linear_ce_reduced.register_fake
+def _(x, w, target, tau, reduction, ignore_index, chunk_size, backend, precision, check, names, need_x, need_w):
+    dt = reference.compute_dtype(x, w)
+    return x.new_empty((), dtype=dt), (x.new_empty(x.shape, dtype=dt) if need_x else x.new_empty((0,), dtype=dt)), \
+        (x.new_empty(w.shape, dtype=dt) if need_w else x.new_empty((0,), dtype=dt))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::scale_gradient", mutates_args=())
+def scale_gradient(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad * scale, scale the 0-d upstream gradient: linear_ce_reduced's backward (no autograd of its own)."""
+    return grad * scale.to(grad.dtype)
+
+
+@scale_gradient.register_fake
+def _(grad, scale):
+    return torch.empty_like(grad)
+
+
+def _reduced_setup(ctx, inputs, output):
+    x, w, *_, need_x, need_w = inputs
+    ctx.dtypes, ctx.need = (x.dtype, w.dtype), (need_x, need_w)
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _reduced_backward(ctx, grad_loss, grad_grad_x, grad_grad_w):
+    grads = []
+    for i, saved in enumerate(ctx.saved_tensors):
+        if not ctx.needs_input_grad[i]:
+            grads.append(None)
+            continue
+        if not ctx.need[i]:
+            raise RuntimeError(f"clpdd::linear_ce_reduced was called with need_{'xw'[i]}=False for an input that "
+                               "requires a gradient")
+        grads.append(scale_gradient(saved, grad_loss).to(ctx.dtypes[i]))
+    return (*grads, *[None] * 11)
+
+
+linear_ce_reduced.register_autograd(_reduced_backward, setup_context=_reduced_setup)
+
+
 # ----------------------------------------------------------------------------------------------- composites
 # Ops made of the ones above (CompositeImplicitAutograd): autograd, tracing and torch.compile go through their parts.
 _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
@@ -286,6 +360,12 @@ def _ridge_solve(phi, y, lam, mode, backend, check, names):
 @_composite("linear_softmax_ce(Tensor x, Tensor w, Tensor target, float tau, str reduction, int chunk_size, "
             "int ignore_index, str backend, str precision, bool check, str names) -> Tensor")
 def _linear_softmax_ce(x, w, target, tau, reduction, chunk_size, ignore_index, backend, precision, check, names):
+    """mean/sum with a gradient to compute: linear_ce_reduced (the gradients in the forward's pass); otherwise the
+    per-row losses, whose backward recomputes the logits."""
+    need_x, need_w = (torch.is_grad_enabled() and t.requires_grad for t in (x, w))
+    if reduction != "none" and (need_x or need_w):
+        return linear_ce_reduced(x, w, target, tau, reduction, ignore_index, chunk_size, backend, precision, check,
+                                 names, need_x, need_w)[0]
     rows = linear_ce_rows(x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names)[0]
     if reduction == "none":
         return rows

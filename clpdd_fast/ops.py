@@ -27,7 +27,7 @@ PRECISIONS = ("auto", "ieee", "tf32")
 
 
 def resolve_backend(backend: str, device: torch.device):
-    """The module that implements the five backend functions of `clpdd_fast.reference` for this device."""
+    """The module that implements the six backend functions of `clpdd_fast.reference` for this device."""
     return custom_ops.resolve_backend(check.choice("backend", backend, BACKENDS), device)
 
 

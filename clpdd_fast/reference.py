@@ -1,8 +1,8 @@
 """Plain-torch implementations of every op: the CPU path and the oracle for the Triton kernels.
 
-Each function here is one half of a backend: `clpdd_fast.ops` wraps the forward/backward pairs in autograd
-Functions, and the Triton backend (`clpdd_fast.kernels.backend`) exposes the same five functions with the same
-signatures. Arguments arrive validated; tensors may be fp16/bf16/fp32 (computed in fp32) or fp64 (computed in fp64).
+Each function here is one piece of a backend: `clpdd_fast.custom_ops` wraps them in torch custom ops, and the Triton
+backend (`clpdd_fast.kernels.backend`) exposes the same six functions with the same signatures. Arguments arrive
+validated; tensors may be fp16/bf16/fp32 (computed in fp32) or fp64 (computed in fp64).
 """
 from __future__ import annotations
 
@@ -93,8 +93,62 @@ def ridge_backward(phi: Tensor, y: Tensor, w: Tensor, factor: Tensor, grad_w: Te
 
 
 # ----------------------------------------------------------------------------------------------- linear CE
-def _chunk_logits(x: Tensor, w: Tensor, tau: float, start: int, stop: int) -> Tensor:
-    return (x[start:stop].to(w.dtype) @ w) / tau
+# The CPU loop's block: at most this many logits (32 MiB in fp32) at once, so that the passes over a block between its
+# two products (softmax, scaling) read the cache rather than memory, with blocks large enough that the per-operation
+# cost of two BLAS threads stays small (benchmarks/RESULTS.md, "bench_ops --device cpu").
+CPU_BLOCK_ELEMENTS = 2**23
+
+
+def block_rows(chunk_size: int, num_classes: int, device: torch.device) -> int:
+    """Rows of logits the loop holds at once: chunk_size, capped on the CPU at CPU_BLOCK_ELEMENTS logits."""
+    if device.type != "cpu":
+        return chunk_size
+    return max(1, min(chunk_size, CPU_BLOCK_ELEMENTS // max(1, num_classes)))
+
+
+def _chunk_logits(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
+    """out = x @ w (w already scaled by 1/tau): one block's logits, in a buffer reused across blocks."""
+    return torch.mm(x, w, out=out)
+
+
+def _linear_ce(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
+               grad_rows: Tensor | None, need_x: bool, need_w: bool):
+    """The linear CE loop: per block of rows, one logits product, an in-place softmax, the loss and lse from the same
+    buffer, then (for grad_rows) the coefficients g_i (softmax - onehot) / tau in that buffer and one product each for
+    dW (accumulated with addmm_) and dX. Returns (loss_rows, lse, grad_x | None, grad_w | None)."""
+    dt = compute_dtype(x, w)
+    n, num_classes = x.shape[0], w.shape[1]
+    ws = w.to(dt) / tau
+    rows = min(block_rows(chunk_size, num_classes, x.device), max(1, n))
+    loss = torch.empty(n, dtype=dt, device=x.device)
+    lse = torch.empty(n, dtype=dt, device=x.device)
+    grad_x = torch.empty(x.shape, dtype=dt, device=x.device) if need_x else None
+    grad_w = torch.zeros(w.shape, dtype=dt, device=x.device) if need_w else None
+    logits = torch.empty(rows, num_classes, dtype=dt, device=x.device)
+    x_rows = torch.empty(rows, x.shape[1], dtype=dt, device=x.device) if x.dtype != dt else None
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        xc = x[start:stop] if x_rows is None else x_rows[:stop - start].copy_(x[start:stop])
+        z = _chunk_logits(xc, ws, logits[:stop - start])
+        t = target[start:stop]
+        valid = t != ignore_index
+        known = valid & (t >= 0) & (t < num_classes)
+        index = torch.where(known, t, 0).long().unsqueeze(1)
+        picked = z.gather(1, index).squeeze(1)
+        top = z.amax(1)
+        torch.softmax(z, 1, out=z)
+        # the largest probability is exp(0) / sum_j exp(z_j - top): lse = top + log(sum) = top - log(max_j p_j)
+        lse[start:stop] = top.sub_(z.amax(1).log_())
+        loss[start:stop] = torch.where(known, lse[start:stop] - picked, torch.where(valid, float("nan"), 0.0))
+        if need_x or need_w:
+            g = grad_rows[start:stop].to(dt)
+            z.mul_(g[:, None])
+            z.scatter_add_(1, index, -(g * known)[:, None])
+            if need_w:
+                grad_w.addmm_(xc.T, z, alpha=1 / tau)
+            if need_x:
+                torch.mm(z, ws.T, out=grad_x[start:stop])
+    return loss, lse, grad_x, grad_w
 
 
 def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
@@ -105,50 +159,29 @@ def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_i
     target is ignore_index get loss 0, rows whose target lies outside [0, C) NaN. lse is the row logsumexp, saved
     for the backward. precision: the Triton backend's choice of products; here products are exact in fp32 (fp64).
     """
-    dt = compute_dtype(x, w)
-    wc = w.to(dt)
-    n = x.shape[0]
-    loss = torch.empty(n, dtype=dt, device=x.device)
-    lse = torch.empty(n, dtype=dt, device=x.device)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        logits = _chunk_logits(x, wc, tau, start, stop)
-        t = target[start:stop]
-        valid = t != ignore_index
-        known = valid & (t >= 0) & (t < w.shape[1])
-        picked = logits.gather(1, torch.where(known, t, 0).long().unsqueeze(1)).squeeze(1)
-        lse[start:stop] = torch.logsumexp(logits, dim=1)
-        loss[start:stop] = torch.where(known, lse[start:stop] - picked, torch.where(valid, float("nan"), 0.0))
-    return loss, lse
+    return _linear_ce(x, w, target, tau, ignore_index, chunk_size, None, False, False)[:2]
 
 
 def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
                        ignore_index: int, chunk_size: int, need_x: bool, need_w: bool,
                        precision: str = "auto") -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of sum_i grad_rows[i] * loss_i wrt x and w, recomputing each chunk's logits.
+    """Gradients of sum_i grad_rows[i] * loss_i wrt x and w, recomputing each chunk's logits (and its softmax: lse,
+    which the Triton backend reads, is not needed here).
 
     grad_rows (N,) already folds in the reduction (1/count for 'mean') and is 0 on ignored rows.
     Returns grad_x (N, d) and grad_w (d, C) in the compute dtype, or None where not needed.
     """
-    dt = lse.dtype
-    wc = w.to(dt)
-    n = x.shape[0]
-    grad_x = torch.empty(x.shape, dtype=dt, device=x.device) if need_x else None
-    grad_w = torch.zeros(wc.shape, dtype=dt, device=x.device) if need_w else None
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        logits = _chunk_logits(x, wc, tau, start, stop)
-        t = target[start:stop]
-        known = (t != ignore_index) & (t >= 0) & (t < w.shape[1])
-        coef = torch.exp(logits - lse[start:stop, None])
-        rows = torch.arange(stop - start, device=x.device)
-        coef[rows, torch.where(known, t, 0).long()] -= known.to(dt)
-        coef *= (grad_rows[start:stop].to(dt) / tau)[:, None]
-        if need_w:
-            grad_w += x[start:stop].to(dt).T @ coef
-        if need_x:
-            grad_x[start:stop] = coef @ wc.T
-    return grad_x, grad_w
+    return _linear_ce(x, w, target, tau, ignore_index, chunk_size, grad_rows, need_x, need_w)[2:]
+
+
+def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
+                               precision: str, grad_rows: Tensor, need_x: bool,
+                               need_w: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """linear_ce_forward and, in the same pass over each chunk's logits (computed once), the gradients of
+    sum_i grad_rows[i] * loss_i wrt x and w (grad_rows as in linear_ce_backward): on the CPU one logits product and
+    one dW product (and one dX product when asked) per block. Returns (loss_rows, lse, grad_x | None, grad_w | None).
+    """
+    return _linear_ce(x, w, target, tau, ignore_index, chunk_size, grad_rows, need_x, need_w)
 
 
 # ----------------------------------------------------------------------------------------------- CLP-DD's MSE ablation

@@ -1,4 +1,4 @@
-"""The Triton backend: the five functions of `clpdd_fast.reference`, same signatures and return conventions.
+"""The Triton backend: the six functions of `clpdd_fast.reference`, same signatures and return conventions.
 
 `clpdd_fast.ops.resolve_backend` returns this module for CUDA tensors (and for backend="triton" on CPU tensors
 under TRITON_INTERPRET=1). Every matrix product, factorisation and solve below is a Triton launch from

@@ -42,6 +42,10 @@ def _opcheck_cases(dtype):
         (c.ridge_solve.default, (x, y, 0.5, "dual", "torch", True, "phi,y")),
         (c.linear_softmax_ce.default, (x, w, t, 0.7, "mean", 4, -100, "torch", "auto", True, "x,w,target")),
         (c.linear_softmax_ce.default, (x, w, t, 0.7, "none", 4, -100, "torch", "auto", False, "x,w,target")),
+        (c.linear_ce_reduced.default, (x, w, t, 0.7, "mean", -100, 4, "torch", "auto", True, "x,w,target", True, True)),
+        (c.linear_ce_reduced.default, (x.detach(), w, t, 0.7, "sum", -100, 3, "torch", "auto", False, "x,w,target",
+                                       False, True)),
+        (c.scale_gradient.default, (cpu(5, 4, seed=8, dtype=dtype), cpu(1, seed=9, dtype=dtype)[0])),
         (c.clpdd_loss.default, (wide, y[:4], xr, t.abs() % 3, 0.5, 0.7, "ce", "dual", 4, "torch", "auto", True)),
         (c.clpdd_loss.default, (wide, y[:4], xr, t.abs() % 3, 0.5, 0.7, "mse", "dual", 4, "torch", "auto", True)),
     ]
@@ -63,13 +67,92 @@ def test_a_second_derivative_raises_instead_of_being_silently_wrong():
     phi, x = cpu(5, 3, seed=8, requires_grad=True), cpu(7, 3, seed=9, requires_grad=True)
     w = ridge_solve(phi, cpu(5, 2, seed=10), 0.5)
     loss = linear_softmax_ce(x, cpu(3, 4, seed=11), cpu_labels(7, 4, seed=12))
-    for out, wrt, op in ((w.square().sum(), phi, "ridge_backward"), (loss, x, "linear_ce_backward")):
+    for out, wrt, op in ((w.square().sum(), phi, "ridge_backward"), (loss, x, "scale_gradient")):
         (g,) = torch.autograd.grad(out, wrt, create_graph=True)
         with pytest.raises(RuntimeError, match=f"clpdd.{op}.*no autograd formula"):
             g.sum().backward()
     # the Gram matrix's backward is plain torch: its second derivative is exact
     assert torch.autograd.gradcheck(lambda a: torch.autograd.grad(gram(a).square().sum(), a, create_graph=True)[0],
                                     (phi,))
+
+
+# ----------------------------------------------------------------------------------------------- the CE's two paths
+@pytest.fixture
+def ce_calls(monkeypatch):
+    """Which torch-backend CE functions ran: the one-pass forward + gradients, or the forward and the recomputing
+    backward."""
+    calls = []
+    for name in ("linear_ce_forward", "linear_ce_backward", "linear_ce_forward_backward"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mean_and_sum_with_a_gradient_compute_it_in_the_forward(ce_calls, reduction):
+    x, w, t = cpu(31, 6, seed=90, requires_grad=True), cpu(6, 4, seed=91, requires_grad=True), cpu_labels(31, 4, 92)
+    loss = linear_softmax_ce(x, w, t, 0.6, reduction, chunk_size=7)
+    assert ce_calls == ["linear_ce_forward_backward"]
+    # the backward scales by the upstream gradient, nothing else
+    gx, gw = torch.autograd.grad(loss * 2.5, (x, w), retain_graph=True)
+    assert ce_calls == ["linear_ce_forward_backward"]
+    xd, wd = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(xd @ wd / 0.6, t, reduction=reduction)
+    rx, rw = torch.autograd.grad(ref * 2.5, (xd, wd))
+    torch.testing.assert_close(loss, ref, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-14)
+    (again,) = torch.autograd.grad(loss * 2.5, w)   # a second backward through the same graph (retained above)
+    torch.testing.assert_close(again, rw, rtol=1e-12, atol=1e-14)
+    xb, wf = x.detach().bfloat16().requires_grad_(), w.detach().float().requires_grad_()
+    gx, gw = torch.autograd.grad(linear_softmax_ce(xb, wf, t, 0.6, reduction), (xb, wf))   # in each input's dtype
+    assert (gx.dtype, gw.dtype) == (torch.bfloat16, torch.float32)
+
+
+def test_no_gradient_or_reduction_none_keeps_the_recomputing_backward(ce_calls):
+    x, w, t = cpu(31, 6, seed=93), cpu(6, 4, seed=94, requires_grad=True), cpu_labels(31, 4, 95)
+    with torch.no_grad():
+        linear_softmax_ce(x, w, t)
+    linear_softmax_ce(x, w.detach(), t)
+    assert ce_calls == ["linear_ce_forward"] * 2
+    ce_calls.clear()
+    linear_softmax_ce(x, w, t, reduction="none").sum().backward()
+    assert ce_calls == ["linear_ce_forward", "linear_ce_backward"]
+    ce_calls.clear()
+    clpdd_loss(cpu(5, 6, seed=96, requires_grad=True), torch.arange(5) % 4, x, t, 0.5, num_classes=4).backward()
+    assert ce_calls == ["linear_ce_forward_backward"]
+
+
+def test_differentiating_the_gradient_again_raises():
+    x, w, t = cpu(11, 4, seed=97, requires_grad=True), cpu(4, 3, seed=98, requires_grad=True), cpu_labels(11, 3, 99)
+    for reduction in ("mean", "sum", "none"):
+        (gw,) = torch.autograd.grad(linear_softmax_ce(x, w, t, 0.5, reduction).sum(), w, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            gw.square().sum().backward()
+
+
+def test_gradient_in_forward_still_checks_the_result_and_names_the_input():
+    x, w, t = cpu(13, 4, seed=100), cpu(4, 3, seed=101, requires_grad=True), cpu_labels(13, 3, seed=102)
+    bad_t = t.clone()
+    bad_t[5] = 3
+    with pytest.raises(ValueError, match=r"^target: labels must lie in \[0, 3\)"):
+        linear_softmax_ce(x, w, bad_t)
+    assert torch.isnan(linear_softmax_ce(x, w, bad_t, reduction="sum", check_finite=False))
+    x[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="^x: contains 1 non-finite"):
+        linear_softmax_ce(x, w, t)
+
+
+def test_compiled_gradient_in_forward(ce_calls):
+    torch._dynamo.reset()
+    x, w, t = cpu(23, 5, seed=103, requires_grad=True), cpu(5, 3, seed=104, requires_grad=True), cpu_labels(23, 3, 105)
+    fn = lambda a, b: linear_softmax_ce(a, b, t, 0.4, check_finite=False)   # noqa: E731
+    expect = torch.autograd.grad(fn(x, w), (x, w))
+    ce_calls.clear()
+    got = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, w), (x, w))
+    assert ce_calls == ["linear_ce_forward_backward"]
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------------------------- torch.compile
@@ -229,8 +312,9 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
     phi_s = cpu(6, 5, seed=60, requires_grad=True)
     clpdd_loss(phi_s, torch.arange(6) % 3, cpu(9, 5, seed=61), cpu_labels(9, 3, seed=62), 0.5).backward()
     gram(phi_s).sum().backward()
-    # forward and backward of the ridge solve, of the CE, and of the Gram matrix
-    assert len(entered) == 6 and all(d == torch.device("cpu") for d in entered)
+    # forward and backward of the ridge solve and of the Gram matrix, and the CE's forward (which computes its
+    # gradient too: its backward only scales it)
+    assert len(entered) == 5 and all(d == torch.device("cpu") for d in entered)
 
 
 def test_precision_argument_environment_and_torch_default(monkeypatch):

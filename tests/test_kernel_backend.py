@@ -28,7 +28,8 @@ from clpdd_fast.validation import NotPositiveDefiniteError  # noqa: E402
 
 
 def test_backend_exposes_the_reference_functions_with_the_same_signatures():
-    for name in ("gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward"):
+    for name in ("gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward",
+                 "linear_ce_forward_backward"):
         ours = inspect.signature(getattr(kbackend, name))
         theirs = inspect.signature(getattr(reference, name))
         assert list(ours.parameters) == list(theirs.parameters), name

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from clpdd_fast import NotPositiveDefiniteError, clpdd_loss, gram, linear_softmax_ce, ridge_solve
+from clpdd_fast import NotPositiveDefiniteError, clpdd_loss, gram, linear_softmax_ce, reference, ridge_solve
 
 SHAPES = [(7, 19, 5), (29, 11, 3), (13, 13, 4)]  # (m, d, C): m < d, m > d, m == d
 # the torch backend's inputs: CPU tensors, float64 unless a test asks for another dtype
@@ -190,15 +190,88 @@ def test_clpdd_loss_chunking_changes_nothing(chunk):
         torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-13)
 
 
-def test_chunk_bounds_logits_memory(monkeypatch):
-    """No chunk ever sees more than chunk_size rows (so never more than chunk_size x C logits)."""
+@pytest.mark.parametrize("reduction,passes", [("mean", 1), ("sum", 1), ("none", 2)])
+def test_chunk_bounds_logits_memory(monkeypatch, reduction, passes):
+    """No chunk ever sees more than chunk_size rows (so never more than chunk_size x C logits); with a mean or sum,
+    forward and backward compute each chunk's logits once, with "none" the backward recomputes them."""
     import clpdd_fast.reference as ref
     seen = []
     real = ref._chunk_logits
-    monkeypatch.setattr(ref, "_chunk_logits", lambda x, w, tau, a, b: seen.append(b - a) or real(x, w, tau, a, b))
+    monkeypatch.setattr(ref, "_chunk_logits", lambda x, w, out: seen.append(x.shape[0]) or real(x, w, out))
     x, w, t = rand(23, 4, seed=47, requires_grad=True), rand(4, 3, seed=48, requires_grad=True), labels(23, 3, 49)
-    linear_softmax_ce(x, w, t, chunk_size=5, backend="torch").backward()
-    assert seen and max(seen) == 5 and sum(seen) == 2 * 23
+    linear_softmax_ce(x, w, t, chunk_size=5, reduction=reduction, backend="torch").sum().backward()
+    assert seen and max(seen) == 5 and sum(seen) == passes * 23
+
+
+# ----------------------------------------------------------------------------------------------- the CE's backend functions
+def ce_grads_numpy(x, w, t, tau, g):
+    """Float64 (dL/dx, dL/dw) of L = sum_i g_i loss_i: row i's logits' gradient is g_i (softmax_i - onehot(t_i)) / tau.
+    Rows with g_i = 0 may hold any label."""
+    x, w, t, g = (np.asarray(a, np.float64) for a in (x, w, t, g))
+    z = x @ w / tau
+    coef = np.exp(z - scipy.special.logsumexp(z, axis=1, keepdims=True))
+    rows = np.flatnonzero(g)
+    coef[rows, t[rows].astype(int)] -= 1
+    coef *= g[:, None] / tau
+    return coef @ w.T, x.T @ coef
+
+
+@pytest.mark.parametrize("n,d,c", [(41, 13, 9), (17, 5, 2)])
+@pytest.mark.parametrize("dtype", ["fp64", "fp32", "bf16 x / fp32 w"])
+@pytest.mark.parametrize("chunk", [1, 3, None])
+@pytest.mark.parametrize("block", [None, 20])   # 20: CPU blocks of 20 // C rows, fewer than the chunk's
+def test_linear_ce_forward_backward_matches_float64(monkeypatch, n, d, c, dtype, chunk, block):
+    if block:
+        monkeypatch.setattr(reference, "CPU_BLOCK_ELEMENTS", block)
+    x_dt, w_dt = {"fp64": (torch.float64,) * 2, "fp32": (torch.float32,) * 2,
+                  "bf16 x / fp32 w": (torch.bfloat16, torch.float32)}[dtype]
+    x, w, t = rand(n, d, seed=60, dtype=x_dt), rand(d, c, seed=61, dtype=w_dt), labels(n, c, seed=62)
+    t[::4] = -7
+    g = torch.where(t != -7, rand(n, seed=63), 0.0).to(reference.compute_dtype(x, w))
+    tau = 0.37
+    chunk = chunk or reference.default_chunk_size(c, d)
+    loss, lse, gx, gw = reference.linear_ce_forward_backward(x, w, t, tau, -7, chunk, "auto", g, True, True)
+    out_dt = torch.float64 if dtype == "fp64" else torch.float32
+    assert {a.dtype for a in (loss, lse, gx, gw)} == {out_dt}
+    z = x.double().numpy() @ w.double().numpy() / tau
+    exact_lse = scipy.special.logsumexp(z, axis=1)
+    exact_loss = np.where(t.numpy() != -7, exact_lse - z[np.arange(n), t.clamp(min=0).numpy()], 0.0)
+    exact_gx, exact_gw = ce_grads_numpy(x.double(), w.double(), t, tau, g.double())
+    tol = 1e-12 if dtype == "fp64" else 1e-6
+    scale = np.abs(z).max()   # a loss's rounding error scales with the row's largest logit
+    np.testing.assert_allclose(loss.double().numpy(), exact_loss, rtol=tol, atol=tol * scale)
+    np.testing.assert_allclose(lse.double().numpy(), exact_lse, rtol=tol, atol=tol * scale)
+    for got, exact in ((gx, exact_gx), (gw, exact_gw)):
+        np.testing.assert_allclose(got.double().numpy(), exact, rtol=tol, atol=tol * scale * np.abs(exact).max())
+    # only what is asked for; the recomputing backward gives the same gradients
+    for need_x, need_w in ((True, False), (False, True)):
+        rx, rw = reference.linear_ce_forward_backward(x, w, t, tau, -7, chunk, "auto", g, need_x, need_w)[2:]
+        bx, bw = reference.linear_ce_backward(x, w, t, tau, lse, g, -7, chunk, need_x, need_w)
+        for got, recomputed, exact, needed in ((rx, bx, exact_gx, need_x), (rw, bw, exact_gw, need_w)):
+            assert (got is None and recomputed is None) if not needed else True
+            if needed:
+                for v in (got, recomputed):
+                    np.testing.assert_allclose(v.double().numpy(), exact, rtol=tol,
+                                               atol=tol * scale * np.abs(exact).max())
+
+
+def test_linear_ce_forward_backward_target_out_of_range_gives_nan():
+    x, w, t = rand(9, 4, seed=64), rand(4, 3, seed=65), torch.tensor([0, 3, 2, -1, -100, 1, 7, 2, 0])
+    g = torch.where(t != -100, 1.0 / 8, 0.0).double()
+    for fn in (reference.linear_ce_forward_backward, reference.linear_ce_forward):
+        args = (x, w, t, 0.5, -100, 4, "auto") + ((g, False, True) if fn is reference.linear_ce_forward_backward else ())
+        loss, lse = fn(*args)[:2]
+        bad = torch.tensor([1, 3, 6])
+        assert torch.isnan(loss[bad]).all() and loss[4] == 0 and torch.isfinite(loss[[0, 2, 5, 7, 8]]).all()
+        z = x.numpy() @ w.numpy() / 0.5
+        np.testing.assert_allclose(lse.numpy(), scipy.special.logsumexp(z, axis=1), rtol=1e-12)
+
+
+def test_cpu_blocks_are_capped_and_other_devices_take_the_chunk():
+    assert reference.block_rows(10**6, 1000, torch.device("cpu")) == reference.CPU_BLOCK_ELEMENTS // 1000
+    assert reference.block_rows(7, 1000, torch.device("cpu")) == 7
+    assert reference.block_rows(10**6, 1000, torch.device("cuda")) == 10**6
+    assert reference.block_rows(10**6, 10**8, torch.device("cpu")) == 1
 
 
 # ----------------------------------------------------------------------------------------------- bad input
