@@ -1,4 +1,5 @@
-"""Benchmark the public ops: Triton vs torch eager, torch.compile, Liger-Kernel and cut-cross-entropy.
+"""Benchmark the public ops: Triton vs torch eager, torch.compile, torch's chunked linear CE, Liger-Kernel and
+cut-cross-entropy; and, with --device cpu, the CE's torch path against torch's chunked linear CE on the CPU.
 
 Each row: median (and 20th/80th percentile) time from triton.testing.do_bench, peak memory beyond the inputs from
 torch.cuda.max_memory_allocated, achieved TFLOP/s and the ratio to the dense matmul rate measured in the same run.
@@ -10,19 +11,36 @@ date, GPU, commit and command.
     python3 benchmarks/bench_ops.py --quick         # small shapes: a smoke run in seconds
     python3 benchmarks/bench_ops.py --ops ce --ce-shapes imagenet100 --no-compile --results /tmp/rows.md
 
-Needs a CUDA GPU: exits with status 2 and a message otherwise.
+Needs a CUDA GPU (exits with status 2 and a message otherwise), except the CPU mode:
+
+    python3 benchmarks/bench_ops.py --device cpu    # linear_softmax_ce forward + dW (x frozen), N = 200k and 1.28M,
+                                                    # d = 768, C = 1000, fp32 and bf16 x, fp32 w
+    python3 benchmarks/bench_ops.py --device cpu --cpu-n 20000 --reps 1 --no-compile --no-append   # a smoke run
+
+There every variant runs in its own process (its peak resident set is its own), one forward + backward after a small
+warm-up call (torch.compile: a full-size one), the variants interleaved, --reps rounds; reported: the median wall
+time, the process's CPU time, the peak resident set beyond the inputs (sampled every millisecond), the loss, and
+dW's largest difference from F.linear_cross_entropy's relative to its largest entry. Ratios are to
+F.linear_cross_entropy (chunked) measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Table, results_header  # noqa: E402
+from common import RssSampler, Table, results_header  # noqa: E402
 
 CE_SHAPES = {  # name: (N real features, d, C)
     "imagenet1k": (1_281_167, 768, 1000),
@@ -53,7 +71,24 @@ def parse_args(argv=None):
     p.add_argument("--no-append", action="store_true", help="print rows only")
     p.add_argument("--warm-only", action="store_true", help="call each selected implementation once (compiling its "
                    "kernels into the on-disk caches) and time nothing; no rows are appended")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the linear CE's torch path against "
+                   "torch's chunked F.linear_cross_entropy on the CPU (the --cpu-* options; --ops is ignored)")
+    p.add_argument("--cpu-n", default="200000,1281167", help="cpu: comma list of N (d=768, C=1000)")
+    p.add_argument("--cpu-dtypes", default="fp32,bf16", help="cpu: comma list of x dtypes (w is fp32)")
+    p.add_argument("--reps", type=int, default=3, help="cpu: rounds; each variant runs once per round, in its own "
+                   "process")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cpu: torch.set_num_threads")
+    p.add_argument("--max-logits-gib", type=float, default=4.0, help="cpu: skip the full-logits variants when the "
+                   "N x C fp32 logits exceed this")
+    p.add_argument("--cpu-blocks", default="", help="cpu: comma list of reference.CPU_BLOCK_ELEMENTS values to "
+                   "measure the torch path with, beside the default")
+    p.add_argument("--pythonpath", action="append", default=[], help="cpu: also measure the torch path of the "
+                   "clpdd_fast found here (e.g. an older commit)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: one CPU measurement (JSON)
     args = p.parse_args(argv)
+    for name in args.cpu_dtypes.split(","):
+        if name not in CPU_DTYPES:
+            p.error(f"--cpu-dtypes: expected names from {sorted(CPU_DTYPES)}, got {name!r}")
     for name in args.ce_shapes.split(","):
         if name not in CE_SHAPES:
             p.error(f"--ce-shapes: expected names from {sorted(CE_SHAPES)}, got {name!r}")
@@ -115,6 +150,12 @@ def _ce_naive(x, w, t, tau):
     return F.cross_entropy((x.float() @ w.float()) / tau, t)
 
 
+def _ce_torch_chunked(x, w, t, tau):
+    """torch's own chunked linear CE (torch >= 2.14), its weight (C, d) = (w / tau)^T: the gradients are computed
+    in the forward, chunk size and accumulation dtype from its defaults."""
+    return F.linear_cross_entropy(x, (w / tau).T, t, options=torch.nn.LinearCrossEntropyOptions())
+
+
 def bench_ce(table: Table, shape_name: str, args, rates: dict):
     from clpdd_fast import ops
     n, d, num_classes = CE_SHAPES[shape_name]
@@ -150,6 +191,8 @@ def bench_ce(table: Table, shape_name: str, args, rates: dict):
         if not args.no_compile:
             compiled = torch.compile(_ce_naive, dynamic=False)
             impls.append(("torch.compile (full logits)", run(lambda: compiled(x, w, t, args.tau)), "fwd + dW"))
+        impls.append((CPU_ANCHOR + ", weight w / tau", run(lambda: _ce_torch_chunked(x, w.to(x.dtype), t, args.tau)),
+                      "fwd + dW; w cast to x's dtype"))
         impls += _external_ce(x, w, t, args.tau)
         for impl, fn, note in impls:
             if not wanted(args, impl):
@@ -184,7 +227,8 @@ def with_env(fn, precision: str):
 
 
 def _external_ce(x, w, t, tau):
-    """Liger-Kernel and cut-cross-entropy when importable (they take the class-major (C, d) weight)."""
+    """Liger-Kernel (its fused linear CE, and its temperature-scaled one) and cut-cross-entropy when importable (they
+    take the class-major (C, d) weight)."""
     out = []
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -195,6 +239,15 @@ def _external_ce(x, w, t, tau):
             return liger_fused_linear_cross_entropy(xg, wt, t)
         out.append(("Liger-Kernel fused linear CE", _with_backward(liger, w, xg),
                     "needs x.requires_grad for dW, so dX is computed too"))
+    except Exception:
+        pass
+    try:
+        from liger_kernel.ops import LigerFusedLinearScaledCrossEntropyFunction as scaled
+
+        def liger_scaled():   # per-row losses of softmax(x W^T / temperature)
+            return scaled.apply(x, w.T.to(x.dtype).contiguous(), t, tau).mean()
+        out.append(("Liger-Kernel fused linear scaled CE (temperature = tau)", _with_backward(liger_scaled, w),
+                    "fwd + dW; w cast to x's dtype"))
     except Exception:
         pass
     try:
@@ -342,6 +395,161 @@ def bench_gram(table: Table, args, rates: dict):
                       "symmetric: half the flops of a full product")
 
 
+# ----------------------------------------------------------------------------------------------- CPU: torch path
+CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU_D, CPU_C = 768, 1000
+CPU_ANCHOR = "F.linear_cross_entropy (chunked)"
+CPU_OURS = "torch path (linear_softmax_ce)"
+FULL_LOGITS = ("torch eager, full logits", "torch.compile (full logits)")
+
+
+def _cpu_step(impl: str, x, w, t, tau: float):
+    """One forward + dW (x frozen, w an fp32 leaf) of the variant `impl`; returns the loss."""
+    from clpdd_fast import ops
+    if impl.startswith("torch path"):
+        loss_fn = lambda a: ops.linear_softmax_ce(a, w, t[:len(a)], tau, backend="torch")   # noqa: E731
+    elif impl == CPU_ANCHOR:
+        loss_fn = lambda a: _ce_torch_chunked(a, w, t[:len(a)], tau)   # noqa: E731
+    elif impl == FULL_LOGITS[0]:
+        loss_fn = lambda a: F.cross_entropy(a.to(w.dtype) @ w / tau, t[:len(a)])   # noqa: E731
+    else:
+        compiled = torch.compile(lambda a, b, c: F.cross_entropy(a.to(b.dtype) @ b / tau, c), dynamic=False)
+        loss_fn = lambda a: compiled(a, w, t[:len(a)])   # noqa: E731
+
+    def step(a=x):
+        w.grad = None
+        loss = loss_fn(a)
+        loss.backward()
+        return loss
+    return step
+
+
+def cpu_measure(cfg: dict) -> dict:
+    """In a process of its own: build the inputs, warm up, then time one forward + backward and sample its RSS."""
+    import clpdd_fast
+    from clpdd_fast import reference
+    torch.set_num_threads(cfg["threads"])
+    if cfg["block"]:
+        reference.CPU_BLOCK_ELEMENTS = cfg["block"]
+    g = torch.Generator().manual_seed(0)
+    n = cfg["n"]
+    x = torch.empty(n, CPU_D, dtype=CPU_DTYPES[cfg["dtype"]])
+    for s in range(0, n, 65536):   # unit-norm-sized rows, built in chunks (no fp32 copy of a bf16 x)
+        x[s:s + 65536] = torch.randn(min(65536, n - s), CPU_D, generator=g) / CPU_D ** 0.5
+    w = (torch.randn(CPU_D, CPU_C, generator=g) * 0.5).requires_grad_()
+    t = torch.randint(0, CPU_C, (n,), generator=g)
+    step = _cpu_step(cfg["impl"], x, w, t, cfg["tau"])
+    step() if cfg["impl"] == FULL_LOGITS[1] else step(x[:256])   # compile at the full shape; others: one-time imports
+    gc.collect()
+    with RssSampler() as rss:
+        c0, t0 = time.process_time(), time.perf_counter()
+        loss = step()
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    torch.save(w.grad, cfg["grad_path"])
+    return {"s": seconds, "cpu_s": cpu_seconds, "peak_mib": rss.peak - rss.base, "loss": float(loss),
+            "package": str(Path(clpdd_fast.__file__).resolve().parent.parent)}
+
+
+def _cpu_variants(args) -> list[tuple[str, dict]]:
+    """(row label, what the child process runs) for every CPU variant asked for."""
+    out = [(CPU_OURS, {}), (CPU_ANCHOR, {})] + [(name, {}) for name in FULL_LOGITS]
+    blocks = [int(b) for b in args.cpu_blocks.split(",") if b]
+    out += [(f"{CPU_OURS}, blocks of {b} logits", {"block": b}) for b in blocks]
+    out += [(f"{CPU_OURS} at {_version(path)}", {"pythonpath": path}) for path in args.pythonpath]
+    keep = [(label, extra) for label, extra in out if label == CPU_ANCHOR or wanted(args, label)]
+    return [(label, extra) for label, extra in keep if not (args.no_compile and label == FULL_LOGITS[1])]
+
+
+def _version(path: str) -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=path, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return path
+
+
+def _cpu_run(label: str, extra: dict, cfg: dict) -> dict:
+    env = dict(os.environ)
+    if extra.get("pythonpath"):
+        env["PYTHONPATH"] = os.path.abspath(extra["pythonpath"]) + os.pathsep + env.get("PYTHONPATH", "")
+    impl = CPU_OURS if label.startswith(CPU_OURS) else label
+    one = dict(cfg, impl=impl, block=extra.get("block", 0))
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True, text=True,
+                          env=env, cwd=extra.get("pythonpath"))
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines() or ["failed (no message)"]
+        return {"error": lines[-1][:100]}
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    expect = os.path.realpath(extra.get("pythonpath") or HERE.parent)
+    if impl == CPU_OURS and os.path.realpath(r["package"]) != expect:
+        return {"error": f"measured the clpdd_fast in {r['package']}, not {expect}"}
+    return r
+
+
+def bench_ce_cpu(args) -> int:
+    command = "python3 benchmarks/bench_ops.py " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else \
+        platform.machine()
+    header = results_header("bench_ops --device cpu (linear_softmax_ce forward + dW, x frozen)",
+                            f"CPU {model}, {os.cpu_count()} cores, {args.threads} threads", command)
+    table = Table(None if args.no_append else args.results, header,
+                  ["shape", "x / w", "impl", "median s", "min-max s", "CPU s", "peak extra MiB",
+                   "time / F.lce", "memory / F.lce", "loss", "dW vs F.lce", "note"])
+    variants = _cpu_variants(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in map(int, args.cpu_n.split(",")):
+            for dname in args.cpu_dtypes.split(","):
+                shape = f"N={n} d={CPU_D} C={CPU_C}"
+                runs = {label: [] for label, _ in variants}
+                skipped = {label: f"skipped: N x C fp32 logits are {n * CPU_C * 4 / 2**30:.1f} GiB > "
+                                  f"--max-logits-gib {args.max_logits_gib:g}"
+                           for label in FULL_LOGITS if n * CPU_C * 4 > args.max_logits_gib * 2**30}
+                todo = [(label, extra) for label, extra in variants if label not in skipped]
+                for rep in range(args.reps):   # interleaved, the order rotated each round
+                    for label, extra in todo[rep % len(todo):] + todo[:rep % len(todo)]:
+                        grad_path = os.path.join(tmp, f"{len(runs)}-{abs(hash(label))}-{rep}.pt")
+                        cfg = dict(n=n, dtype=dname, tau=args.tau, threads=args.threads, grad_path=grad_path)
+                        r = _cpu_run(label, extra, cfg)
+                        runs[label].append(dict(r, grad_path=grad_path))
+                _cpu_rows(table, shape, dname, variants, runs, skipped)
+    return 0
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def _cpu_rows(table: Table, shape: str, dname: str, variants, runs: dict, skipped: dict) -> None:
+    ok = {label: [r for r in rs if "error" not in r] for label, rs in runs.items()}
+    anchor = ok.get(CPU_ANCHOR) or []
+    anchor_s = _median([r["s"] for r in anchor]) if anchor else None
+    anchor_mib = _median([r["peak_mib"] for r in anchor]) if anchor else None
+    anchor_grad = torch.load(anchor[0]["grad_path"], weights_only=True) if anchor else None
+    for label, _ in variants:
+        cells = [shape, f"{dname} / fp32", label]
+        if label in skipped:
+            table.row(*cells, "-", "-", "-", "-", "-", "-", "-", "-", skipped[label])
+            continue
+        rs = ok[label]
+        if not rs:
+            errors = [r["error"] for r in runs[label] if "error" in r]
+            table.row(*cells, "-", "-", "-", "-", "-", "-", "-", "-", f"failed: {errors[0] if errors else '?'}")
+            continue
+        secs, mib = _median([r["s"] for r in rs]), _median([r["peak_mib"] for r in rs])
+        diff = "-"
+        if anchor_grad is not None:
+            grad = torch.load(rs[0]["grad_path"], weights_only=True)
+            diff = f"{float((grad - anchor_grad).abs().max() / anchor_grad.abs().max()):.1e}"
+        note = f"{len(rs)} of {len(runs[label])} runs" if len(rs) < len(runs[label]) else ""
+        table.row(*cells, f"{secs:.2f}", f"{min(r['s'] for r in rs):.2f}-{max(r['s'] for r in rs):.2f}",
+                  f"{_median([r['cpu_s'] for r in rs]):.2f}", f"{mib:.0f}",
+                  f"{secs / anchor_s:.2f}" if anchor_s else "-",
+                  f"{mib / max(anchor_mib, 1.0):.2f}" if anchor_mib is not None else "-",
+                  f"{_median([r['loss'] for r in rs]):.6f}", diff, note)
+
+
 OPS = {"matmul": None, "ce": bench_ce, "ridge": bench_ridge, "ridge-small": bench_ridge_small,
        "cholesky-tiles": bench_cholesky_tiles, "gram": bench_gram}
 
@@ -349,6 +557,12 @@ OPS = {"matmul": None, "ce": bench_ce, "ridge": bench_ridge, "ridge-small": benc
 def main(argv=None) -> int:
     global WARM_ONLY
     args = parse_args(argv)
+    args.argv = argv
+    if args.one:
+        print(json.dumps(cpu_measure(json.loads(args.one))))
+        return 0
+    if args.device == "cpu":
+        return bench_ce_cpu(args)
     WARM_ONLY = args.warm_only
     if not torch.cuda.is_available():
         print("bench_ops.py needs a CUDA GPU (the Triton kernels are compiled for it); none is visible here. "

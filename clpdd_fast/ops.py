@@ -124,8 +124,10 @@ def linear_softmax_ce(x: Tensor, w: Tensor, target: Tensor, tau: float = 1.0, re
                       precision: str | None = None, check_finite: bool = True) -> Tensor:
     """Cross-entropy of softmax(x @ w / tau) against integer targets, without materialising the N x C logits.
 
-    At most `chunk_size` x C logits exist at once; the backward recomputes them chunk by chunk. Gradients are
-    computed only for the inputs that require them (frozen features x with a trainable w is the main case).
+    At most `chunk_size` x C logits exist at once. Gradients are computed only for the inputs that require them
+    (frozen features x with a trainable w is the main case): with reduction "mean" or "sum" in the forward, in its
+    one pass over the logits (the backward scales them by the upstream gradient); with "none" the backward recomputes
+    the logits chunk by chunk.
 
     Args:
         x: (N, d) features, fp16/bf16/fp32/fp64.
