@@ -113,15 +113,22 @@ def _chunk_logits(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
 
 def _linear_ce(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
                grad_rows: Tensor | None, need_x: bool, need_w: bool):
-    """The linear CE loop: per block of rows, one logits product, an in-place softmax, the loss and lse from the same
-    buffer, then (for grad_rows) the coefficients g_i (softmax - onehot) / tau in that buffer and one product each for
-    dW (accumulated with addmm_) and dX. Returns (loss_rows, lse, grad_x | None, grad_w | None)."""
+    """The linear CE loop: per block of rows, one logits product, an in-place softmax, the row's max logit, largest
+    probability and target logit read from the same buffer, then (for grad_rows) the coefficients
+    g_i (softmax - onehot) / tau in that buffer and one product each for dW (accumulated with addmm_) and dX. Work on
+    (N,) vectors is done once for all rows, not per block (on the CPU every operation costs a wake-up of the threads).
+    Returns (loss_rows, lse, grad_x | None, grad_w | None)."""
     dt = compute_dtype(x, w)
     n, num_classes = x.shape[0], w.shape[1]
     ws = w.to(dt) / tau
     rows = min(block_rows(chunk_size, num_classes, x.device), max(1, n))
-    loss = torch.empty(n, dtype=dt, device=x.device)
-    lse = torch.empty(n, dtype=dt, device=x.device)
+    valid = target != ignore_index
+    known = valid & (target >= 0) & (target < num_classes)
+    index = torch.where(known, target, 0).long().unsqueeze(1)
+    top, p_top, picked = (torch.empty(n, 1, dtype=dt, device=x.device) for _ in range(3))
+    if need_x or need_w:
+        g = grad_rows.to(dt).unsqueeze(1)
+        g_target = -(g * known.unsqueeze(1))
     grad_x = torch.empty(x.shape, dtype=dt, device=x.device) if need_x else None
     grad_w = torch.zeros(w.shape, dtype=dt, device=x.device) if need_w else None
     logits = torch.empty(rows, num_classes, dtype=dt, device=x.device)
@@ -130,24 +137,20 @@ def _linear_ce(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: i
         stop = min(start + rows, n)
         xc = x[start:stop] if x_rows is None else x_rows[:stop - start].copy_(x[start:stop])
         z = _chunk_logits(xc, ws, logits[:stop - start])
-        t = target[start:stop]
-        valid = t != ignore_index
-        known = valid & (t >= 0) & (t < num_classes)
-        index = torch.where(known, t, 0).long().unsqueeze(1)
-        picked = z.gather(1, index).squeeze(1)
-        top = z.amax(1)
+        torch.gather(z, 1, index[start:stop], out=picked[start:stop])
+        torch.amax(z, 1, keepdim=True, out=top[start:stop])
         torch.softmax(z, 1, out=z)
-        # the largest probability is exp(0) / sum_j exp(z_j - top): lse = top + log(sum) = top - log(max_j p_j)
-        lse[start:stop] = top.sub_(z.amax(1).log_())
-        loss[start:stop] = torch.where(known, lse[start:stop] - picked, torch.where(valid, float("nan"), 0.0))
+        torch.amax(z, 1, keepdim=True, out=p_top[start:stop])
         if need_x or need_w:
-            g = grad_rows[start:stop].to(dt)
-            z.mul_(g[:, None])
-            z.scatter_add_(1, index, -(g * known)[:, None])
+            z.mul_(g[start:stop])
+            z.scatter_add_(1, index[start:stop], g_target[start:stop])
             if need_w:
                 grad_w.addmm_(xc.T, z, alpha=1 / tau)
             if need_x:
                 torch.mm(z, ws.T, out=grad_x[start:stop])
+    # the largest probability is exp(0) / sum_j exp(z_j - top): lse = top + log(sum) = top - log(p_top)
+    lse = top.sub_(p_top.log_()).squeeze(1)
+    loss = torch.where(known, lse - picked.squeeze(1), torch.where(valid, float("nan"), 0.0))
     return loss, lse, grad_x, grad_w
 
 
