@@ -123,6 +123,18 @@ def test_no_gradient_or_reduction_none_keeps_the_recomputing_backward(ce_calls):
     assert ce_calls == ["linear_ce_forward_backward"]
 
 
+def test_gradient_in_forward_passes_the_precision(monkeypatch):
+    seen = []
+    real = reference.linear_ce_forward_backward
+    monkeypatch.setattr(reference, "linear_ce_forward_backward", lambda *a: seen.append(a[6]) or real(*a))
+    x, w, t = cpu(7, 3, seed=106), cpu(3, 4, seed=107, requires_grad=True), cpu_labels(7, 4, seed=108)
+    linear_softmax_ce(x, w, t, precision="ieee")
+    monkeypatch.delenv("CLPDD_CE_PRECISION", raising=False)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    linear_softmax_ce(x, w, t, reduction="sum")
+    assert seen == ["ieee", "tf32"]
+
+
 def test_differentiating_the_gradient_again_raises():
     x, w, t = cpu(11, 4, seed=97, requires_grad=True), cpu(4, 3, seed=98, requires_grad=True), cpu_labels(11, 3, 99)
     for reduction in ("mean", "sum", "none"):
@@ -325,6 +337,7 @@ def test_precision_argument_environment_and_torch_default(monkeypatch):
     monkeypatch.delenv("CLPDD_CE_PRECISION", raising=False)
     linear_softmax_ce(x, w, t)
     linear_softmax_ce(x, w, t, precision="ieee")
+    monkeypatch.delenv("CLPDD_CE_PRECISION", raising=False)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     linear_softmax_ce(x, w, t)
     monkeypatch.setenv("CLPDD_CE_PRECISION", "ieee")
