@@ -4,6 +4,7 @@
     python benchmarks/fidelity.py --ipc 10 --no-sweep
     python benchmarks/fidelity.py --sweep-aug       # lam / tau around the defaults with augmentation (own section)
     python benchmarks/fidelity.py --only clpdd-ce,random   # run a subset of rows (the report keeps every finished row)
+    python benchmarks/fidelity.py --schedule        # the schedule study and its plot (benchmarks/fidelity_schedule.py)
 
 Every row is two ordinary CLI commands run as child processes (printed in the table, so each row can be reproduced by
 hand): `python -m clpdd_fast.distill ...` (distilled rows only) and `python -m clpdd_fast.evaluate ... --json`.
@@ -103,7 +104,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", default="runs/fidelity")
     p.add_argument("--report", default=str(HERE / "FIDELITY.md"))
+    p.add_argument("--schedule", action="store_true", help="the schedule study (benchmarks/fidelity_schedule.py): "
+                   "protocol top-1 against steps and seconds, CLP-DD and LGM, several distillation seeds")
+    p.add_argument("--jobs", type=int, default=2, help="--schedule: runs side by side")
+    p.add_argument("--threads", type=int, default=1, help="--schedule: intra-op threads of each child")
+    p.add_argument("--report-only", action="store_true", help="--schedule: only rewrite the table and the plot")
     args = p.parse_args(argv)
+    if args.schedule:
+        sys.path.insert(0, str(HERE))
+        import fidelity_schedule
+        return fidelity_schedule.main(args)
     root = ROOT / args.out / f"ipc{args.ipc}"
     root.mkdir(parents=True, exist_ok=True)
     selected = set(args.only.split(",")) if args.only else None

@@ -67,6 +67,12 @@ class AugmentParams:
 
     __getitem__ = select
 
+    @staticmethod
+    def cat(parts: "list[AugmentParams]") -> "AugmentParams":
+        """The draws of several batches, one after the other (as if sampled for their images together)."""
+        return AugmentParams(*(torch.cat([getattr(p, f) for p in parts])
+                               for f in ("flip", "boxes", "noise", "seeds")))
+
     def to(self, device) -> "AugmentParams":
         """Moves flip, boxes and noise flags; seeds stay on the CPU (they are read as Python ints)."""
         return AugmentParams(self.flip.to(device), self.boxes.to(device), self.noise.to(device), self.seeds)

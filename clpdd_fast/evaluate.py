@@ -8,7 +8,8 @@ Baselines (no distilled set needed; embedded default = Fashion-MNIST + Efficient
 A fresh linear head (std 0.01 init, zero bias) is trained on the frozen encoder's features of the images with flip +
 random-resized-crop augmentation, Adam lr 1e-3 * B / 256 (B = min(100, n)), no weight decay, cosine schedule over
 --epochs; top-1 / top-5 on the real test split, mean +- std (ddof 0) over --seeds seeds. The features of --aug-draws
-augmentation draws per image are computed once and reused across epochs (clpdd_fast/probe_protocol.py says why).
+augmentation draws per image are computed once and reused across epochs (clpdd_fast/probe_protocol.py says why);
+--aug-draws 0 runs the literal protocol instead: every image augmented afresh and encoded again in every epoch.
 The real test (and training) features come from the distillation's feature cache: same encoder, resolution, subset.
 """
 from __future__ import annotations
@@ -24,12 +25,12 @@ import torch
 from clpdd_fast import artifacts
 from clpdd_fast.augment import Augment, build_augment
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
-from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, positive_int, run_main
+from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, nonnegative_int, positive_int, run_main
 from clpdd_fast.config import DEFAULT_CACHE, DEFAULT_LAM, RunConfig
 from clpdd_fast.encoders import encode_images
 from clpdd_fast.experiment import Experiment, open_experiment, subset_size
 from clpdd_fast.feature_transform import FEATURE_NORMS, FeatureTransform
-from clpdd_fast.probe_protocol import augmented_features, summarize, train_linear_probe
+from clpdd_fast.probe_protocol import augmented_features, summarize, train_linear_probe, train_linear_probe_fresh
 from clpdd_fast.ridge_probe import ridge_probe_accuracy
 
 DEFAULT_EPOCHS = 1000
@@ -64,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"training epochs of the linear head (default {DEFAULT_EPOCHS}; {DEFAULT_FULL_EPOCHS} for --baseline "
            "full, whose epochs are n/B times longer)")
     a("--seeds", type=positive_int, default=5, help="number of seeds (0 .. N-1) (default 5)")
-    a("--aug-draws", type=positive_int, default=32,
-      help="augmentation draws per image whose features are cached and reused across epochs (default 32)")
+    a("--aug-draws", type=nonnegative_int, default=32,
+      help="augmentation draws per image whose features are cached and reused across epochs (default 32); 0: the "
+           "literal protocol, a fresh draw of every image in every epoch, encoded again (epochs x seeds x images "
+           "encoder forwards)")
     a("--augment", default="flip_crop", choices=["flip_crop", "none"],
       help="training augmentation of the probe (default flip_crop, the protocol; none: plain resize)")
     a("--pool-seed", type=int, default=0, help="seed of the augmentation-draw pool (default 0)")
@@ -107,12 +110,18 @@ class Protocol:
 
     def evaluate_images(self, images: torch.Tensor, labels: torch.Tensor, seeds: list,
                         pool_seed: int) -> tuple[list, float]:
-        """The trained-head protocol's per-seed results, and the ridge probe's top-1 on un-augmented features."""
+        """The trained-head protocol's per-seed results, and the ridge probe's top-1 on un-augmented features.
+        draws == 0: the literal protocol (fresh draws every epoch from each probe seed; pool_seed is not used)."""
         exp = self.exp
-        pool = augmented_features(exp.encoder, images, self.augment, self.draws, exp.image_size,
-                                  torch.Generator().manual_seed(pool_seed), device=self.device)
-        per_seed = train_linear_probe(pool, labels, exp.phi_test, exp.y_test, exp.num_classes, epochs=self.epochs,
-                                      seeds=seeds)
+        if self.draws == 0:
+            per_seed = train_linear_probe_fresh(exp.encoder, images, self.augment, exp.image_size, labels,
+                                                exp.phi_test, exp.y_test, exp.num_classes, epochs=self.epochs,
+                                                seeds=seeds)
+        else:
+            pool = augmented_features(exp.encoder, images, self.augment, self.draws, exp.image_size,
+                                      torch.Generator().manual_seed(pool_seed), device=self.device)
+            per_seed = train_linear_probe(pool, labels, exp.phi_test, exp.y_test, exp.num_classes,
+                                          epochs=self.epochs, seeds=seeds)
         plain = encode_images(exp.encoder, images, exp.image_size)  # un-augmented, as distill's ridge number
         ridge = ridge_probe_accuracy(plain, labels, exp.phi_test, exp.y_test, self.lam, exp.num_classes,
                                      self.transform)
@@ -207,11 +216,13 @@ def run(args: argparse.Namespace) -> dict:
         "evaluated": found["what"], "distilled": payload["path"] if payload else None, "baseline": args.baseline,
         "ipc": args.ipc if args.baseline else source.ipc, "eval_model": eval_model, "eval_weights": eval_weights,
         "distill_model": source.model if payload else None, "image_size": exp.image_size, "epochs": epochs,
-        "aug_draws": draws, "augment": args.augment if draws else "none (cached features)",
+        "aug_draws": draws, "augment": "none (cached features)" if draws is None else
+        f"{args.augment} (fresh every epoch)" if draws == 0 else args.augment,
         "num_test": len(exp.y_test), "num_train": len(exp.y_train), "selected_rows": found["selected"],
         "seconds": time.perf_counter() - t_start,
     }
-    print(f"\nLinear-probe protocol ({epochs} epochs, {results['augment']}, {draws} draws/image) on "
+    views = "fresh draws every epoch" if draws == 0 else f"{draws} draws/image"
+    print(f"\nLinear-probe protocol ({epochs} epochs, {results['augment']}, {views}) on "
           f"{len(exp.y_test)} real test images, {eval_model}{' (cross-model)' if cross else ''}:\n"
           f"  {found['what']}\n"
           f"  top-1 {100 * results['top1_mean']:.2f} +- {100 * results['top1_std']:.2f} %   "

@@ -14,7 +14,8 @@ P cached draws uniformly at random (per seed). Training is then small matmuls on
 trained together in one batched parameter (Adam is element-wise, so each seed's slice evolves exactly as if it were
 trained alone). With P = 32 and the embedded default this takes seconds instead of the ~10^4 encoder forwards of the
 literal protocol. What it changes: an image is seen under at most P distinct augmentations instead of one per epoch
-(1000); raise P (``--aug-draws``) to approach the literal protocol.
+(1000); raise P (``--aug-draws``) to approach the literal protocol, or run the literal protocol itself with
+``train_linear_probe_fresh`` (``--aug-draws 0``): a new draw of every image in every epoch, encoded again.
 
 Two deliberate differences from LGM's script, both making the number more conservative: we report the accuracy after
 the last epoch (LGM keeps the best test accuracy over periodic evaluations, i.e. early stopping on the test set), and
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clpdd_fast.augment import Augment
+from clpdd_fast.augment import Augment, AugmentParams
 from clpdd_fast.validation import integer
 
 
@@ -115,38 +116,107 @@ def train_linear_probe(train_features: Tensor, train_labels: Tensor, test_featur
     """
     _check_features("train_features", train_features, train_labels)
     _check_features("test_features", test_features, test_labels)
+    _check_common(train_labels, test_features, test_labels, num_classes, epochs, seeds, train_features.shape[-1])
+    return _with_one_thread(device, lambda dev: _train(_pool_views(train_features, dev), train_labels,
+                                                       test_features, test_labels, num_classes, epochs, seeds,
+                                                       batch_size, lr, init_std, dev))
+
+
+def train_linear_probe_fresh(encoder: torch.nn.Module, images: Tensor, augment: Augment, out_size: int,
+                             train_labels: Tensor, test_features: Tensor, test_labels: Tensor, num_classes: int, *,
+                             epochs: int = 1000, seeds: Sequence[int] = (0,), batch_size: int | None = None,
+                             lr: float | None = None, init_std: float = 0.01, device=None,
+                             encode_batch: int = 256) -> list[dict]:
+    """The literal protocol: like ``train_linear_probe``, but every epoch every image is augmented afresh (its own
+    draw per seed, from the seed's generator) and encoded again, as LGM's script does, instead of picking one of a
+    cached pool of draws. Costs epochs x len(seeds) x n encoder forwards; the head's training is the same code.
+
+    Args:
+        encoder: frozen encoder, images in [0, 1] (B, 3, out_size, out_size) -> (B, d); runs on its own device.
+        images: float (n, 3, S, S) in [0, 1]; augment: the augmentation (the protocol: build_augment("flip_crop")).
+        out_size: encoder input resolution; encode_batch: images per encoder call.
+        The other arguments and the result are those of ``train_linear_probe``.
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected a float tensor (n, 3, S, S), got "
+                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+    _check_features("test_features", test_features, test_labels)
+    if not isinstance(train_labels, Tensor) or train_labels.dim() != 1 or train_labels.shape[0] != images.shape[0]:
+        raise ValueError(f"train_labels: expected a 1-D tensor of {images.shape[0]} class indices (one per image), "
+                         f"got {tuple(train_labels.shape) if isinstance(train_labels, Tensor) else train_labels!r}")
+    _check_common(train_labels, test_features, test_labels, num_classes, epochs, seeds, None)
+    threads = torch.get_num_threads()
+    enc_device = next(encoder.parameters()).device
+    imgs = images.float().to(enc_device)
+    n = imgs.shape[0]
+
+    @torch.no_grad()
+    def views(gens, dev):
+        """This epoch's features: for each seed, every image under a new draw of that seed's generator."""
+        params = AugmentParams.cat([augment.sample(n, g, enc_device) for g in gens])
+        torch.set_num_threads(threads)  # the encoder may use every thread; the head's small steps use one
+        try:
+            out = [encoder(augment.apply(imgs[rows % n], params.select(rows), out_size)).float().cpu()
+                   for rows in torch.arange(len(gens) * n).split(encode_batch)]
+        finally:
+            if dev.type == "cpu":
+                torch.set_num_threads(1)
+        table = torch.cat(out).to(dev)
+        return table, torch.arange(len(gens) * n, device=dev).view(len(gens), n)
+
+    return _with_one_thread(device, lambda dev: _train(views, train_labels, test_features, test_labels,
+                                                       num_classes, epochs, seeds, batch_size, lr, init_std, dev))
+
+
+def _check_common(train_labels, test_features, test_labels, num_classes, epochs, seeds, train_dim) -> None:
     integer("epochs", epochs, minimum=1)
     if len(seeds) < 1:
         raise ValueError("seeds: expected at least one seed")
-    if train_features.shape[-1] != test_features.shape[-1]:
+    if train_dim is not None and train_dim != test_features.shape[-1]:
         raise ValueError(f"test_features: feature dimension {test_features.shape[-1]} differs from the training "
-                         f"features' {train_features.shape[-1]} (were they computed by the same encoder?)")
+                         f"features' {train_dim} (were they computed by the same encoder?)")
     for name, y in (("train_labels", train_labels), ("test_labels", test_labels)):
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(f"{name}: expected class indices in [0, {num_classes}), got range "
                              f"[{int(y.min())}, {int(y.max())}]")
+
+
+def _with_one_thread(device, fn):
+    """fn(device) with one intra-op thread on the CPU: the head's steps are tiny matmuls, where extra threads only
+    add synchronisation (20x slower on a busy 2-core machine)."""
     device = torch.device(device or "cpu")
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        # The steps are tiny matmuls: extra threads only add synchronisation (20x slower on a busy 2-core machine).
         torch.set_num_threads(1)
     try:
-        return _train(train_features, train_labels, test_features, test_labels, num_classes, epochs, seeds,
-                      batch_size, lr, init_std, device)
+        return fn(device)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(train_features, train_labels, test_features, test_labels, num_classes, epochs, seeds, batch_size, lr,
-           init_std, device) -> list[dict]:
+def _pool_views(train_features: Tensor, device):
+    """The cached-pool source of an epoch's features: for each seed, every image's draw picked at random."""
     pool = train_features if train_features.dim() == 3 else train_features.unsqueeze(0)
     pool = pool.to(device, torch.float32)
     P, n, d = pool.shape
     flat = pool.reshape(P * n, d)
+
+    def views(gens, dev):
+        draw = torch.stack([torch.randint(P, (n,), generator=g) for g in gens]).to(dev)   # (S, n)
+        return flat, draw * n + torch.arange(n, device=dev)
+    return views
+
+
+def _train(views, train_labels, test_features, test_labels, num_classes, epochs, seeds, batch_size, lr, init_std,
+           device) -> list[dict]:
+    """views(gens, device) -> (table (R, d), rows (S, n)): this epoch's feature of image i for seed s is
+    table[rows[s, i]]; it is called after the epoch's shuffle, with each seed's generator."""
     y_train = train_labels.to(device, torch.long)
+    n = y_train.shape[0]
     B = int(batch_size or min(100, n))
     lr = float(lr if lr is not None else 1e-3 * B / 256)
     S = len(seeds)
+    d = test_features.shape[-1]
 
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     weight = torch.stack([torch.randn(d, num_classes, generator=g) * init_std for g in gens]).to(device)
@@ -155,13 +225,13 @@ def _train(train_features, train_labels, test_features, test_labels, num_classes
     opt = torch.optim.Adam([weight, bias], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
     for _ in range(epochs):
-        # Per seed: a shuffled order (like DataLoader(shuffle=True)) and one pool draw per image for this epoch.
+        # Per seed: a shuffled order (like DataLoader(shuffle=True)), then this epoch's view of every image.
         order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)       # (S, n)
-        draw = torch.stack([torch.randint(P, (n,), generator=g) for g in gens]).to(device)   # (S, n)
-        rows = draw.gather(1, order) * n + order                                             # rows of `flat`
+        table, image_rows = views(gens, device)
+        rows = image_rows.gather(1, order)                                                   # rows of `table`
         for start in range(0, n, B):
             r = rows[:, start:start + B]
-            x = flat[r]                                                       # (S, b, d)
+            x = table[r]                                                      # (S, b, d)
             logits = torch.baddbmm(bias.unsqueeze(1), x, weight)              # (S, b, C)
             # Sum over seeds of each seed's mean CE: each seed's gradient is that of its own loss.
             per_seed = F.cross_entropy(logits.reshape(-1, num_classes), y_train[order[:, start:start + B]].reshape(-1),

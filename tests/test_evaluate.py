@@ -110,3 +110,22 @@ def test_command_line_bad_device_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("python -m clpdd_fast.evaluate: error: argument --device:")
+
+
+def test_cli_literal_protocol_with_aug_draws_0(tiny_idx, tmp_path, monkeypatch):
+    """--aug-draws 0 trains on fresh draws every epoch (train_linear_probe_fresh), not on a cached pool."""
+    import clpdd_fast.evaluate as ev
+    calls = []
+    real = ev.train_linear_probe_fresh
+    monkeypatch.setattr(ev, "augmented_features", lambda *a, **k: pytest.fail("no pool with --aug-draws 0"))
+    monkeypatch.setattr(ev, "train_linear_probe_fresh", lambda *a, **k: calls.append(k) or real(*a, **k))
+    path = distilled_file(tmp_path, tiny_idx)
+    args = cli(tiny_idx, tmp_path / "cache", "--distilled", str(path))
+    args[args.index("--aug-draws") + 1] = "0"
+    res = main(args)
+    assert len(calls) == 1 and calls[0]["epochs"] == 3 and calls[0]["seeds"] == [0, 1]
+    assert res["aug_draws"] == 0 and res["augment"] == "flip_crop (fresh every epoch)"
+    assert len(res["top1_per_seed"]) == 2
+    with pytest.raises(SystemExit):
+        args[args.index("--aug-draws") + 1] = "-1"
+        main(args)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clpdd_fast.augment import build_augment
-from clpdd_fast.probe_protocol import augmented_features, summarize, train_linear_probe
+from clpdd_fast.probe_protocol import augmented_features, summarize, train_linear_probe, train_linear_probe_fresh
 
 
 def blobs(n_per_class, num_classes=5, d=16, spread=4.0, noise=1.0, draws=None, seed=0):
@@ -114,3 +114,73 @@ def test_augmented_feature_pool_matches_direct_encoding(encoder):
         direct = encoder(aug.apply(images.repeat(4, 1, 1, 1), params, 16)).view(4, 3, -1)
     torch.testing.assert_close(pool, direct, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(pool[0], pool[1])  # draws differ
+
+
+class MeanColour(torch.nn.Module):
+    """A frozen 'encoder' whose feature is an image's mean colour (flip and crop keep it close), with a call log."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # gives the module a device
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(x.clone())
+        return x.mean((2, 3)) * 10
+
+
+def colour_images(n_per_class, num_classes=3, size=12, seed=0):
+    """Images of class-specific colours with pixel noise: separable by mean colour."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_per_class * num_classes) % num_classes
+    base = torch.eye(3)[y] * 0.6 + 0.2
+    return (base[:, :, None, None] + 0.05 * torch.randn(len(y), 3, size, size, generator=g)).clamp(0, 1), y
+
+
+def test_literal_protocol_encodes_fresh_draws_every_epoch():
+    images, y = colour_images(2)                     # n = 6 images
+    test_x, test_y = colour_images(20, seed=1)
+    enc = MeanColour()
+    with torch.no_grad():
+        test_f = enc(test_x)
+    enc.batches.clear()
+    epochs, seeds = 4, [0, 1]
+    res = train_linear_probe_fresh(enc, images, build_augment("flip_crop"), 8, y, test_f, test_y, 3,
+                                   epochs=epochs, seeds=seeds, lr=0.05, encode_batch=5)
+    assert max(len(b) for b in enc.batches) == 5                     # in batches of encode_batch
+    views = torch.cat(enc.batches)
+    assert views.shape == (epochs * len(seeds) * 6, 3, 8, 8)        # every image, for every seed, in every epoch
+    per_epoch = views.view(epochs, len(seeds) * 6, -1)
+    # a new draw in every epoch and for every seed: no two views of one image are the same
+    for i in range(6):
+        v = torch.cat([per_epoch[:, s * 6 + i] for s in range(len(seeds))])
+        assert torch.cdist(v, v).add(torch.eye(len(v)) * 1e9).min() > 1e-4
+    assert [r["seed"] for r in res] == seeds and all(r["top1"] == 1.0 for r in res), res
+
+
+def test_literal_protocol_learns_and_its_seeds_are_independent():
+    images, y = colour_images(3)
+    test_x, test_y = colour_images(30, seed=1)
+    enc = MeanColour()
+    with torch.no_grad():
+        test_f = enc(test_x)
+    both = train_linear_probe_fresh(enc, images, build_augment("flip_crop"), 8, y, test_f, test_y, 3, epochs=30,
+                                    seeds=[3, 4], lr=0.05)
+    alone = train_linear_probe_fresh(enc, images, build_augment("flip_crop"), 8, y, test_f, test_y, 3, epochs=30,
+                                     seeds=[4], lr=0.05)[0]
+    assert all(r["top1"] == 1.0 for r in both)
+    assert alone["final_train_loss"] == pytest.approx(both[1]["final_train_loss"], rel=1e-5)
+    assert both[0]["final_train_loss"] != both[1]["final_train_loss"]
+
+
+def test_literal_protocol_rejects_bad_input():
+    images, y = colour_images(1)
+    enc = MeanColour()
+    feats = torch.rand(5, 3)
+    aug = build_augment("flip_crop")
+    with pytest.raises(ValueError, match="images"):
+        train_linear_probe_fresh(enc, images[:, :2], aug, 8, y, feats, torch.zeros(5, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="train_labels"):
+        train_linear_probe_fresh(enc, images, aug, 8, y[:2], feats, torch.zeros(5, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="epochs"):
+        train_linear_probe_fresh(enc, images, aug, 8, y, feats, torch.zeros(5, dtype=torch.long), 3, epochs=0)

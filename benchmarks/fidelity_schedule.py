@@ -1,0 +1,311 @@
+"""Schedule study: protocol top-1 against outer steps and against seconds of steps, CLP-DD and LGM.
+
+    python benchmarks/fidelity.py --schedule [--jobs 2] [--threads 1] [--only RUN,...]   # measure, then report
+    python benchmarks/fidelity.py --schedule --report-only                                # table and plot again
+
+Each run distills in stages: `distill --iterations N1 --out RUN/run`, then `distill --resume --iterations N2 ...`, ...
+The learning rate is constant and nothing in a step depends on the total number of steps, so the state after N steps
+of a long run is the state a run of N steps ends with, and --resume continues exactly. After each stage the distilled
+set is copied to RUN/step-N/ and evaluated with the protocol (`evaluate`, 5 probe seeds). Stage 0 is the
+initialisation (random real images of the run's seed; the same images for both methods at one seed).
+Seconds are the summed step times of metrics.jsonl up to step N: what the method costs, without start-up, feature
+caching, checkpoints and evaluation. Runs go to runs/fidelity/schedule/<run>/ and are reused when finished
+(a stage whose eval.json exists is skipped; an interrupted stage resumes from the run's checkpoint).
+Every child runs with --threads intra-op threads; --jobs runs run side by side (jobs x threads <= cores keeps the
+step times of the methods comparable: each run has its cores).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = "python"
+SEEDS = 5  # probe seeds per evaluation
+
+
+@dataclass(frozen=True)
+class Run:
+    ipc: int
+    row: str            # the curve: method, parameterisation, K, lr
+    seed: int           # distillation seed
+    args: tuple         # distill arguments other than --ipc, --seed, --iterations, --out, --resume
+    stages: tuple       # steps after which the set is evaluated
+
+    @property
+    def name(self) -> str:
+        return f"ipc{self.ipc}-{self.row}-s{self.seed}"
+
+
+def _clpdd(param="pixel", lr="0.05"):
+    return ("--method", "clpdd", "--param", param, "--lr", lr)
+
+
+def _lgm(k, param="pixel", lr="0.05"):
+    return ("--method", "lgm", "--augs-per-batch", str(k), "--param", param, "--lr", lr)
+
+
+# In priority order (the first ones are the headline rows). Stage lists give both methods about equal seconds of
+# steps on one core: CLP-DD's ipc = 1 step is ~1/2 of LGM K = 3's and ~1/7 of LGM K = 10's.
+RUNS = [
+    Run(1, "clpdd-pixel", 0, _clpdd(), (0, 200, 1000, 3000, 5000)),
+    Run(1, "lgm-k3-pixel", 0, _lgm(3), (0, 200, 500, 1000, 1500)),
+    Run(10, "clpdd-pixel", 0, _clpdd(), (0, 200, 1000)),
+    Run(10, "lgm-k3-pixel", 0, _lgm(3), (0, 100, 250)),
+    Run(1, "clpdd-pixel", 1, _clpdd(), (0, 200, 1000, 3000)),
+    Run(1, "clpdd-pixel", 2, _clpdd(), (0, 200, 1000, 3000)),
+    Run(1, "lgm-k3-pixel", 1, _lgm(3), (0, 200, 500, 1000, 1500)),
+    Run(1, "lgm-k3-pixel", 2, _lgm(3), (0, 200, 500, 1000, 1500)),
+    Run(1, "lgm-k10-pixel", 0, _lgm(10), (0, 100, 200, 500)),
+    Run(1, "clpdd-pyramid", 0, _clpdd("pyramid"), (0, 200, 1000, 3000)),
+    Run(1, "lgm-k3-pyramid", 0, _lgm(3, "pyramid"), (0, 200, 500, 1000, 1500)),
+    Run(1, "clpdd-pixel-lr0.02", 0, _clpdd(lr="0.02"), (1000, 3000)),
+    Run(1, "clpdd-pixel-lr0.1", 0, _clpdd(lr="0.1"), (1000, 3000)),
+    Run(1, "clpdd-pyramid-lr0.2", 0, _clpdd("pyramid", "0.2"), (1000, 3000)),
+]
+BASELINES = [(ipc, b) for ipc in (1, 10) for b in ("centroids", "random")]
+
+_print_lock = threading.Lock()
+
+
+def say(text: str) -> None:
+    with _print_lock:
+        print(f"[schedule] {time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+def child(cmd: list[str], log: Path, threads: int) -> tuple[float, float]:
+    """Run cmd with `threads` intra-op threads, output appended to log; (wall s, peak RSS MiB). Raises on failure."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed, see {log}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def step_seconds(metrics: Path, step: int) -> float:
+    """Summed step times of steps 1..step (metrics.jsonl holds one line per completed step)."""
+    if step == 0:
+        return 0.0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    times = {r["step"]: r["step_time_s"] for r in rows}
+    missing = [s for s in range(1, step + 1) if s not in times]
+    if missing:
+        raise RuntimeError(f"{metrics}: no step time for steps {missing[:3]}...")
+    return sum(times[s] for s in range(1, step + 1))
+
+
+def evaluate(distilled: Path, out_json: Path, log: Path, threads: int) -> None:
+    rel = distilled.relative_to(ROOT)
+    child([PY, "-m", "clpdd_fast.evaluate", "--distilled", str(rel), "--json", str(out_json.relative_to(ROOT)),
+           "--seeds", str(SEEDS)], log, threads)
+
+
+def do_run(r: Run, root: Path, threads: int) -> None:
+    folder = root / r.name
+    run_dir = folder / "run"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "log.txt"
+    for n in r.stages:
+        stage = folder / f"step-{n}"
+        if (stage / "eval.json").exists():
+            continue
+        if not (stage / "distilled.pt").exists():
+            cmd = [PY, "-m", "clpdd_fast.distill", "--ipc", str(r.ipc), *r.args, "--seed", str(r.seed),
+                   "--iterations", str(n), "--out", str(run_dir.relative_to(ROOT))]
+            if (run_dir / "checkpoint.pt").exists():
+                cmd.append("--resume")
+            say(f"{r.name}: distill to step {n}")
+            wall, rss = child(cmd, log, threads)
+            stage.mkdir(exist_ok=True)
+            info = {"step": n, "step_seconds": step_seconds(run_dir / "metrics.jsonl", n), "stage_wall_s": wall,
+                    "peak_rss_mib": rss, "command": " ".join(cmd)}
+            shutil.copy2(run_dir / "distilled.pt", stage / "distilled.pt.tmp")
+            os.replace(stage / "distilled.pt.tmp", stage / "distilled.pt")
+            (stage / "stage.json").write_text(json.dumps(info, indent=2))
+        say(f"{r.name}: evaluate step {n}")
+        evaluate(stage, stage / "eval.json", log, threads)
+        top1 = json.loads((stage / "eval.json").read_text())["top1_mean"]
+        say(f"{r.name}: step {n}: top-1 {100 * top1:.2f} %")
+
+
+def do_baseline(ipc: int, baseline: str, root: Path, threads: int) -> None:
+    folder = root / f"ipc{ipc}-{baseline}"
+    out = folder / "eval.json"
+    if out.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    say(f"baseline {baseline} ipc {ipc}")
+    child([PY, "-m", "clpdd_fast.evaluate", "--baseline", baseline, "--ipc", str(ipc), "--json",
+           str(out.relative_to(ROOT)), "--seeds", str(SEEDS)], folder / "log.txt", threads)
+
+
+def measure(root: Path, jobs: int, threads: int, only: set | None) -> None:
+    tasks = [(do_baseline, (ipc, b, root, threads)) for ipc, b in BASELINES if not only or f"ipc{ipc}-{b}" in only]
+    tasks += [(do_run, (r, root, threads)) for r in RUNS if not only or r.name in only or r.row in only]
+
+    def guarded(fn, args):
+        try:
+            fn(*args)
+        except Exception as e:  # one failed run must not stop the others; it is reported and left unfinished
+            say(f"FAILED: {e}")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for fn, args in tasks:
+            pool.submit(guarded, fn, args)
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+def collect(root: Path) -> dict:
+    """{(ipc, row): {step: {"seconds": [...], "top1": [...], "probe_std": [...], "rss": [...], "seeds": [...]}}},
+    and the baselines {(ipc, name): eval dict}."""
+    curves: dict = {}
+    for r in RUNS:
+        for n in r.stages:
+            stage = root / r.name / f"step-{n}"
+            if not (stage / "eval.json").exists():
+                continue
+            ev = json.loads((stage / "eval.json").read_text())
+            info = json.loads((stage / "stage.json").read_text())
+            pt = curves.setdefault((r.ipc, r.row), {}).setdefault(n, {"seconds": [], "top1": [], "probe_std": [],
+                                                                        "rss": [], "seeds": []})
+            pt["seconds"].append(info["step_seconds"])
+            pt["top1"].append(100 * ev["top1_mean"])
+            pt["probe_std"].append(100 * ev["top1_std"])
+            pt["rss"].append(info["peak_rss_mib"])
+            pt["seeds"].append(r.seed)
+    baselines = {}
+    for ipc, b in BASELINES:
+        path = root / f"ipc{ipc}-{b}" / "eval.json"
+        if path.exists():
+            baselines[(ipc, b)] = json.loads(path.read_text())
+    return {"curves": curves, "baselines": baselines}
+
+
+def mean_std(values: list) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def at_time(curve: dict, seconds: float) -> tuple[int, float] | None:
+    """The latest stage (step, mean top-1 over seeds) a curve had finished within `seconds` of steps."""
+    done = [(n, mean_std(p["top1"])[0]) for n, p in sorted(curve.items())
+            if mean_std(p["seconds"])[0] <= seconds * 1.0001]
+    return done[-1] if done else None
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ipcs = sorted({ipc for ipc, _ in data["curves"]})
+    fig, axes = plt.subplots(len(ipcs), 2, figsize=(11, 4.2 * len(ipcs)), squeeze=False)
+    for i, ipc in enumerate(ipcs):
+        for j, axis in enumerate(("steps", "seconds")):
+            ax = axes[i][j]
+            for (c_ipc, row), curve in sorted(data["curves"].items()):
+                if c_ipc != ipc:
+                    continue
+                pts = sorted(curve.items())
+                xs = [max(n, 1) if axis == "steps" else max(mean_std(p["seconds"])[0], 0.1) for n, p in pts]
+                ms = [mean_std(p["top1"]) for _, p in pts]
+                seeds = max(len(p["top1"]) for _, p in pts)
+                ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
+                            linestyle="-" if row.startswith("clpdd") else "--", label=f"{row} ({seeds} seed(s))")
+            for b, style in (("centroids", ":"), ("random", "-.")):
+                ev = data["baselines"].get((ipc, b))
+                if ev:
+                    ax.axhline(100 * ev["top1_mean"], color="grey", linestyle=style, linewidth=1, label=b)
+            ax.set_xscale("log")
+            ax.set_xlabel("outer steps (step 0 at 1)" if axis == "steps" else
+                          "seconds of steps, 1 CPU core (step 0 at 0.1 s)")
+            ax.set_ylabel("protocol top-1 % (mean ± std over distillation seeds)")
+            ax.set_title(f"Fashion-MNIST, EfficientNet-Lite0, ipc = {ipc}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(root: Path, md: Path, png: Path, machine: str) -> None:
+    data = collect(root)
+    if not data["curves"]:
+        say("nothing measured yet")
+        return
+    plot(data, png)
+    lines = ["<!-- fidelity schedule begin -->", f"### Schedule study ({machine})", "",
+             f"![protocol top-1 against steps and seconds]({png.name})", "",
+             "| ipc | row | step | seconds of steps (1 core) | distill seeds | protocol top-1 % (mean ± std over "
+             "distillation seeds) | per seed (each: mean of 5 probe seeds) | probe std (mean) | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (ipc, row), curve in sorted(data["curves"].items()):
+        for n, p in sorted(curve.items()):
+            m, s = mean_std(p["top1"])
+            lines.append(f"| {ipc} | {row} | {n} | {mean_std(p['seconds'])[0]:.0f} | {','.join(map(str, p['seeds']))} "
+                         f"| {m:.2f} ± {s:.2f} | {' / '.join(f'{v:.2f}' for v in p['top1'])} | "
+                         f"{mean_std(p['probe_std'])[0]:.2f} | {max(p['rss']):.0f} |")
+    for (ipc, b), ev in sorted(data["baselines"].items()):
+        lines.append(f"| {ipc} | {b} (baseline) | – | – | – | {100 * ev['top1_mean']:.2f} ± {100 * ev['top1_std']:.2f} "
+                     f"(probe / draw seeds) | – | – | – |")
+    lines += ["", "Equal time (the latest finished stage of each LGM curve within the seconds CLP-DD's stage took, "
+              "pixel parameterisation, mean over seeds):", "",
+              "| ipc | CLP-DD step | seconds | CLP-DD top-1 % | LGM row | LGM step reached | LGM top-1 % | CLP-DD - LGM |",
+              "|---|---|---|---|---|---|---|---|"]
+    for (ipc, row), curve in sorted(data["curves"].items()):
+        if row != "clpdd-pixel":
+            continue
+        for n, p in sorted(curve.items()):
+            t = mean_std(p["seconds"])[0]
+            m = mean_std(p["top1"])[0]
+            for (l_ipc, l_row), l_curve in sorted(data["curves"].items()):
+                if l_ipc != ipc or not l_row.startswith("lgm") or not l_row.endswith("pixel"):
+                    continue
+                hit = at_time(l_curve, t)
+                if hit is None:
+                    continue
+                lines.append(f"| {ipc} | {n} | {t:.0f} | {m:.2f} | {l_row} | {hit[0]} | {hit[1]:.2f} | "
+                             f"{m - hit[1]:+.2f} |")
+    lines.append("<!-- fidelity schedule end -->")
+    block = "\n".join(lines) + "\n"
+    text = md.read_text()
+    start, end = "<!-- fidelity schedule begin -->", "<!-- fidelity schedule end -->\n"
+    if start in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    md.write_text(text)
+    (root / "summary.json").write_text(json.dumps(
+        {f"ipc{ipc}/{row}": {str(n): p for n, p in curve.items()} for (ipc, row), curve in data["curves"].items()},
+        indent=1))
+    say(f"report written to {md} and {png}")
+
+
+def main(args) -> int:
+    root = ROOT / args.out / "schedule"
+    root.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        measure(root, args.jobs, args.threads, set(args.only.split(",")) if args.only else None)
+    machine = (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, {args.jobs} run(s) side by side with "
+               f"{args.threads} thread(s) each, torch CPU")
+    report(root, Path(args.report), HERE / "fidelity_schedule.png", machine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(print("run it as: python benchmarks/fidelity.py --schedule") or 2)
