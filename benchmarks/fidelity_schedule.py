@@ -8,8 +8,9 @@ The learning rate is constant and nothing in a step depends on the total number 
 of a long run is the state a run of N steps ends with, and --resume continues exactly. After each stage the distilled
 set is copied to RUN/step-N/ and evaluated with the protocol (`evaluate`, 5 probe seeds). Stage 0 is the
 initialisation (random real images of the run's seed; the same images for both methods at one seed).
-Seconds are the summed step times of metrics.jsonl up to step N: what the method costs, without start-up, feature
-caching, checkpoints and evaluation. Runs go to runs/fidelity/schedule/<run>/ and are reused when finished
+Seconds are the summed CPU seconds of the steps (metrics.jsonl's step_cpu_s) up to step N: what the method costs,
+without start-up, feature caching, checkpoints and evaluation. With one thread per child that is the step time on one
+uncontended core, and it does not grow when other work shares the machine (wall seconds do; they are kept too). Runs go to runs/fidelity/schedule/<run>/ and are reused when finished
 (a stage whose eval.json exists is skipped; an interrupted stage resumes from the run's checkpoint).
 Every child runs with --threads intra-op threads; --jobs runs run side by side (jobs x threads <= cores keeps the
 step times of the methods comparable: each run has its cores).
@@ -60,20 +61,24 @@ def _lgm(k, param="pixel", lr="0.05"):
 RUNS = [
     Run(1, "clpdd-pixel", 0, _clpdd(), (0, 200, 1000, 3000, 5000)),
     Run(1, "lgm-k3-pixel", 0, _lgm(3), (0, 200, 500, 1000, 1500)),
-    Run(10, "clpdd-pixel", 0, _clpdd(), (0, 200, 1000)),
-    Run(10, "lgm-k3-pixel", 0, _lgm(3), (0, 100, 250)),
+    Run(10, "clpdd-pixel", 0, _clpdd(), (0, 200, 500)),
+    Run(10, "lgm-k3-pixel", 0, _lgm(3), (0, 50, 125)),
     Run(1, "clpdd-pixel", 1, _clpdd(), (0, 200, 1000, 3000)),
     Run(1, "clpdd-pixel", 2, _clpdd(), (0, 200, 1000, 3000)),
     Run(1, "lgm-k3-pixel", 1, _lgm(3), (0, 200, 500, 1000, 1500)),
     Run(1, "lgm-k3-pixel", 2, _lgm(3), (0, 200, 500, 1000, 1500)),
-    Run(1, "lgm-k10-pixel", 0, _lgm(10), (0, 100, 200, 500)),
+    Run(1, "lgm-k10-pixel", 0, _lgm(10), (0, 100, 200, 400)),
     Run(1, "clpdd-pyramid", 0, _clpdd("pyramid"), (0, 200, 1000, 3000)),
     Run(1, "lgm-k3-pyramid", 0, _lgm(3, "pyramid"), (0, 200, 500, 1000, 1500)),
     Run(1, "clpdd-pixel-lr0.02", 0, _clpdd(lr="0.02"), (1000, 3000)),
     Run(1, "clpdd-pixel-lr0.1", 0, _clpdd(lr="0.1"), (1000, 3000)),
-    Run(1, "clpdd-pyramid-lr0.2", 0, _clpdd("pyramid", "0.2"), (1000, 3000)),
 ]
 BASELINES = [(ipc, b) for ipc in (1, 10) for b in ("centroids", "random")]
+# The literal protocol (fresh draws every epoch, `evaluate --aug-draws 0`) against the cached-draw pool on two sets:
+# (name, the folder whose eval.json holds the pooled result, evaluate arguments naming the same images)
+LITERAL = [("ipc1-centroids", "ipc1-centroids", ("--baseline", "centroids", "--ipc", "1")),
+           ("ipc1-clpdd-pixel-s0-step-1000", "ipc1-clpdd-pixel-s0/step-1000",
+            ("--distilled", "runs/fidelity/schedule/ipc1-clpdd-pixel-s0/step-1000"))]
 
 _print_lock = threading.Lock()
 
@@ -97,12 +102,12 @@ def child(cmd: list[str], log: Path, threads: int) -> tuple[float, float]:
     return time.perf_counter() - t0, usage.ru_maxrss / 1024
 
 
-def step_seconds(metrics: Path, step: int) -> float:
-    """Summed step times of steps 1..step (metrics.jsonl holds one line per completed step)."""
+def step_seconds(metrics: Path, step: int, key: str) -> float:
+    """Summed `key` (step_time_s: wall, step_cpu_s: CPU) of steps 1..step (metrics.jsonl: one line per step)."""
     if step == 0:
         return 0.0
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    times = {r["step"]: r["step_time_s"] for r in rows}
+    times = {r["step"]: r[key] for r in rows}
     missing = [s for s in range(1, step + 1) if s not in times]
     if missing:
         raise RuntimeError(f"{metrics}: no step time for steps {missing[:3]}...")
@@ -132,7 +137,8 @@ def do_run(r: Run, root: Path, threads: int) -> None:
             say(f"{r.name}: distill to step {n}")
             wall, rss = child(cmd, log, threads)
             stage.mkdir(exist_ok=True)
-            info = {"step": n, "step_seconds": step_seconds(run_dir / "metrics.jsonl", n), "stage_wall_s": wall,
+            info = {"step": n, "step_seconds": step_seconds(run_dir / "metrics.jsonl", n, "step_cpu_s"),
+                    "step_wall_seconds": step_seconds(run_dir / "metrics.jsonl", n, "step_time_s"), "stage_wall_s": wall,
                     "peak_rss_mib": rss, "command": " ".join(cmd)}
             shutil.copy2(run_dir / "distilled.pt", stage / "distilled.pt.tmp")
             os.replace(stage / "distilled.pt.tmp", stage / "distilled.pt")
@@ -154,9 +160,23 @@ def do_baseline(ipc: int, baseline: str, root: Path, threads: int) -> None:
            str(out.relative_to(ROOT)), "--seeds", str(SEEDS)], folder / "log.txt", threads)
 
 
+def do_literal(folder: str, args: tuple, root: Path, threads: int) -> None:
+    out = root / folder / "eval-literal.json"
+    if out.exists():
+        return
+    if not (root / folder / "eval.json").exists():
+        raise RuntimeError(f"literal protocol of {folder}: its pooled evaluation (eval.json) is not there yet")
+    say(f"literal protocol: {folder}")
+    child([PY, "-m", "clpdd_fast.evaluate", *args, "--aug-draws", "0", "--json", str(out.relative_to(ROOT)),
+           "--seeds", str(SEEDS)], root / folder / "log-literal.txt", threads)
+
+
 def measure(root: Path, jobs: int, threads: int, only: set | None) -> None:
     tasks = [(do_baseline, (ipc, b, root, threads)) for ipc, b in BASELINES if not only or f"ipc{ipc}-{b}" in only]
-    tasks += [(do_run, (r, root, threads)) for r in RUNS if not only or r.name in only or r.row in only]
+    runs = [(do_run, (r, root, threads)) for r in RUNS if not only or r.name in only or r.row in only]
+    literal = [(do_literal, (folder, args, root, threads)) for name, folder, args in LITERAL
+               if not only or "literal" in only]
+    tasks += runs[:-2] + literal + runs[-2:]  # the two lr probes last
 
     def guarded(fn, args):
         try:
@@ -193,7 +213,12 @@ def collect(root: Path) -> dict:
         path = root / f"ipc{ipc}-{b}" / "eval.json"
         if path.exists():
             baselines[(ipc, b)] = json.loads(path.read_text())
-    return {"curves": curves, "baselines": baselines}
+    literal = {}
+    for name, folder, _ in LITERAL:
+        pooled, fresh = root / folder / "eval.json", root / folder / "eval-literal.json"
+        if pooled.exists() and fresh.exists():
+            literal[name] = (json.loads(pooled.read_text()), json.loads(fresh.read_text()))
+    return {"curves": curves, "baselines": baselines, "literal": literal}
 
 
 def mean_std(values: list) -> tuple[float, float]:
@@ -233,7 +258,7 @@ def plot(data: dict, path: Path) -> None:
                     ax.axhline(100 * ev["top1_mean"], color="grey", linestyle=style, linewidth=1, label=b)
             ax.set_xscale("log")
             ax.set_xlabel("outer steps (step 0 at 1)" if axis == "steps" else
-                          "seconds of steps, 1 CPU core (step 0 at 0.1 s)")
+                          "CPU seconds of steps, 1 thread (step 0 at 0.1 s)")
             ax.set_ylabel("protocol top-1 % (mean ± std over distillation seeds)")
             ax.set_title(f"Fashion-MNIST, EfficientNet-Lite0, ipc = {ipc}")
             ax.grid(True, which="both", alpha=0.3)
@@ -251,7 +276,7 @@ def report(root: Path, md: Path, png: Path, machine: str) -> None:
     plot(data, png)
     lines = ["<!-- fidelity schedule begin -->", f"### Schedule study ({machine})", "",
              f"![protocol top-1 against steps and seconds]({png.name})", "",
-             "| ipc | row | step | seconds of steps (1 core) | distill seeds | protocol top-1 % (mean ± std over "
+             "| ipc | row | step | CPU seconds of steps (1 thread) | distill seeds | protocol top-1 % (mean ± std over "
              "distillation seeds) | per seed (each: mean of 5 probe seeds) | probe std (mean) | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (ipc, row), curve in sorted(data["curves"].items()):
@@ -281,6 +306,16 @@ def report(root: Path, md: Path, png: Path, machine: str) -> None:
                     continue
                 lines.append(f"| {ipc} | {n} | {t:.0f} | {m:.2f} | {l_row} | {hit[0]} | {hit[1]:.2f} | "
                              f"{m - hit[1]:+.2f} |")
+    if data["literal"]:
+        lines += ["", "Cached draws against the literal protocol (the same images, 5 probe seeds each; `evaluate` "
+                  "with the default `--aug-draws 32` and with `--aug-draws 0`):", "",
+                  "| images | 32 cached draws: top-1 % | fresh draws every epoch: top-1 % | difference | "
+                  "seconds (cached / fresh) |", "|---|---|---|---|---|"]
+        for name, (pooled, fresh) in data["literal"].items():
+            lines.append(f"| {name} | {100 * pooled['top1_mean']:.2f} ± {100 * pooled['top1_std']:.2f} | "
+                         f"{100 * fresh['top1_mean']:.2f} ± {100 * fresh['top1_std']:.2f} | "
+                         f"{100 * (pooled['top1_mean'] - fresh['top1_mean']):+.2f} | "
+                         f"{pooled['seconds']:.0f} / {fresh['seconds']:.0f} |")
     lines.append("<!-- fidelity schedule end -->")
     block = "\n".join(lines) + "\n"
     text = md.read_text()

@@ -224,7 +224,7 @@ def train_loop(cfg: RunConfig, s: Setup) -> int:
     with Interrupts() as interrupts:
         try:
             while done < cfg.iterations:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 optimizer.zero_grad(set_to_none=True)
                 loss = float(step_fn(s.synthetic, s.inputs, generator))  # changes only .grad and the generators
                 if not math.isfinite(loss):   # the ops run unchecked (no host syncs): the loss carries the news
@@ -238,8 +238,9 @@ def train_loop(cfg: RunConfig, s: Setup) -> int:
                     done += 1
                     boundary = rng_state()
                     dt = time.perf_counter() - t0
-                    if main_rank:
-                        metrics.append({"step": done, "loss": loss, "step_time_s": dt})
+                    if main_rank:  # wall and CPU seconds (all of this process's threads) of the step
+                        metrics.append({"step": done, "loss": loss, "step_time_s": dt,
+                                        "step_cpu_s": time.process_time() - c0})
                     if done % cfg.log_every == 0 or done == cfg.iterations:
                         eta = (time.perf_counter() - t_run) / (done - start) * (cfg.iterations - done)
                         _say(s.world, f"step {done}/{cfg.iterations} loss {loss:.4f} {dt:.2f}s/step eta {eta:.0f}s")

@@ -73,6 +73,7 @@ def test_end_to_end_outputs(tiny_idx, tmp_path):
     assert np.array_equal(np.asarray(tree[7][0]), pixels)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    assert all(r["step_time_s"] > 0 and r["step_cpu_s"] > 0 for r in rows)
     assert set(results["ridge_top1"]) == {"distilled", "random_real", "all_real_train"}
     assert json.loads((out / "config.json").read_text())["ipc"] == 2
 
