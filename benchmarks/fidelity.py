@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--report", default=str(HERE / "FIDELITY.md"))
     p.add_argument("--schedule", action="store_true", help="the schedule study (benchmarks/fidelity_schedule.py): "
                    "protocol top-1 against steps and seconds, CLP-DD and LGM, several distillation seeds")
-    p.add_argument("--jobs", type=int, default=2, help="--schedule: runs side by side")
-    p.add_argument("--threads", type=int, default=1, help="--schedule: intra-op threads of each child")
+    p.add_argument("--jobs", type=int, default=1, help="--schedule: runs side by side")
+    p.add_argument("--threads", type=int, default=2, help="--schedule: intra-op threads of each child")
     p.add_argument("--report-only", action="store_true", help="--schedule: only rewrite the table and the plot")
     args = p.parse_args(argv)
     if args.schedule:

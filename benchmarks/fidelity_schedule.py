@@ -1,6 +1,6 @@
 """Schedule study: protocol top-1 against outer steps and against seconds of steps, CLP-DD and LGM.
 
-    python benchmarks/fidelity.py --schedule [--jobs 2] [--threads 1] [--only RUN,...]   # measure, then report
+    python benchmarks/fidelity.py --schedule [--jobs 1] [--threads 2] [--only RUN,...]   # measure, then report
     python benchmarks/fidelity.py --schedule --report-only                                # table and plot again
 
 Each run distills in stages: `distill --iterations N1 --out RUN/run`, then `distill --resume --iterations N2 ...`, ...
@@ -8,12 +8,12 @@ The learning rate is constant and nothing in a step depends on the total number 
 of a long run is the state a run of N steps ends with, and --resume continues exactly. After each stage the distilled
 set is copied to RUN/step-N/ and evaluated with the protocol (`evaluate`, 5 probe seeds). Stage 0 is the
 initialisation (random real images of the run's seed; the same images for both methods at one seed).
-Seconds are the summed CPU seconds of the steps (metrics.jsonl's step_cpu_s) up to step N: what the method costs,
-without start-up, feature caching, checkpoints and evaluation. With one thread per child that is the step time on one
-uncontended core, and it does not grow when other work shares the machine (wall seconds do; they are kept too). Runs go to runs/fidelity/schedule/<run>/ and are reused when finished
+Seconds are the summed wall seconds of the steps (metrics.jsonl's step_time_s) up to step N: what the method costs,
+without start-up, feature caching, checkpoints and evaluation; their CPU seconds (step_cpu_s) are kept beside them. Runs go to runs/fidelity/schedule/<run>/ and are reused when finished
 (a stage whose eval.json exists is skipped; an interrupted stage resumes from the run's checkpoint).
-Every child runs with --threads intra-op threads; --jobs runs run side by side (jobs x threads <= cores keeps the
-step times of the methods comparable: each run has its cores).
+Every child runs with --threads intra-op threads; --jobs runs run side by side. The default, one run at a time with
+two threads, gives every method the whole 2-core machine (on a machine whose two CPUs share a core, two runs side by
+side slow each other's steps by ~3x, in CPU seconds too, so side-by-side timings would not be comparable).
 """
 from __future__ import annotations
 
@@ -201,9 +201,10 @@ def collect(root: Path) -> dict:
                 continue
             ev = json.loads((stage / "eval.json").read_text())
             info = json.loads((stage / "stage.json").read_text())
-            pt = curves.setdefault((r.ipc, r.row), {}).setdefault(n, {"seconds": [], "top1": [], "probe_std": [],
-                                                                        "rss": [], "seeds": []})
-            pt["seconds"].append(info["step_seconds"])
+            pt = curves.setdefault((r.ipc, r.row), {}).setdefault(n, {"seconds": [], "cpu": [], "top1": [],
+                                                                        "probe_std": [], "rss": [], "seeds": []})
+            pt["seconds"].append(info["step_wall_seconds"])
+            pt["cpu"].append(info["step_seconds"])
             pt["top1"].append(100 * ev["top1_mean"])
             pt["probe_std"].append(100 * ev["top1_std"])
             pt["rss"].append(info["peak_rss_mib"])
@@ -258,7 +259,7 @@ def plot(data: dict, path: Path) -> None:
                     ax.axhline(100 * ev["top1_mean"], color="grey", linestyle=style, linewidth=1, label=b)
             ax.set_xscale("log")
             ax.set_xlabel("outer steps (step 0 at 1)" if axis == "steps" else
-                          "CPU seconds of steps, 1 thread (step 0 at 0.1 s)")
+                          "wall seconds of steps (step 0 at 0.1 s)")
             ax.set_ylabel("protocol top-1 % (mean ± std over distillation seeds)")
             ax.set_title(f"Fashion-MNIST, EfficientNet-Lite0, ipc = {ipc}")
             ax.grid(True, which="both", alpha=0.3)
@@ -276,13 +277,13 @@ def report(root: Path, md: Path, png: Path, machine: str) -> None:
     plot(data, png)
     lines = ["<!-- fidelity schedule begin -->", f"### Schedule study ({machine})", "",
              f"![protocol top-1 against steps and seconds]({png.name})", "",
-             "| ipc | row | step | CPU seconds of steps (1 thread) | distill seeds | protocol top-1 % (mean ± std over "
+             "| ipc | row | step | seconds of steps (wall / CPU) | distill seeds | protocol top-1 % (mean ± std over "
              "distillation seeds) | per seed (each: mean of 5 probe seeds) | probe std (mean) | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (ipc, row), curve in sorted(data["curves"].items()):
         for n, p in sorted(curve.items()):
             m, s = mean_std(p["top1"])
-            lines.append(f"| {ipc} | {row} | {n} | {mean_std(p['seconds'])[0]:.0f} | {','.join(map(str, p['seeds']))} "
+            lines.append(f"| {ipc} | {row} | {n} | {mean_std(p['seconds'])[0]:.0f} / {mean_std(p['cpu'])[0]:.0f} | {','.join(map(str, p['seeds']))} "
                          f"| {m:.2f} ± {s:.2f} | {' / '.join(f'{v:.2f}' for v in p['top1'])} | "
                          f"{mean_std(p['probe_std'])[0]:.2f} | {max(p['rss']):.0f} |")
     for (ipc, b), ev in sorted(data["baselines"].items()):

@@ -17,6 +17,11 @@ DEFAULT_LAM = 1.0
 DEFAULT_TAU = 0.05
 DEFAULT_CACHE = str(Path.home() / ".cache" / "clpdd-fast" / "features")
 
+# Named recipes (`distill --preset NAME`): the settings a preset changes from the defaults; a flag given on the command
+# line still wins. "quality": the schedule that benchmarks/FIDELITY.md's schedule study found best on the embedded
+# default (README: "Presets").
+PRESETS = {"quality": {"iterations": 3000}}
+
 # Settings that may differ between a run and its resumption; every other command-line setting must match.
 RESUMABLE = frozenset({"iterations", "resume", "out", "nvtx", "device", "log_every", "checkpoint_every", "cache_dir",
                        "skip_bad_images"})
@@ -27,6 +32,7 @@ DERIVED = frozenset({"num_classes", "class_names", "world_size"})
 @dataclass
 class RunConfig:
     """Defaults are `distill`'s command-line defaults (its parser reads them from here)."""
+    preset: str | None = None          # the recipe whose settings the others started from (None: the defaults)
     # objective and synthetic set
     method: str = "clpdd"
     ipc: int = 1

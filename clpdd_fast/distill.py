@@ -21,7 +21,7 @@ from clpdd_fast import artifacts, export, validation
 from clpdd_fast.augment import build_augment
 from clpdd_fast.baselines import random_real_indices
 from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, positive_float, positive_int, run_main
-from clpdd_fast.config import RunConfig
+from clpdd_fast.config import PRESETS, RunConfig
 from clpdd_fast.distributed import World, init_from_env, shutdown
 from clpdd_fast.encoders import encode_images
 from clpdd_fast.experiment import EMBEDDED_SUBSET, Experiment, open_experiment
@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clpdd_fast.distill", description=__doc__,
                                 formatter_class=HelpFormatter)
     a = p.add_argument
+    a("--preset", default=D.preset, choices=sorted(PRESETS),
+      help="start from a named recipe's settings (flags given here still win); quality: "
+           + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["quality"].items())
+           + " (README: Presets)")
     a("--method", default=D.method, choices=sorted(METHODS), help="distillation objective")
     a("--data", default=D.data, help="folder of IDX files or an ImageFolder tree (train/<class>/*, val/<class>/*); "
       "default: Fashion-MNIST from /usr/share/datasets/fashion-mnist")
@@ -314,8 +318,18 @@ def run(cfg: RunConfig) -> dict | None:
         shutdown()   # also on errors and Ctrl-C: every rank leaves the process group before exiting
 
 
+def parse(argv: list[str] | None = None) -> RunConfig:
+    """The settings of a command line: the defaults, then its --preset's settings, then the flags it gives."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset is not None:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return RunConfig(**vars(args))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run(RunConfig(**vars(build_parser().parse_args(argv))))
+    return run(parse(argv))
 
 
 if __name__ == "__main__":

@@ -37,3 +37,25 @@ def test_mismatches_name_command_line_settings_only():
     saved = RunConfig(lam=0.1, iterations=5, num_classes=10)
     assert saved.mismatches(RunConfig(lam=0.1, iterations=50, out="x", num_classes=None)) == []
     assert saved.mismatches(RunConfig(lam=2.0, skip_bad_images=True)) == ["--lam was 0.1, now 2.0"]
+
+
+def test_a_preset_changes_its_settings_and_flags_given_still_win():
+    from clpdd_fast.config import PRESETS
+    from clpdd_fast.distill import parse
+    for name, settings in PRESETS.items():
+        assert settings and set(settings) <= {f.name for f in dataclasses.fields(RunConfig)} - DERIVED - {"preset"}
+        cfg = parse(["--preset", name])
+        assert cfg.preset == name
+        assert {k: getattr(cfg, k) for k in settings} == settings
+        assert all(getattr(RunConfig(), k) != v for k, v in settings.items())  # each one changes something
+        # the other settings keep their defaults
+        others = {f.name for f in dataclasses.fields(RunConfig)} - set(settings) - {"preset"}
+        assert all(getattr(cfg, k) == getattr(RunConfig(), k) for k in others)
+        # a flag given on the command line wins over the preset, before or after it
+        assert parse(["--iterations", "7", "--preset", name]).iterations == 7
+        assert parse(["--preset", name, "--iterations", "7"]).iterations == 7
+    assert parse([]) == RunConfig()
+    with pytest.raises(SystemExit):
+        parse(["--preset", "nonexistent"])
+    # a resumed run must name the same preset: it is a command-line setting, not a resumable one
+    assert RunConfig(preset="quality").mismatches(RunConfig()) == ["--preset was 'quality', now None"]
