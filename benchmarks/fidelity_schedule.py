@@ -203,7 +203,8 @@ def measure(root: Path, jobs: int, threads: int, only: set | None) -> None:
     literal = [(do_literal, (folder, args, root, threads)) for name, folder, args in LITERAL
                if not only or "literal" in only]
     cross = [(do_cross, (source, root, threads)) for source in ENCODERS if not only or "cross" in only]
-    tasks += runs[:-2] + literal + cross + runs[-2:]  # the two lr probes last
+    # the two ipc = 1 seed-0 curves, then the literal-protocol and cross-encoder rows, then the rest, lr probes last
+    tasks += runs[:2] + literal + cross + runs[2:-2] + runs[-2:]
 
     def guarded(fn, args):
         try:
@@ -387,7 +388,9 @@ def main(args) -> int:
     root.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         measure(root, args.jobs, args.threads, set(args.only.split(",")) if args.only else None)
-    machine = (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, {args.jobs} run(s) side by side with "
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
+    machine = (f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} CPUs, {args.jobs} run(s) at a time with "
                f"{args.threads} thread(s) each, torch CPU")
     report(root, Path(args.report), HERE / "fidelity_schedule.png", machine)
     return 0

@@ -64,7 +64,6 @@ def _factor_in_registers(a, offs, DT: tl.constexpr, BLOCK: tl.constexpr):
     Returns (L, pivots): L lower triangular with zeros above the diagonal, pivots (BLOCK,) the values whose square
     roots are L's diagonal (a pivot that is not > 0 makes the rest of L meaningless; the caller reports it).
     """
-    r = offs[:, None]
     c = offs[None, :]
     low = tl.zeros_like(a)
     pivots = tl.zeros((BLOCK,), dtype=DT)
