@@ -310,7 +310,10 @@ def report(root: Path, md: Path, png: Path, machine: str) -> None:
     if not data["curves"]:
         say("nothing measured yet")
         return
-    plot(data, png)
+    try:
+        plot(data, png)
+    except ImportError:
+        say("matplotlib is not installed (pip install -e '.[bench]'): no plot, the table only")
     lines = ["<!-- fidelity schedule begin -->", f"### Schedule study ({machine})", "",
              f"![protocol top-1 against steps and seconds]({png.name})", "",
              "| ipc | row | step | seconds of steps (wall / CPU) | distill seeds | protocol top-1 % (mean ± std over "

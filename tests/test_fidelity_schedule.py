@@ -1,0 +1,59 @@
+"""benchmarks/fidelity_schedule.py: the schedule study's bookkeeping (step seconds, equal-time lookup, report)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import fidelity_schedule as fs  # noqa: E402
+
+
+def test_step_seconds_sums_the_steps_up_to_n(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("".join(json.dumps({"step": s, "loss": 1.0, "step_time_s": 0.5 * s, "step_cpu_s": 0.25})
+                         + "\n" for s in (1, 2, 3, 4)))
+    assert fs.step_seconds(m, 0, "step_time_s") == 0.0
+    assert fs.step_seconds(m, 3, "step_time_s") == pytest.approx(0.5 + 1.0 + 1.5)
+    assert fs.step_seconds(m, 4, "step_cpu_s") == pytest.approx(1.0)
+    with pytest.raises(RuntimeError, match="no step time"):
+        fs.step_seconds(m, 5, "step_time_s")
+
+
+def test_at_time_takes_the_latest_stage_finished_within_the_time():
+    curve = {0: {"seconds": [0.0], "top1": [50.0]}, 100: {"seconds": [30.0, 34.0], "top1": [60.0, 62.0]},
+             300: {"seconds": [95.0], "top1": [66.0]}}
+    assert fs.at_time(curve, 10.0) == (0, 50.0)
+    assert fs.at_time(curve, 32.0) == (100, 61.0)       # the mean over seeds: 32 s
+    assert fs.at_time(curve, 94.9) == (100, 61.0)
+    assert fs.at_time(curve, 200.0) == (300, 66.0)
+    assert fs.at_time({5: {"seconds": [3.0], "top1": [1.0]}}, 1.0) is None
+
+
+def _stage(root, run, step, seconds, top1):
+    folder = root / run.name / f"step-{step}"
+    folder.mkdir(parents=True)
+    (folder / "stage.json").write_text(json.dumps({"step_seconds": seconds * 2, "step_wall_seconds": seconds,
+                                                   "peak_rss_mib": 1000.0}))
+    (folder / "eval.json").write_text(json.dumps({"top1_mean": top1 / 100, "top1_std": 0.01}))
+
+
+def test_report_averages_seeds_and_compares_at_equal_time(tmp_path, monkeypatch):
+    runs = [fs.Run(1, "clpdd-pixel", 0, (), (0, 100)), fs.Run(1, "clpdd-pixel", 1, (), (0, 100)),
+            fs.Run(1, "lgm-k3-pixel", 0, (), (0, 20, 60))]
+    monkeypatch.setattr(fs, "RUNS", runs)
+    monkeypatch.setattr(fs, "LITERAL", [])
+    for r, pts in zip(runs, ([(0, 0, 50), (100, 20, 70)], [(0, 0, 52), (100, 22, 66)],
+                             [(0, 0, 50), (20, 15, 55), (60, 45, 65)])):
+        for step, sec, top1 in pts:
+            _stage(tmp_path, r, step, sec, top1)
+    md = tmp_path / "F.md"
+    md.write_text("# F\n\nbefore\n<!-- fidelity schedule begin -->\nold\n<!-- fidelity schedule end -->\nafter\n")
+    fs.report(tmp_path, md, tmp_path / "plot.png", "test machine")
+    text = md.read_text()
+    assert text.startswith("# F\n\nbefore\n") and text.endswith("after\n") and "\nold\n" not in text
+    # CLP-DD at step 100: two seeds, 68 +- 2 %, 21 s of steps (wall) and 42 CPU seconds
+    assert "| 1 | clpdd-pixel | 100 | 21 / 42 | 0,1 | 68.00 ± 2.00 | 70.00 / 66.00 |" in text
+    # at 21 s LGM had finished its step-20 stage (15 s) but not step 60 (45 s): 68 - 55 = +13
+    assert "| 1 | 100 | 21 | 68.00 | lgm-k3-pixel | 20 | 55.00 | +13.00 |" in text
+    assert "| 1 | 0 | 0 | 51.00 | lgm-k3-pixel | 0 | 50.00 | +1.00 |" in text
