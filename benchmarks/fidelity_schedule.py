@@ -67,9 +67,9 @@ RUNS = [
     Run(1, "clpdd-pixel", 2, _clpdd(), (0, 200, 1000, 3000)),
     Run(1, "lgm-k3-pixel", 1, _lgm(3), (0, 200, 500, 1000, 1500)),
     Run(1, "lgm-k3-pixel", 2, _lgm(3), (0, 200, 500, 1000, 1500)),
-    Run(1, "lgm-k10-pixel", 0, _lgm(10), (0, 100, 200, 400)),
-    Run(1, "clpdd-pyramid", 0, _clpdd("pyramid"), (0, 200, 1000, 3000)),
-    Run(1, "lgm-k3-pyramid", 0, _lgm(3, "pyramid"), (0, 200, 500, 1000, 1500)),
+    Run(1, "lgm-k10-pixel", 0, _lgm(10), (0, 100, 200)),
+    Run(1, "clpdd-pyramid", 0, _clpdd("pyramid"), (0, 1000, 3000)),
+    Run(1, "lgm-k3-pyramid", 0, _lgm(3, "pyramid"), (0, 500, 1500)),
     Run(1, "clpdd-pixel-lr0.02", 0, _clpdd(lr="0.02"), (1000, 3000)),
     Run(1, "clpdd-pixel-lr0.1", 0, _clpdd(lr="0.1"), (1000, 3000)),
 ]
