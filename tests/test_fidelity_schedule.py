@@ -55,5 +55,7 @@ def test_report_averages_seeds_and_compares_at_equal_time(tmp_path, monkeypatch)
     # CLP-DD at step 100: two seeds, 68 +- 2 %, 21 s of steps (wall) and 42 CPU seconds
     assert "| 1 | clpdd-pixel | 100 | 21 / 42 | 0,1 | 68.00 ± 2.00 | 70.00 / 66.00 |" in text
     # at 21 s LGM had finished its step-20 stage (15 s) but not step 60 (45 s): 68 - 55 = +13
-    assert "| 1 | 100 | 21 | 68.00 | lgm-k3-pixel | 20 | 55.00 | +13.00 |" in text
-    assert "| 1 | 0 | 0 | 51.00 | lgm-k3-pixel | 0 | 50.00 | +1.00 |" in text
+    assert "| 1 | CLP-DD | 100 | 21 | 100 | 68.00 | lgm-k3-pixel | 20 | 55.00 | +13.00 |" in text
+    # at LGM's 15 s CLP-DD had only its step 0 (51 %); at LGM's 45 s it had step 100 (21 s)
+    assert "| 1 | LGM | 20 | 15 | 0 | 51.00 | lgm-k3-pixel | 20 | 55.00 | -4.00 |" in text
+    assert "| 1 | LGM | 60 | 45 | 100 | 68.00 | lgm-k3-pixel | 60 | 65.00 | +3.00 |" in text
