@@ -42,10 +42,11 @@ class Run:
     seed: int           # distillation seed
     args: tuple         # distill arguments other than --ipc, --seed, --iterations, --out, --resume
     stages: tuple       # steps after which the set is evaluated
+    part: str = ""      # a second run of the same curve and seed (more stages without redoing the first run's)
 
     @property
     def name(self) -> str:
-        return f"ipc{self.ipc}-{self.row}-s{self.seed}"
+        return f"ipc{self.ipc}-{self.row}-s{self.seed}{self.part}"
 
 
 def _clpdd(param="pixel", lr="0.05"):
@@ -70,6 +71,9 @@ RUNS = [
     Run(1, "lgm-k10-pixel", 0, _lgm(10), (0, 100, 200)),
     Run(1, "clpdd-pyramid", 0, _clpdd("pyramid"), (0, 1000, 3000)),
     Run(1, "lgm-k3-pyramid", 0, _lgm(3, "pyramid"), (0, 500, 1500)),
+    # step 400 of the same three seeds (the same trajectories: runs are deterministic on one machine): a CLP-DD point
+    # within the seconds of LGM's first stages
+    *(Run(1, "clpdd-pixel", s, _clpdd(), (400,), "-b") for s in (0, 1, 2)),
     Run(1, "clpdd-pixel-lr0.02", 0, _clpdd(lr="0.02"), (1000, 3000)),
     Run(1, "clpdd-pixel-lr0.1", 0, _clpdd(lr="0.1"), (1000, 3000)),
 ]
