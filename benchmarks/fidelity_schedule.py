@@ -74,8 +74,9 @@ RUNS = [
     # step 400 of the same three seeds (the same trajectories: runs are deterministic on one machine): a CLP-DD point
     # within the seconds of LGM's first stages
     *(Run(1, "clpdd-pixel", s, _clpdd(), (400,), "-b") for s in (0, 1, 2)),
-    Run(1, "clpdd-pixel-lr0.02", 0, _clpdd(lr="0.02"), (1000, 3000)),
-    Run(1, "clpdd-pixel-lr0.1", 0, _clpdd(lr="0.1"), (1000, 3000)),
+    Run(1, "clpdd-pixel-lr0.02", 0, _clpdd(lr="0.02"), (1000,)),
+    Run(1, "clpdd-pixel-lr0.1", 0, _clpdd(lr="0.1"), (1000,)),
+    Run(1, "clpdd-pyramid-lr0.2", 0, _clpdd("pyramid", "0.2"), (1000,)),
 ]
 BASELINES = [(ipc, b) for ipc in (1, 10) for b in ("centroids", "random")]
 # The literal protocol (fresh draws every epoch, `evaluate --aug-draws 0`) against the cached-draw pool on two sets:
@@ -208,7 +209,7 @@ def measure(root: Path, jobs: int, threads: int, only: set | None) -> None:
                if not only or "literal" in only]
     cross = [(do_cross, (source, root, threads)) for source in ENCODERS if not only or "cross" in only]
     # the two ipc = 1 seed-0 curves, then the literal-protocol and cross-encoder rows, then the rest, lr probes last
-    tasks += runs[:2] + literal + cross + runs[2:-2] + runs[-2:]
+    tasks += runs[:2] + literal + cross + runs[2:-3] + runs[-3:]
 
     def guarded(fn, args):
         try:
