@@ -68,10 +68,11 @@ def rows(ipc: int, sweep: bool, sweep_aug: bool = False) -> list[tuple[str, list
     return table
 
 
-def run_child(cmd: list[str], log) -> tuple[float, float, int]:
-    """Run cmd, streaming its output into log; returns (wall seconds, peak RSS MiB of the child, return code)."""
+def run_child(cmd: list[str], log, env: dict | None = None) -> tuple[float, float, int]:
+    """Run cmd (with environment env, default ours), streaming its output into log; returns (wall seconds, peak RSS
+    MiB of the child, return code)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - t0, usage.ru_maxrss / 1024, proc.returncode  # ru_maxrss is KiB on Linux

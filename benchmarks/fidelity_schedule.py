@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -29,9 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-PY = "python"
+from fidelity import HERE, PY, ROOT, command, run_child
 SEEDS = 5  # probe seeds per evaluation
 
 
@@ -100,33 +97,31 @@ def say(text: str) -> None:
 def child(cmd: list[str], log: Path, threads: int) -> tuple[float, float]:
     """Run cmd with `threads` intra-op threads, output appended to log; (wall s, peak RSS MiB). Raises on failure."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    t0 = time.perf_counter()
     with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
+        f.write(f"$ {command(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed, see {log}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+        wall, rss, rc = run_child(cmd, f, env)
+    if rc != 0:
+        raise RuntimeError(f"{command(cmd)} failed (rc {rc}), see {log}")
+    return wall, rss
 
 
-def step_seconds(metrics: Path, step: int, key: str) -> float:
-    """Summed `key` (step_time_s: wall, step_cpu_s: CPU) of steps 1..step (metrics.jsonl: one line per step)."""
+def step_seconds(metrics: Path, step: int) -> tuple[float, float]:
+    """(wall, CPU) seconds summed over steps 1..step: metrics.jsonl's step_time_s and step_cpu_s, one line per step."""
     if step == 0:
-        return 0.0
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    times = {r["step"]: r[key] for r in rows}
-    missing = [s for s in range(1, step + 1) if s not in times]
+        return 0.0, 0.0
+    rows = {r["step"]: r for r in (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())}
+    missing = [s for s in range(1, step + 1) if s not in rows]
     if missing:
         raise RuntimeError(f"{metrics}: no step time for steps {missing[:3]}...")
-    return sum(times[s] for s in range(1, step + 1))
+    return (sum(rows[s]["step_time_s"] for s in range(1, step + 1)),
+            sum(rows[s]["step_cpu_s"] for s in range(1, step + 1)))
 
 
-def evaluate(distilled: Path, out_json: Path, log: Path, threads: int) -> None:
-    rel = distilled.relative_to(ROOT)
-    child([PY, "-m", "clpdd_fast.evaluate", "--distilled", str(rel), "--json", str(out_json.relative_to(ROOT)),
-           "--seeds", str(SEEDS)], log, threads)
+def evaluate(args: list, out_json: Path, log: Path, threads: int) -> None:
+    """`python -m clpdd_fast.evaluate ARGS --json OUT_JSON --seeds SEEDS` (the protocol, SEEDS probe seeds)."""
+    child([PY, "-m", "clpdd_fast.evaluate", *args, "--json", str(out_json.relative_to(ROOT)), "--seeds", str(SEEDS)],
+          log, threads)
 
 
 def do_run(r: Run, root: Path, threads: int) -> None:
@@ -146,14 +141,14 @@ def do_run(r: Run, root: Path, threads: int) -> None:
             say(f"{r.name}: distill to step {n}")
             wall, rss = child(cmd, log, threads)
             stage.mkdir(exist_ok=True)
-            info = {"step": n, "step_seconds": step_seconds(run_dir / "metrics.jsonl", n, "step_cpu_s"),
-                    "step_wall_seconds": step_seconds(run_dir / "metrics.jsonl", n, "step_time_s"), "stage_wall_s": wall,
-                    "peak_rss_mib": rss, "command": " ".join(cmd)}
+            step_wall, step_cpu = step_seconds(run_dir / "metrics.jsonl", n)
+            info = {"step": n, "step_wall_seconds": step_wall, "step_cpu_seconds": step_cpu, "stage_wall_s": wall,
+                    "peak_rss_mib": rss, "command": command(cmd)}
             shutil.copy2(run_dir / "distilled.pt", stage / "distilled.pt.tmp")
             os.replace(stage / "distilled.pt.tmp", stage / "distilled.pt")
             (stage / "stage.json").write_text(json.dumps(info, indent=2))
         say(f"{r.name}: evaluate step {n}")
-        evaluate(stage, stage / "eval.json", log, threads)
+        evaluate(["--distilled", str(stage.relative_to(ROOT))], stage / "eval.json", log, threads)
         top1 = json.loads((stage / "eval.json").read_text())["top1_mean"]
         say(f"{r.name}: step {n}: top-1 {100 * top1:.2f} %")
 
@@ -165,8 +160,7 @@ def do_baseline(ipc: int, baseline: str, root: Path, threads: int) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     say(f"baseline {baseline} ipc {ipc}")
-    child([PY, "-m", "clpdd_fast.evaluate", "--baseline", baseline, "--ipc", str(ipc), "--json",
-           str(out.relative_to(ROOT)), "--seeds", str(SEEDS)], folder / "log.txt", threads)
+    evaluate(["--baseline", baseline, "--ipc", str(ipc)], out, folder / "log.txt", threads)
 
 
 def do_literal(folder: str, args: tuple, root: Path, threads: int) -> None:
@@ -176,8 +170,7 @@ def do_literal(folder: str, args: tuple, root: Path, threads: int) -> None:
     if not (root / folder / "eval.json").exists():
         raise RuntimeError(f"literal protocol of {folder}: its pooled evaluation (eval.json) is not there yet")
     say(f"literal protocol: {folder}")
-    child([PY, "-m", "clpdd_fast.evaluate", *args, "--aug-draws", "0", "--json", str(out.relative_to(ROOT)),
-           "--seeds", str(SEEDS)], root / folder / "log-literal.txt", threads)
+    evaluate([*args, "--aug-draws", "0"], out, root / folder / "log-literal.txt", threads)
 
 
 def do_cross(source: str, root: Path, threads: int) -> None:
@@ -193,13 +186,11 @@ def do_cross(source: str, root: Path, threads: int) -> None:
         out = folder / f"eval-{target}.json"
         if not out.exists():
             say(f"cross: {source} -> {target}")
-            child([PY, "-m", "clpdd_fast.evaluate", "--distilled", str((folder / "run").relative_to(ROOT)),
-                   "--eval-model", target, "--eval-weights", "default", "--json", str(out.relative_to(ROOT)),
-                   "--seeds", str(SEEDS)], log, threads)
+            evaluate(["--distilled", str((folder / "run").relative_to(ROOT)), "--eval-model", target,
+                      "--eval-weights", "default"], out, log, threads)
         centroids = root / "cross" / f"centroids-{target}.json"
         if not centroids.exists():
-            child([PY, "-m", "clpdd_fast.evaluate", "--baseline", "centroids", "--model", target, "--json",
-                   str(centroids.relative_to(ROOT)), "--seeds", str(SEEDS)], log, threads)
+            evaluate(["--baseline", "centroids", "--model", target], centroids, log, threads)
 
 
 def measure(root: Path, jobs: int, threads: int, only: set | None) -> None:
@@ -208,8 +199,8 @@ def measure(root: Path, jobs: int, threads: int, only: set | None) -> None:
     literal = [(do_literal, (folder, args, root, threads)) for name, folder, args in LITERAL
                if not only or "literal" in only]
     cross = [(do_cross, (source, root, threads)) for source in ENCODERS if not only or "cross" in only]
-    # the two ipc = 1 seed-0 curves, then the literal-protocol and cross-encoder rows, then the rest, lr probes last
-    tasks += runs[:2] + literal + cross + runs[2:-3] + runs[-3:]
+    # the two ipc = 1 seed-0 curves, then the literal-protocol and cross-encoder rows, then the rest in RUNS's order
+    tasks += runs[:2] + literal + cross + runs[2:]
 
     def guarded(fn, args):
         try:
@@ -237,7 +228,7 @@ def collect(root: Path) -> dict:
             pt = curves.setdefault((r.ipc, r.row), {}).setdefault(n, {"seconds": [], "cpu": [], "top1": [],
                                                                         "probe_std": [], "rss": [], "seeds": []})
             pt["seconds"].append(info["step_wall_seconds"])
-            pt["cpu"].append(info["step_seconds"])
+            pt["cpu"].append(info["step_cpu_seconds"])
             pt["top1"].append(100 * ev["top1_mean"])
             pt["probe_std"].append(100 * ev["top1_std"])
             pt["rss"].append(info["peak_rss_mib"])

@@ -51,9 +51,7 @@ def augmented_features(encoder: torch.nn.Module, images: Tensor, augment: Augmen
     Returns: float32 (P, n, d) on the CPU; row [p, i] is image i under draw p.
     """
     integer("draws", draws, minimum=1)
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images: expected a float tensor (n, 3, S, S), got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+    _check_images(images)
     if device is None:
         device = next(encoder.parameters()).device
     n = images.shape[0]
@@ -65,6 +63,12 @@ def augmented_features(encoder: torch.nn.Module, images: Tensor, augment: Augmen
         batch = augment.apply(images[(rows % n).to(device)], params.select(rows), out_size)
         out.append(encoder(batch).float().cpu())
     return torch.cat(out).view(draws, n, -1)
+
+
+def _check_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected a float tensor (n, 3, S, S), got "
+                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
 
 
 def _check_features(name: str, x: Tensor, labels: Tensor) -> None:
@@ -137,9 +141,7 @@ def train_linear_probe_fresh(encoder: torch.nn.Module, images: Tensor, augment: 
         out_size: encoder input resolution; encode_batch: images per encoder call.
         The other arguments and the result are those of ``train_linear_probe``.
     """
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images: expected a float tensor (n, 3, S, S), got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+    _check_images(images)
     _check_features("test_features", test_features, test_labels)
     if not isinstance(train_labels, Tensor) or train_labels.dim() != 1 or train_labels.shape[0] != images.shape[0]:
         raise ValueError(f"train_labels: expected a 1-D tensor of {images.shape[0]} class indices (one per image), "

@@ -13,11 +13,11 @@ def test_step_seconds_sums_the_steps_up_to_n(tmp_path):
     m = tmp_path / "metrics.jsonl"
     m.write_text("".join(json.dumps({"step": s, "loss": 1.0, "step_time_s": 0.5 * s, "step_cpu_s": 0.25})
                          + "\n" for s in (1, 2, 3, 4)))
-    assert fs.step_seconds(m, 0, "step_time_s") == 0.0
-    assert fs.step_seconds(m, 3, "step_time_s") == pytest.approx(0.5 + 1.0 + 1.5)
-    assert fs.step_seconds(m, 4, "step_cpu_s") == pytest.approx(1.0)
+    assert fs.step_seconds(m, 0) == (0.0, 0.0)
+    assert fs.step_seconds(m, 3) == pytest.approx((0.5 + 1.0 + 1.5, 0.75))
+    assert fs.step_seconds(m, 4) == pytest.approx((5.0, 1.0))
     with pytest.raises(RuntimeError, match="no step time"):
-        fs.step_seconds(m, 5, "step_time_s")
+        fs.step_seconds(m, 5)
 
 
 def test_at_time_takes_the_latest_stage_finished_within_the_time():
@@ -33,7 +33,7 @@ def test_at_time_takes_the_latest_stage_finished_within_the_time():
 def _stage(root, run, step, seconds, top1):
     folder = root / run.name / f"step-{step}"
     folder.mkdir(parents=True)
-    (folder / "stage.json").write_text(json.dumps({"step_seconds": seconds * 2, "step_wall_seconds": seconds,
+    (folder / "stage.json").write_text(json.dumps({"step_cpu_seconds": seconds * 2, "step_wall_seconds": seconds,
                                                    "peak_rss_mib": 1000.0}))
     (folder / "eval.json").write_text(json.dumps({"top1_mean": top1 / 100, "top1_std": 0.01}))
 
