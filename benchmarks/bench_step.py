@@ -30,6 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import RssSampler, Table, device_name, results_header  # noqa: E402
 
+from clpdd_fast.cli import device_arg, positive_int  # noqa: E402
+
 IMAGENET = dict(model="vit_base_patch14_dinov2", image_size=224, synthetic_size=256, m=[1000], n=[1_281_167],
                 classes=1000, chunk_size=50, precision="bf16", augment="standard")
 
@@ -39,18 +41,18 @@ def parse_args(argv=None):
     p.add_argument("--imagenet", action="store_true", help="the ImageNet-1K shape of the issue (needs a GPU)")
     p.add_argument("--method", default="clpdd", help="comma list of methods (clpdd, lgm); ratios are to clpdd's step")
     p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model, random weights")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--synthetic-size", type=int, default=None)
     p.add_argument("--m", default="10,40,160", help="comma list of synthetic-image counts")
     p.add_argument("--n", default="5000,60000", help="comma list of real-feature counts")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--chunk-size", type=int, default=16, help="synthetic images per encoder chunk")
+    p.add_argument("--classes", type=positive_int, default=10)
+    p.add_argument("--chunk-size", type=positive_int, default=16, help="synthetic images per encoder chunk")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--augment", default="standard")
-    p.add_argument("--reps", type=int, default=3, help="timed steps after one warm-up step")
-    p.add_argument("--augs-per-batch", type=int, default=None,
+    p.add_argument("--reps", type=positive_int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--augs-per-batch", type=positive_int, default=None,
                    help="--method lgm: augmented copies K per step (default 10; 3 with --imagenet, as LGM's authors)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--no-plain", action="store_true", help="skip the one-graph baseline")
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
     p.add_argument("--no-append", action="store_true")
@@ -124,11 +126,11 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
         return 0
-    if args.imagenet and args.device != "cuda":
+    if args.imagenet and not args.device.startswith("cuda"):
         print("bench_step --imagenet needs a CUDA GPU", file=sys.stderr)
         return 2
     command = "python3 benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    where = (device_name(args.device) if args.device == "cuda"
+    where = (device_name(args.device) if args.device.startswith("cuda")
              else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     table = Table(None if args.no_append else args.results,
                   results_header("bench_step", where, command),

@@ -25,7 +25,7 @@ def git_commit() -> str:
 def device_name(device: str = "cuda") -> str:
     import torch
     if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+        return torch.cuda.get_device_name(torch.device(device))
     return "CPU"
 
 

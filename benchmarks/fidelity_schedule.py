@@ -74,6 +74,26 @@ RUNS = [
     Run(1, "clpdd-pixel-lr0.02", 0, _clpdd(lr="0.02"), (1000,)),
     Run(1, "clpdd-pixel-lr0.1", 0, _clpdd(lr="0.1"), (1000,)),
     Run(1, "clpdd-pyramid-lr0.2", 0, _clpdd("pyramid", "0.2"), (1000,)),
+    # ipc = 10: why the protocol stays flat while the ridge score rises (seed 0: outer loss, lam, lr, start), then the
+    # headline curves' second and third seeds
+    Run(10, "clpdd-pixel-mse", 0, _clpdd() + ("--outer", "mse"), (200, 500)),
+    Run(10, "clpdd-pixel-mse-noaug", 0, _clpdd() + ("--outer", "mse", "--augment", "none"), (200, 500)),
+    Run(10, "clpdd-pixel-lam0.1", 0, _clpdd() + ("--lam", "0.1"), (200,)),
+    Run(10, "clpdd-pixel-lr0.02", 0, _clpdd(lr="0.02"), (200, 500)),
+    # starting from the centroids baseline's images (step 0 = that baseline)
+    Run(10, "clpdd-pixel-centroids", 0, _clpdd() + ("--init", "centroids"), (0, 200, 500)),
+    Run(10, "clpdd-pixel-mse-centroids", 0, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500)),
+    Run(1, "clpdd-pixel-centroids", 0, _clpdd() + ("--init", "centroids"), (0, 1000, 3000)),
+    Run(1, "clpdd-pixel-mse", 0, _clpdd() + ("--outer", "mse"), (200, 1000)),
+    *(Run(10, "clpdd-pixel", s, _clpdd(), (0, 200, 500)) for s in (1, 2)),
+    *(Run(10, "lgm-k3-pixel", s, _lgm(3), (0, 50, 125)) for s in (1, 2)),
+    # LGM's learning rate (K = 3, 1000 steps)
+    Run(1, "lgm-k3-pixel-lr0.02", 0, _lgm(3, lr="0.02"), (1000,)),
+    Run(1, "lgm-k3-pixel-lr0.1", 0, _lgm(3, lr="0.1"), (1000,)),
+    # the pyramid with every level active from the start (the real image it starts from is then visible at step 0)
+    Run(1, "clpdd-pyramid-grow0", 0, _clpdd("pyramid") + ("--grow-every", "0"), (0, 1000)),
+    # the CLP-DD learning-rate probes at two more seeds
+    *(Run(1, f"clpdd-pixel-lr{lr}", s, _clpdd(lr=lr), (1000,)) for s in (1, 2) for lr in ("0.02", "0.1")),
 ]
 BASELINES = [(ipc, b) for ipc in (1, 10) for b in ("centroids", "random")]
 # The literal protocol (fresh draws every epoch, `evaluate --aug-draws 0`) against the cached-draw pool on two sets:

@@ -79,12 +79,14 @@ def load_torch(path: Path, what: str, keys: set[str]) -> dict:
 
 def load_distilled(path: str, what: str = "--distilled") -> dict:
     """The distilled set `distill` wrote (a run folder or its distilled.pt), read by load_torch: a dict with images
-    (m, 3, S, S), labels (m,), config (a dict) and path (the file read). `what` names the argument in errors."""
+    (m, 3, S, S), labels (m,), config (a dict) and path (the file read). `what` names the argument in errors
+    (FileNotFoundError for a missing file, ValueError for one that is not a distilled set; the CLIs print them as an
+    error line)."""
     p = Path(path)
     if p.is_dir():
         p = p / "distilled.pt"
     if not p.is_file():
-        raise SystemExit(f"error: {what}: {str(path)!r} is neither a distilled.pt file nor a run folder holding one")
+        raise FileNotFoundError(f"{what}: {str(path)!r} is neither a distilled.pt file nor a run folder holding one")
     payload = load_torch(p, what, {"images", "labels", "config"})  # runs no code from the file
     images, labels = payload["images"], payload["labels"]
     if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor) \
@@ -92,7 +94,7 @@ def load_distilled(path: str, what: str = "--distilled") -> dict:
         raise ValueError(f"{what}: {p}: expected images and labels tensors and a config dict, got "
                          f"{type(images).__name__}, {type(labels).__name__}, {type(payload['config']).__name__}")
     if images.dim() != 4 or images.shape[1] != 3 or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise SystemExit(f"error: {what}: images {tuple(images.shape)} and labels {tuple(labels.shape)} "
+        raise ValueError(f"{what}: images {tuple(images.shape)} and labels {tuple(labels.shape)} "
                          f"do not form a set of (m, 3, S, S) images with m labels")
     payload["path"] = str(p)
     return payload

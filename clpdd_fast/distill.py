@@ -19,7 +19,7 @@ import torch
 
 from clpdd_fast import artifacts, export, validation
 from clpdd_fast.augment import build_augment
-from clpdd_fast.baselines import random_real_indices
+from clpdd_fast.baselines import centroid_indices, random_real_indices
 from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, positive_float, positive_int, run_main
 from clpdd_fast.config import PRESETS, RunConfig
 from clpdd_fast.distributed import World, init_from_env, shutdown
@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grow-every", type=int, default=D.grow_every,
       help="pyramid: steps between activations of the next finer level (0: all levels from the start)")
     a("--decorrelate", action=argparse.BooleanOptionalAction, default=D.decorrelate, help="colour decorrelation")
-    a("--init", default=D.init, choices=["real", "noise"], help="initialise from random real images or noise")
+    a("--init", default=D.init, choices=["real", "centroids", "noise"],
+      help="initialise from random real images, from the centroids baseline's real images (per class the ipc images "
+           "nearest the class mean or its k-means centres: evaluate --baseline centroids scores the step-0 set), or "
+           "from noise")
     a("--augment", default=D.augment, choices=["none", "standard"],
       help="augmentation of synthetic images (standard: flip, random-resized-crop, noise)")
     a("--real-batch", type=int_or_all, default=D.real_batch, metavar="N|all",
@@ -156,12 +159,14 @@ def setup(cfg: RunConfig) -> Setup:
     validation.finite("real features (after --features)", real_x)  # once here; the step skips these checks
     validation.labels("real labels", exp.y_train, exp.num_classes)
 
-    # The random real images per class serve twice: the synthetic set's initialisation and the baseline.
+    # The random real images per class serve twice: the synthetic set's initialisation (--init real) and the baseline.
     picks = random_real_indices(exp.y_train, exp.num_classes, cfg.ipc, seed=cfg.seed + 1)
     if world.size > len(picks):
         raise SystemExit(f"error: {world.size} ranks but only {len(picks)} synthetic images: use fewer ranks")
-    labels = exp.y_train[picks].to(device)
-    init = exp.train.images(exp.train_rows[picks.numpy()], synthetic_size) if cfg.init == "real" else None
+    # Both selections are class by class, ipc rows each: the labels do not depend on --init.
+    start = centroid_indices(exp.phi_train, exp.y_train, exp.num_classes, cfg.ipc) if cfg.init == "centroids" else picks
+    labels = exp.y_train[start].to(device)
+    init = None if cfg.init == "noise" else exp.train.images(exp.train_rows[start.numpy()], synthetic_size)
     torch.manual_seed(cfg.seed)
     synthetic = build_synthetic(cfg.param, labels, synthetic_size, init, decorrelate=cfg.decorrelate,
                                 grow_every=cfg.grow_every, generator=torch.Generator().manual_seed(cfg.seed))

@@ -59,3 +59,16 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     plain = tmp_path / "plain"
     plain.write_text("")
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_load_distilled_raises_ordinary_errors_naming_the_argument(tmp_path):
+    """A library call gets FileNotFoundError / ValueError (the CLIs turn them into an error line), never SystemExit."""
+    with pytest.raises(FileNotFoundError, match="--set: .* is neither a distilled.pt file"):
+        artifacts.load_distilled(str(tmp_path / "missing"), what="--set")
+    path = tmp_path / "distilled.pt"
+    torch.save({"images": torch.rand(3, 3, 8, 8), "labels": torch.arange(2), "config": {}}, path)
+    with pytest.raises(ValueError, match=r"--set: images \(3, 3, 8, 8\) and labels \(2,\) do not form a set"):
+        artifacts.load_distilled(str(tmp_path), what="--set")
+    torch.save({"images": torch.rand(2, 3, 8, 8), "labels": torch.arange(2), "config": {"ipc": 1}}, path)
+    loaded = artifacts.load_distilled(str(tmp_path), what="--set")
+    assert loaded["path"] == str(path) and loaded["config"] == {"ipc": 1} and loaded["images"].shape == (2, 3, 8, 8)

@@ -276,3 +276,24 @@ def test_a_non_finite_loss_stops_the_run_before_the_step_is_taken(tiny_idx, tmp_
     monkeypatch.setitem(methods.METHODS, "clpdd", real)
     assert main(run_args(tiny_idx, run, tmp_path / "cache", "--iterations", "5", "--checkpoint-every", "1",
                          "--resume"))["steps"] == 5
+
+
+def test_init_centroids_starts_from_the_images_the_centroids_baseline_selects(tiny_idx, tmp_path):
+    """--init centroids: step 0 is the set `evaluate --baseline centroids` scores (same rows, same order)."""
+    from clpdd_fast import evaluate
+    from clpdd_fast.datasets import open_dataset
+
+    cache = tmp_path / "cache"
+    for init in ("centroids", "real"):
+        main(run_args(tiny_idx, tmp_path / init, cache, "--iterations", "0", "--ipc", "2", "--init", init,
+                      "--augment", "none"))
+    saved = torch.load(tmp_path / "centroids" / "distilled.pt")
+    baseline = evaluate.main(["--data", str(tiny_idx), "--model", TINY_MODEL, "--weights", "none", "--image-size",
+                              "32", "--cache-dir", str(cache), "--device", "cpu", "--epochs", "1", "--seeds", "1",
+                              "--aug-draws", "1", "--baseline", "centroids", "--ipc", "2"])
+    rows = baseline["selected_rows"]
+    assert len(rows) == 8 and saved["labels"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    expected = open_dataset(str(tiny_idx), "train").images(rows, 32)   # all 48 training rows are used: row = index
+    torch.testing.assert_close(saved["images"], expected, rtol=0, atol=1e-3)
+    random_start = torch.load(tmp_path / "real" / "distilled.pt")["images"]
+    assert not torch.allclose(random_start, saved["images"], atol=0.05)   # --init real starts elsewhere

@@ -62,7 +62,7 @@ def test_cli_baselines_run_without_a_distilled_set(tiny_idx, tmp_path, baseline)
 def test_cli_bad_input(tiny_idx, tmp_path):
     with pytest.raises(SystemExit, match="exactly one"):
         main(cli(tiny_idx, tmp_path))
-    with pytest.raises(SystemExit, match="neither a distilled.pt"):
+    with pytest.raises(FileNotFoundError, match="--distilled: .* is neither a distilled.pt"):  # an error line
         main(cli(tiny_idx, tmp_path, "--distilled", str(tmp_path / "missing")))
     with pytest.raises(SystemExit, match="exactly one"):
         main(cli(tiny_idx, tmp_path, "--distilled", "x", "--baseline", "full"))
