@@ -114,6 +114,9 @@ def _prepare_out(cfg: RunConfig, world: World) -> tuple[Path, dict | None]:
         diff = RunConfig.from_dict(ckpt["config"], f"--resume: {ckpt_path}").mismatches(cfg)
         if diff:
             raise SystemExit(f"error: --resume: settings differ from the checkpoint ({', '.join(diff)})")
+        if ckpt["step"] > cfg.iterations:   # would write the later state as if it were the result of fewer steps
+            raise SystemExit(f"error: --resume: {ckpt_path} holds step {ckpt['step']}, past --iterations "
+                             f"{cfg.iterations}: pass --iterations {ckpt['step']} or more")
         return out, ckpt
     out = Path(cfg.out) if cfg.out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if (out / "checkpoint.pt").exists():

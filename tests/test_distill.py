@@ -95,6 +95,10 @@ def test_resume_refuses_changed_settings(tiny_idx, tmp_path):
     main(run_args(tiny_idx, tmp_path / "r", tmp_path / "cache", "--iterations", "1"))
     with pytest.raises(SystemExit, match="--lam"):
         main(run_args(tiny_idx, tmp_path / "r", tmp_path / "cache", "--iterations", "2", "--resume", "--lam", "9"))
+    before = (tmp_path / "r" / "distilled.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"holds step 1, past --iterations 0: pass --iterations 1 or more"):
+        main(run_args(tiny_idx, tmp_path / "r", tmp_path / "cache", "--iterations", "0", "--resume"))
+    assert (tmp_path / "r" / "distilled.pt").read_bytes() == before   # the run's set is left as it was
 
 
 def test_resume_and_evaluate_accept_files_written_before_newer_settings(tiny_idx, tmp_path):

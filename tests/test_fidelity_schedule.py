@@ -40,11 +40,13 @@ def _stage(root, run, step, seconds, top1):
 
 def test_report_averages_seeds_and_compares_at_equal_time(tmp_path, monkeypatch):
     runs = [fs.Run(1, "clpdd-pixel", 0, (), (0, 100)), fs.Run(1, "clpdd-pixel", 1, (), (0, 100)),
-            fs.Run(1, "lgm-k3-pixel", 0, (), (0, 20, 60))]
+            fs.Run(1, "lgm-k3-pixel", 0, (), (0, 20, 60)), fs.Run(1, "clpdd-pixel-mse", 0, (), (0, 100)),
+            fs.Run(1, "clpdd-pixel-lr0.1", 0, (), (100,))]
     monkeypatch.setattr(fs, "RUNS", runs)
     monkeypatch.setattr(fs, "LITERAL", [])
     for r, pts in zip(runs, ([(0, 0, 50), (100, 20, 70)], [(0, 0, 52), (100, 22, 66)],
-                             [(0, 0, 50), (20, 15, 55), (60, 45, 65)])):
+                             [(0, 0, 50), (20, 15, 55), (60, 45, 65)], [(0, 0, 50), (100, 30, 72)],
+                             [(100, 20, 60)])):
         for step, sec, top1 in pts:
             _stage(tmp_path, r, step, sec, top1)
     md = tmp_path / "F.md"
@@ -55,7 +57,11 @@ def test_report_averages_seeds_and_compares_at_equal_time(tmp_path, monkeypatch)
     # CLP-DD at step 100: two seeds, 68 +- 2 %, 21 s of steps (wall) and 42 CPU seconds
     assert "| 1 | clpdd-pixel | 100 | 21 / 42 | 0,1 | 68.00 ± 2.00 | 70.00 / 66.00 |" in text
     # at 21 s LGM had finished its step-20 stage (15 s) but not step 60 (45 s): 68 - 55 = +13
-    assert "| 1 | CLP-DD | 100 | 21 | 100 | 68.00 | lgm-k3-pixel | 20 | 55.00 | +13.00 |" in text
+    assert "| 1 | CLP-DD | 100 | 21 | clpdd-pixel | 100 | 68.00 | lgm-k3-pixel | 20 | 55.00 | +13.00 |" in text
     # at LGM's 15 s CLP-DD had only its step 0 (51 %); at LGM's 45 s it had step 100 (21 s)
-    assert "| 1 | LGM | 20 | 15 | 0 | 51.00 | lgm-k3-pixel | 20 | 55.00 | -4.00 |" in text
-    assert "| 1 | LGM | 60 | 45 | 100 | 68.00 | lgm-k3-pixel | 60 | 65.00 | +3.00 |" in text
+    assert "| 1 | LGM | 20 | 15 | clpdd-pixel | 0 | 51.00 | lgm-k3-pixel | 20 | 55.00 | -4.00 |" in text
+    assert "| 1 | LGM | 60 | 45 | clpdd-pixel | 100 | 68.00 | lgm-k3-pixel | 60 | 65.00 | +3.00 |" in text
+    # the MSE row is compared too (at its 30 s LGM had step 20); a learning-rate probe is not
+    assert "| 1 | CLP-DD | 100 | 30 | clpdd-pixel-mse | 100 | 72.00 | lgm-k3-pixel | 20 | 55.00 | +17.00 |" in text
+    assert "| 1 | LGM | 60 | 45 | clpdd-pixel-mse | 100 | 72.00 | lgm-k3-pixel | 60 | 65.00 | +7.00 |" in text
+    assert "| 1 | clpdd-pixel-lr0.1 | 100 |" in text and "| clpdd-pixel-lr0.1 | 100 | 60.00 | lgm" not in text
