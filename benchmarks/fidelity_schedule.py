@@ -81,17 +81,20 @@ RUNS = [
     Run(10, "clpdd-pixel-lr0.02", 0, _clpdd(lr="0.02"), (200, 500)),
     # starting from the centroids baseline's images (step 0 = that baseline)
     Run(10, "clpdd-pixel-centroids", 0, _clpdd() + ("--init", "centroids"), (0, 200, 500)),
-    Run(10, "clpdd-pixel-mse-centroids", 0, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500)),
-    # the ipc = 10 curves at two more seeds: the default (CE), MSE (ahead at seed 0) and LGM
+    Run(10, "clpdd-pixel-mse-centroids", 0, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500, 1000)),
+    # the ipc = 10 curves at two more seeds: the default (CE), MSE (ahead at seed 0), LGM, and MSE from the centroids
+    # (the best at seed 0; the start is the same images at every seed, the seed draws the augmentations)
     *(Run(10, "clpdd-pixel", s, _clpdd(), (0, 200, 500)) for s in (1, 2)),
     *(Run(10, "clpdd-pixel-mse", s, _clpdd() + ("--outer", "mse"), (0, 200, 500)) for s in (1, 2)),
     *(Run(10, "lgm-k3-pixel", s, _lgm(3), (0, 50, 125)) for s in (1, 2)),
-    # a softer CE at ipc = 10
-    Run(10, "clpdd-pixel-tau0.2", 0, _clpdd() + ("--tau", "0.2"), (200,)),
-    Run(10, "clpdd-pixel-tau1", 0, _clpdd() + ("--tau", "1"), (200,)),
+    *(Run(10, "clpdd-pixel-mse-centroids", s, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500))
+      for s in (1, 2)),
     # ipc = 1: MSE, and the centroids start
     Run(1, "clpdd-pixel-mse", 0, _clpdd() + ("--outer", "mse"), (200, 1000)),
     Run(1, "clpdd-pixel-centroids", 0, _clpdd() + ("--init", "centroids"), (0, 1000, 3000)),
+    # a softer CE at ipc = 10
+    Run(10, "clpdd-pixel-tau0.2", 0, _clpdd() + ("--tau", "0.2"), (200,)),
+    Run(10, "clpdd-pixel-tau1", 0, _clpdd() + ("--tau", "1"), (200,)),
     # LGM's learning rate (K = 3, 1000 steps)
     Run(1, "lgm-k3-pixel-lr0.02", 0, _lgm(3, lr="0.02"), (1000,)),
     Run(1, "lgm-k3-pixel-lr0.1", 0, _lgm(3, lr="0.1"), (1000,)),
