@@ -87,10 +87,10 @@ RUNS = [
     *(Run(10, "clpdd-pixel", s, _clpdd(), (0, 200, 500)) for s in (1, 2)),
     *(Run(10, "clpdd-pixel-mse", s, _clpdd() + ("--outer", "mse"), (0, 200, 500)) for s in (1, 2)),
     *(Run(10, "lgm-k3-pixel", s, _lgm(3), (0, 50, 125)) for s in (1, 2)),
+    Run(1, "clpdd-pixel-mse", 0, _clpdd() + ("--outer", "mse"), (200, 1000)),   # ipc = 1: MSE
     *(Run(10, "clpdd-pixel-mse-centroids", s, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500))
       for s in (1, 2)),
-    # ipc = 1: MSE, and the centroids start
-    Run(1, "clpdd-pixel-mse", 0, _clpdd() + ("--outer", "mse"), (200, 1000)),
+    # ipc = 1: the centroids start
     Run(1, "clpdd-pixel-centroids", 0, _clpdd() + ("--init", "centroids"), (0, 1000, 3000)),
     # a softer CE at ipc = 10
     Run(10, "clpdd-pixel-tau0.2", 0, _clpdd() + ("--tau", "0.2"), (200,)),
@@ -104,8 +104,8 @@ RUNS = [
     *(Run(1, f"clpdd-pixel-lr{lr}", s, _clpdd(lr=lr), (1000,)) for s in (1, 2) for lr in ("0.02", "0.1")),
 ]
 # The CLP-DD rows of the equal-time table (each against every LGM pixel row of its ipc): the default recipe, and the
-# MSE outer loss, which the ipc = 10 probes found ahead there
-EQUAL_TIME_ROWS = ("clpdd-pixel", "clpdd-pixel-mse")
+# MSE outer loss (from random real images and from the centroids), which the ipc = 10 probes found ahead there
+EQUAL_TIME_ROWS = ("clpdd-pixel", "clpdd-pixel-mse", "clpdd-pixel-mse-centroids")
 BASELINES = [(ipc, b) for ipc in (1, 10) for b in ("centroids", "random")]
 # The literal protocol (fresh draws every epoch, `evaluate --aug-draws 0`) against the cached-draw pool on two sets:
 # (name, the folder whose eval.json holds the pooled result, evaluate arguments naming the same images)
