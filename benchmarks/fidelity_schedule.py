@@ -82,13 +82,12 @@ RUNS = [
     # starting from the centroids baseline's images (step 0 = that baseline)
     Run(10, "clpdd-pixel-centroids", 0, _clpdd() + ("--init", "centroids"), (0, 200, 500)),
     Run(10, "clpdd-pixel-mse-centroids", 0, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500, 1000)),
-    # the ipc = 10 curves at two more seeds: the default (CE), MSE (ahead at seed 0), LGM, and MSE from the centroids
-    # (the best at seed 0; the start is the same images at every seed, the seed draws the augmentations)
+    # the ipc = 10 curves at two more seeds: the default (CE), LGM, and MSE from the centroids (the best at seed 0;
+    # the start is the same images at every seed, the seed draws the augmentations)
     *(Run(10, "clpdd-pixel", s, _clpdd(), (0, 200, 500)) for s in (1, 2)),
-    *(Run(10, "clpdd-pixel-mse", s, _clpdd() + ("--outer", "mse"), (0, 200, 500)) for s in (1, 2)),
     *(Run(10, "lgm-k3-pixel", s, _lgm(3), (0, 50, 125)) for s in (1, 2)),
     Run(1, "clpdd-pixel-mse", 0, _clpdd() + ("--outer", "mse"), (200, 1000)),   # ipc = 1: MSE
-    *(Run(10, "clpdd-pixel-mse-centroids", s, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500))
+    *(Run(10, "clpdd-pixel-mse-centroids", s, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500, 1000))
       for s in (1, 2)),
     # ipc = 1: the centroids start
     Run(1, "clpdd-pixel-centroids", 0, _clpdd() + ("--init", "centroids"), (0, 1000, 3000)),
@@ -100,6 +99,8 @@ RUNS = [
     Run(1, "lgm-k3-pixel-lr0.1", 0, _lgm(3, lr="0.1"), (1000,)),
     # the pyramid with every level active from the start (the real image it starts from is then visible at step 0)
     Run(1, "clpdd-pyramid-grow0", 0, _clpdd("pyramid") + ("--grow-every", "0"), (0, 1000)),
+    # MSE from random real images at two more seeds
+    *(Run(10, "clpdd-pixel-mse", s, _clpdd() + ("--outer", "mse"), (0, 200, 500)) for s in (1, 2)),
     # the CLP-DD learning-rate probes at two more seeds
     *(Run(1, f"clpdd-pixel-lr{lr}", s, _clpdd(lr=lr), (1000,)) for s in (1, 2) for lr in ("0.02", "0.1")),
 ]
