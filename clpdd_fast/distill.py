@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     a = p.add_argument
     a("--preset", default=D.preset, choices=sorted(PRESETS),
-      help="start from a named recipe's settings (flags given here still win); quality: "
-           + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["quality"].items())
+      help="start from a named recipe's settings (flags given here still win); "
+           + "; ".join(f"{name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
+                       for name, settings in PRESETS.items())
            + " (README: Presets)")
     a("--method", default=D.method, choices=sorted(METHODS), help="distillation objective")
     a("--data", default=D.data, help="folder of IDX files or an ImageFolder tree (train/<class>/*, val/<class>/*); "
@@ -150,6 +151,10 @@ def setup(cfg: RunConfig) -> Setup:
     world, device = init_from_env(cfg.device)
     out, ckpt = _prepare_out(cfg, world)
     set_enabled(cfg.nvtx)
+    if cfg.preset == "quality" and cfg.ipc > 1 and cfg.method == "clpdd" and cfg.outer == "ce":
+        _say(world, f"note: --preset quality is the recipe measured at --ipc 1; at --ipc 10 the CE objective lost "
+                    f"protocol accuracy with more steps (README: Presets): --preset quality-ipc10 is the one measured "
+                    f"there")
     exp = open_experiment(cfg.data, cfg.model, cfg.weights, device, image_size=cfg.image_size,
                           train_subset=cfg.train_subset, test_subset=cfg.test_subset, precision=cfg.precision,
                           cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images, progress=world.is_main,

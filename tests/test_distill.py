@@ -301,3 +301,14 @@ def test_init_centroids_starts_from_the_images_the_centroids_baseline_selects(ti
     torch.testing.assert_close(saved["images"], expected, rtol=0, atol=1e-3)
     random_start = torch.load(tmp_path / "real" / "distilled.pt")["images"]
     assert not torch.allclose(random_start, saved["images"], atol=0.05)   # --init real starts elsewhere
+
+
+def test_preset_quality_above_one_image_per_class_points_to_the_ipc10_recipe(tiny_idx, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    main(run_args(tiny_idx, tmp_path / "a", cache, "--preset", "quality", "--iterations", "0", "--ipc", "2"))
+    assert "--preset quality-ipc10 is the one measured there" in capsys.readouterr().err
+    main(run_args(tiny_idx, tmp_path / "b", cache, "--preset", "quality", "--iterations", "0"))            # ipc 1
+    main(run_args(tiny_idx, tmp_path / "c", cache, "--preset", "quality-ipc10", "--iterations", "0", "--ipc", "2"))
+    assert "note: --preset" not in capsys.readouterr().err
+    saved = torch.load(tmp_path / "c" / "distilled.pt")["config"]
+    assert (saved["outer"], saved["init"], saved["ipc"], saved["preset"]) == ("mse", "centroids", 2, "quality-ipc10")
