@@ -107,6 +107,8 @@ RUNS = [
 # The CLP-DD rows of the equal-time table (each against every LGM pixel row of its ipc): the default recipe, and the
 # MSE outer loss (from random real images and from the centroids), which the ipc = 10 probes found ahead there
 EQUAL_TIME_ROWS = ("clpdd-pixel", "clpdd-pixel-mse", "clpdd-pixel-mse-centroids")
+# The curves drawn in the plot (the probes of one setting are in the table only)
+PLOT_ROWS = EQUAL_TIME_ROWS + ("lgm-k3-pixel", "lgm-k10-pixel", "clpdd-pyramid", "lgm-k3-pyramid")
 BASELINES = [(ipc, b) for ipc in (1, 10) for b in ("centroids", "random")]
 # The literal protocol (fresh draws every epoch, `evaluate --aug-draws 0`) against the cached-draw pool on two sets:
 # (name, the folder whose eval.json holds the pooled result, evaluate arguments naming the same images)
@@ -309,7 +311,7 @@ def plot(data: dict, path: Path) -> None:
         for j, axis in enumerate(("steps", "seconds")):
             ax = axes[i][j]
             for (c_ipc, row), curve in sorted(data["curves"].items()):
-                if c_ipc != ipc:
+                if c_ipc != ipc or row not in PLOT_ROWS:
                     continue
                 pts = sorted(curve.items())
                 xs = [max(n, 1) if axis == "steps" else max(mean_std(p["seconds"])[0], 0.1) for n, p in pts]
