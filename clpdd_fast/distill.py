@@ -152,9 +152,9 @@ def setup(cfg: RunConfig) -> Setup:
     out, ckpt = _prepare_out(cfg, world)
     set_enabled(cfg.nvtx)
     if cfg.preset == "quality" and cfg.ipc > 1 and cfg.method == "clpdd" and cfg.outer == "ce":
-        _say(world, f"note: --preset quality is the recipe measured at --ipc 1; at --ipc 10 the CE objective lost "
-                    f"protocol accuracy with more steps (README: Presets): --preset quality-ipc10 is the one measured "
-                    f"there")
+        _say(world, "note: --preset quality is the recipe measured at --ipc 1; at --ipc 10 the CE objective lost "
+                    "protocol accuracy with more steps (README: Presets): --preset quality-ipc10 is the one measured "
+                    "there")
     exp = open_experiment(cfg.data, cfg.model, cfg.weights, device, image_size=cfg.image_size,
                           train_subset=cfg.train_subset, test_subset=cfg.test_subset, precision=cfg.precision,
                           cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images, progress=world.is_main,
