@@ -7,10 +7,12 @@ Each run distills in stages: `distill --iterations N1 --out RUN/run`, then `dist
 The learning rate is constant and nothing in a step depends on the total number of steps, so the state after N steps
 of a long run is the state a run of N steps ends with, and --resume continues exactly. After each stage the distilled
 set is copied to RUN/step-N/ and evaluated with the protocol (`evaluate`, 5 probe seeds). Stage 0 is the
-initialisation (random real images of the run's seed; the same images for both methods at one seed).
+initialisation (random real images of the run's seed, the same images for both methods at one seed; with
+--init centroids the centroids baseline's images).
 Seconds are the summed wall seconds of the steps (metrics.jsonl's step_time_s) up to step N: what the method costs,
-without start-up, feature caching, checkpoints and evaluation; their CPU seconds (step_cpu_s) are kept beside them. Runs go to runs/fidelity/schedule/<run>/ and are reused when finished
-(a stage whose eval.json exists is skipped; an interrupted stage resumes from the run's checkpoint).
+without start-up, feature caching, checkpoints and evaluation; their CPU seconds (step_cpu_s) are kept beside them.
+A curve's seconds at a stage are the median over its seeds. Runs go to runs/fidelity/schedule/<run>/ and are reused
+when finished (a stage whose eval.json exists is skipped; an interrupted stage resumes from the run's checkpoint).
 Every child runs with --threads intra-op threads; --jobs runs run side by side. The default, one run at a time with
 two threads, gives every method the whole 2-core machine (on a machine whose two CPUs share a core, two runs side by
 side slow each other's steps by ~3x, in CPU seconds too, so side-by-side timings would not be comparable).
@@ -27,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 from fidelity import HERE, PY, ROOT, command, run_child
 SEEDS = 5  # probe seeds per evaluation
@@ -294,9 +297,10 @@ def mean_std(values: list) -> tuple[float, float]:
 
 
 def at_time(curve: dict, seconds: float) -> tuple[int, float] | None:
-    """The latest stage (step, mean top-1 over seeds) a curve had finished within `seconds` of steps."""
+    """The latest stage (step, mean top-1 over seeds) a curve had finished within `seconds` of steps (the median over
+    seeds: one seed whose steps shared the machine with other work does not move it)."""
     done = [(n, mean_std(p["top1"])[0]) for n, p in sorted(curve.items())
-            if mean_std(p["seconds"])[0] <= seconds * 1.0001]
+            if median(p["seconds"]) <= seconds * 1.0001]
     return done[-1] if done else None
 
 
@@ -314,7 +318,7 @@ def plot(data: dict, path: Path) -> None:
                 if c_ipc != ipc or row not in PLOT_ROWS:
                     continue
                 pts = sorted(curve.items())
-                xs = [max(n, 1) if axis == "steps" else max(mean_std(p["seconds"])[0], 0.1) for n, p in pts]
+                xs = [max(n, 1) if axis == "steps" else max(median(p["seconds"]), 0.1) for n, p in pts]
                 ms = [mean_std(p["top1"]) for _, p in pts]
                 seeds = max(len(p["top1"]) for _, p in pts)
                 ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
@@ -346,19 +350,19 @@ def report(root: Path, md: Path, png: Path, machine: str) -> None:
         say("matplotlib is not installed (pip install -e '.[bench]'): no plot, the table only")
     lines = ["<!-- fidelity schedule begin -->", f"### Schedule study ({machine})", "",
              f"![protocol top-1 against steps and seconds]({png.name})", "",
-             "| ipc | row | step | seconds of steps (wall / CPU) | distill seeds | protocol top-1 % (mean ± std over "
+             "| ipc | row | step | seconds of steps (wall / CPU, median over seeds) | distill seeds | protocol top-1 % (mean ± std over "
              "distillation seeds) | per seed (each: mean of 5 probe seeds) | probe std (mean) | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (ipc, row), curve in sorted(data["curves"].items()):
         for n, p in sorted(curve.items()):
             m, s = mean_std(p["top1"])
-            lines.append(f"| {ipc} | {row} | {n} | {mean_std(p['seconds'])[0]:.0f} / {mean_std(p['cpu'])[0]:.0f} | {','.join(map(str, p['seeds']))} "
+            lines.append(f"| {ipc} | {row} | {n} | {median(p['seconds']):.0f} / {median(p['cpu']):.0f} | {','.join(map(str, p['seeds']))} "
                          f"| {m:.2f} ± {s:.2f} | {' / '.join(f'{v:.2f}' for v in p['top1'])} | "
                          f"{mean_std(p['probe_std'])[0]:.2f} | {max(p['rss']):.0f} |")
     for (ipc, b), ev in sorted(data["baselines"].items()):
         lines.append(f"| {ipc} | {b} (baseline) | – | – | – | {100 * ev['top1_mean']:.2f} ± {100 * ev['top1_std']:.2f} "
                      f"(probe / draw seeds) | – | – | – |")
-    lines += ["", "Equal time, pixel parameterisation, means over distillation seeds. Each row takes one method's "
+    lines += ["", "Equal time, pixel parameterisation, top-1 means and seconds medians over distillation seeds. Each row takes one method's "
               "evaluated stage and, for the other method, the latest stage it had finished within the same seconds of "
               "steps (so the looked-up method may have been a little further than its row says):", "",
               "| ipc | at the stage of | its step | seconds | CLP-DD row | CLP-DD: step reached | CLP-DD top-1 % | "
@@ -373,7 +377,7 @@ def report(root: Path, md: Path, png: Path, machine: str) -> None:
                 for n, p in sorted(own.items()):
                     if n == 0:
                         continue
-                    t = mean_std(p["seconds"])[0]
+                    t = median(p["seconds"])
                     hit = at_time(other, t)
                     if hit is None:
                         continue
