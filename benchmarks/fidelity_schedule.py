@@ -90,8 +90,10 @@ RUNS = [
     *(Run(10, "clpdd-pixel", s, _clpdd(), (0, 200, 500)) for s in (1, 2)),
     *(Run(10, "lgm-k3-pixel", s, _lgm(3), (0, 50, 125)) for s in (1, 2)),
     Run(1, "clpdd-pixel-mse", 0, _clpdd() + ("--outer", "mse"), (200, 1000)),   # ipc = 1: MSE
-    *(Run(10, "clpdd-pixel-mse-centroids", s, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500, 1000))
-      for s in (1, 2)),
+    Run(10, "clpdd-pixel-mse-centroids", 1, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500, 1000)),
+    Run(1, "lgm-k10-pixel", 1, _lgm(10), (0, 100, 200)),
+    Run(10, "clpdd-pixel-mse-centroids", 2, _clpdd() + ("--outer", "mse", "--init", "centroids"), (200, 500, 1000)),
+    Run(1, "lgm-k10-pixel", 2, _lgm(10), (0, 100, 200)),
     # ipc = 1: the centroids start
     Run(1, "clpdd-pixel-centroids", 0, _clpdd() + ("--init", "centroids"), (0, 1000, 3000)),
     # a softer CE at ipc = 10
