@@ -24,6 +24,8 @@ DEFAULT_CACHE = str(Path.home() / ".cache" / "clpdd-fast" / "features")
 # the centroids baseline's images, keeps gaining.
 PRESETS = {"quality": {"iterations": 3000},
            "quality-ipc10": {"ipc": 10, "outer": "mse", "init": "centroids", "iterations": 1000}}
+# The images per class each preset was measured at (distill prints a note when a run uses a preset at another ipc)
+PRESET_IPC = {"quality": 1, "quality-ipc10": 10}
 
 # Settings that may differ between a run and its resumption; every other command-line setting must match.
 RESUMABLE = frozenset({"iterations", "resume", "out", "nvtx", "device", "log_every", "checkpoint_every", "cache_dir",

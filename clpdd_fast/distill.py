@@ -21,7 +21,7 @@ from clpdd_fast import artifacts, export, validation
 from clpdd_fast.augment import build_augment
 from clpdd_fast.baselines import centroid_indices, random_real_indices
 from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, positive_float, positive_int, run_main
-from clpdd_fast.config import PRESETS, RunConfig
+from clpdd_fast.config import PRESET_IPC, PRESETS, RunConfig
 from clpdd_fast.distributed import World, init_from_env, shutdown
 from clpdd_fast.encoders import encode_images
 from clpdd_fast.experiment import EMBEDDED_SUBSET, Experiment, open_experiment
@@ -151,10 +151,10 @@ def setup(cfg: RunConfig) -> Setup:
     world, device = init_from_env(cfg.device)
     out, ckpt = _prepare_out(cfg, world)
     set_enabled(cfg.nvtx)
-    if cfg.preset == "quality" and cfg.ipc > 1 and cfg.method == "clpdd" and cfg.outer == "ce":
-        _say(world, "note: --preset quality is the recipe measured at --ipc 1; at --ipc 10 the CE objective lost "
-                    "protocol accuracy with more steps (README: Presets): --preset quality-ipc10 is the one measured "
-                    "there")
+    if cfg.preset is not None and cfg.ipc != PRESET_IPC[cfg.preset]:
+        measured = ", ".join(f"{name} at --ipc {ipc}" for name, ipc in PRESET_IPC.items())
+        _say(world, f"note: this run uses --preset {cfg.preset} at --ipc {cfg.ipc}; the presets were measured as "
+                    f"{measured} (README: Presets; at --ipc 10 the default CE objective lost accuracy with more steps)")
     exp = open_experiment(cfg.data, cfg.model, cfg.weights, device, image_size=cfg.image_size,
                           train_subset=cfg.train_subset, test_subset=cfg.test_subset, precision=cfg.precision,
                           cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images, progress=world.is_main,

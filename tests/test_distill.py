@@ -303,12 +303,16 @@ def test_init_centroids_starts_from_the_images_the_centroids_baseline_selects(ti
     assert not torch.allclose(random_start, saved["images"], atol=0.05)   # --init real starts elsewhere
 
 
-def test_preset_quality_above_one_image_per_class_points_to_the_ipc10_recipe(tiny_idx, tmp_path, capsys):
+def test_a_preset_used_at_another_ipc_than_it_was_measured_at_says_so(tiny_idx, tmp_path, capsys):
+    from clpdd_fast.config import PRESET_IPC, PRESETS
+    assert set(PRESET_IPC) == set(PRESETS)
     cache = tmp_path / "cache"
     main(run_args(tiny_idx, tmp_path / "a", cache, "--preset", "quality", "--iterations", "0", "--ipc", "2"))
-    assert "--preset quality-ipc10 is the one measured there" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: this run uses --preset quality at --ipc 2" in err and "quality-ipc10 at --ipc 10" in err
     main(run_args(tiny_idx, tmp_path / "b", cache, "--preset", "quality", "--iterations", "0"))            # ipc 1
+    assert "note: this run uses --preset" not in capsys.readouterr().err
     main(run_args(tiny_idx, tmp_path / "c", cache, "--preset", "quality-ipc10", "--iterations", "0", "--ipc", "2"))
-    assert "note: --preset" not in capsys.readouterr().err
+    assert "note: this run uses --preset quality-ipc10 at --ipc 2" in capsys.readouterr().err
     saved = torch.load(tmp_path / "c" / "distilled.pt")["config"]
     assert (saved["outer"], saved["init"], saved["ipc"], saved["preset"]) == ("mse", "centroids", 2, "quality-ipc10")
