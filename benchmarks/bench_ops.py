@@ -175,13 +175,15 @@ def bench_ce(table: Table, shape_name: str, args, rates: dict):
                 fn().backward()
             return step
 
-        def triton_ce():
-            return ops.linear_softmax_ce(x, w, t, args.tau, backend="triton", check_finite=False)
+        def triton_ce(precision="high"):
+            return lambda: ops.linear_softmax_ce(x, w, t, args.tau, backend="triton", precision=precision,
+                                                 check_finite=False)
 
         mixed = wdt == torch.float32
-        impls = [("triton (fused)" + (", w as two bf16 halves" if mixed else ""), run(triton_ce), "fwd + dW")]
-        if mixed:   # the exact-fp32-products alternative to the default split
-            impls.append(("triton (fused), CLPDD_CE_PRECISION=ieee", with_env(run(triton_ce), "ieee"),
+        impls = [("triton (fused)" + (", w as two bf16 halves" if mixed else ""), run(triton_ce()),
+                  "fwd + dW; precision='high'")]
+        if mixed:   # the exact-fp32-products alternative to the split
+            impls.append(("triton (fused), precision='highest'", run(triton_ce("highest")),
                           "fwd + dW; fp32 FMA products"))
         impls += [
             ("torch eager, chunked reference", run(lambda: ops.linear_softmax_ce(x, w, t, args.tau, backend="torch",
@@ -214,16 +216,6 @@ def bench_ce(table: Table, shape_name: str, args, rates: dict):
                       "rate)")
         del w
         torch.cuda.empty_cache()
-
-
-def with_env(fn, precision: str):
-    """fn (a whole forward + backward: the backward reads it too) run with CLPDD_CE_PRECISION=precision."""
-    from clpdd_fast import settings
-
-    def call():
-        with settings.overridden("CLPDD_CE_PRECISION", precision):
-            return fn()
-    return call
 
 
 def _external_ce(x, w, t, tau):
@@ -321,7 +313,8 @@ def bench_ridge_small(table: Table, args, rates: dict):
     """The one-launch small-system kernel against the blocked Triton path and torch, dual systems of m images."""
     from clpdd_fast import ops
     from clpdd_fast.kernels import small_ridge as ksmall
-    default_max, limit = ksmall.MAX_SIZE, ksmall.size_limit(torch.float32)
+    from clpdd_fast.kernels import tiles
+    default_max, limit = tiles.SMALL_RIDGE_MAX_SIZE, ksmall.size_limit(torch.float32)
     for m in (int(v) for v in args.small_m.split(",")):
         num_classes = max(1, m // 2)   # two images per class
         g = torch.Generator(device="cuda").manual_seed(m)
@@ -340,11 +333,11 @@ def bench_ridge_small(table: Table, args, rates: dict):
                     w = ops.ridge_solve(phi, y, 1.0, "dual", backend=backend, check_finite=False)
                     if what != "fwd":
                         w.backward(gw)
-                ksmall.MAX_SIZE = max_size
+                tiles.SMALL_RIDGE_MAX_SIZE = max_size
                 try:
                     med, p20, p80, peak = bench(step)
                 finally:
-                    ksmall.MAX_SIZE = default_max
+                    tiles.SMALL_RIDGE_MAX_SIZE = default_max
                 table.row("ridge_solve (small)", shape, "fp32", impl, f"{med:.3f}", f"{p20:.3f}-{p80:.3f}",
                           f"{peak:.0f}", "-", "-", what + f"; backend sends n <= {default_max} to small_ridge")
 
@@ -354,30 +347,29 @@ def bench_cholesky_tiles(table: Table, args, rates: dict):
     factors for every m > 768), against cuSOLVER: which setting kernels/cholesky.py should default to."""
     from clpdd_fast.kernels import cholesky as kchol
     from clpdd_fast.kernels import gram as kgram
+    from clpdd_fast.kernels import tiles
     n = RIDGE_D
     g = torch.Generator(device="cuda").manual_seed(7)
     a = kgram.gram(torch.randn(n, 2 * n, device="cuda", generator=g), 1.0)
     y = torch.randn(n, RIDGE_C, device="cuda", generator=g)
-    default = kchol.NUM_WARPS
+    default = tiles.CHOLESKY
     for impl, block, warps in [("cuSOLVER cholesky_ex + cholesky_solve", 0, 0)] + \
-            [(f"triton block {b}, {w} warps", b, w) for b, w in kchol.TILE_CANDIDATES]:
+            [(f"triton block {b}, {w} warps", b, w) for b, w in tiles.CHOLESKY_CANDIDATES]:
         if block:
             def fn():
-                return kchol.cholesky_solve(y, kchol.cholesky(a, block)[0], block)
+                factor = kchol.cholesky(a, block, num_warps=warps)[0]
+                return kchol.cholesky_solve(y, factor, block, num_warps=warps)
         else:
             def fn():
                 return torch.cholesky_solve(y, torch.linalg.cholesky_ex(a)[0])
-        kchol.NUM_WARPS = warps or default
         try:
             med, p20, p80, peak = bench(fn)
         except Exception as err:   # e.g. a register tile too large for the block: record and go on
             table.row("cholesky+solve", f"n={n} rhs={RIDGE_C}", "fp32", impl, "-", "-", "-", "-", "-",
                       f"failed: {type(err).__name__}: {str(err)[:80]}")
             continue
-        finally:
-            kchol.NUM_WARPS = default
         table.row("cholesky+solve", f"n={n} rhs={RIDGE_C}", "fp32", impl, f"{med:.3f}", f"{p20:.3f}-{p80:.3f}",
-                  f"{peak:.0f}", "-", "-", f"defaults: block {kchol.BLOCK}, {default} warps")
+                  f"{peak:.0f}", "-", "-", f"defaults: block {default['BLOCK']}, {default['num_warps']} warps")
 
 
 def bench_gram(table: Table, args, rates: dict):

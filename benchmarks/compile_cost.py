@@ -1,5 +1,5 @@
 """How long Triton takes to compile the kernel variants benchmarks/gpu_check.sh launches, measured on this CPU with
-the ahead-of-time path of clpdd_fast.kernels.aot (sm_90; no GPU needed).
+the ahead-of-time path of tools/kernel_aot.py (sm_90; no GPU needed).
 
 The variants:
   1. every kernel launch of the kernel tests (tests/test_kernel_*.py), recorded while they run under Triton's
@@ -28,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))   # tools/ (the compile tool)
 
 _recording = None
 
@@ -35,14 +36,14 @@ _recording = None
 def pytest_configure(config):
     global _recording
     if os.environ.get("CLPDD_RECORD_LAUNCHES"):
-        from clpdd_fast.kernels import aot
+        from tools import kernel_aot as aot
         _recording = aot.recording(run=True)
         config._clpdd_launches = _recording.__enter__()
 
 
 def pytest_unconfigure(config):
     if _recording is not None:
-        from clpdd_fast.kernels import aot
+        from tools import kernel_aot as aot
         _recording.__exit__(None, None, None)
         aot.save_launches(config._clpdd_launches, os.environ["CLPDD_RECORD_LAUNCHES"])
 
@@ -62,19 +63,22 @@ def gpu_launches() -> list[tuple]:
     import torch
 
     import bench_ops
-    from clpdd_fast import reference, settings
-    from clpdd_fast.kernels import aot, cholesky, small_ridge
+    from clpdd_fast import reference
     from clpdd_fast.kernels import backend as kb
+    from clpdd_fast.kernels import cholesky, small_ridge, tiles
     from clpdd_fast.kernels import gram as kgram
+    from clpdd_fast.kernels.contract import CEParams
+    from tools import kernel_aot as aot
 
     def t(*shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    def ce(n, d, c, x_dt, w_dt, chunk, need_x=True, need_w=True):
+    def ce(n, d, c, x_dt, w_dt, chunk, need_x=True, need_w=True, precision="high"):
         x, w, target = t(n, d, dtype=x_dt), t(d, c, dtype=w_dt), t(n, dtype=torch.int64)
-        _, lse = kb.linear_ce_forward(x, w, target, 0.1, -100, chunk)
+        params = CEParams(0.1, -100, chunk, precision)
+        _, lse = kb.linear_ce_forward(x, w, target, params)
         if need_x or need_w:
-            kb.linear_ce_backward(x, w, target, 0.1, lse, t(n, dtype=lse.dtype), -100, chunk, need_x, need_w)
+            kb.linear_ce_backward(x, w, target, lse, t(n, dtype=lse.dtype), params, need_x, need_w)
 
     def ridge(m, d, c, mode, backward=True, dtype=torch.float32):
         phi, y = t(m, d, dtype=dtype), t(m, c, dtype=dtype)
@@ -83,7 +87,7 @@ def gpu_launches() -> list[tuple]:
             kb.ridge_backward(phi, y, w, factor, t(d, c), mode, True, False)
 
     bf16, fp32 = torch.bfloat16, torch.float32
-    default = (small_ridge.MAX_SIZE, cholesky.NUM_WARPS)
+    default = tiles.SMALL_RIDGE_MAX_SIZE
     with aot.recording() as launches:
         try:
             # test_gpu_bf16_linear_ce_and_ridge, test_gpu_large_shapes_..., test_gpu_int64_row_offsets_...
@@ -97,20 +101,18 @@ def gpu_launches() -> list[tuple]:
             # bench_ops.py --ops ce,ridge-small,cholesky-tiles,ridge,gram --ce-shapes imagenet1k --ridge-m 1000,10000
             n, d, c = bench_ops.CE_SHAPES["imagenet1k"]
             chunk = reference.default_chunk_size(c, d)
-            for w_dt, precisions in ((bf16, ("auto",)), (fp32, ("auto", "ieee"))):
+            for w_dt, precisions in ((bf16, ("high",)), (fp32, ("high", "highest"))):
                 for precision in precisions:
-                    with settings.overridden("CLPDD_CE_PRECISION", precision):
-                        ce(n, d, c, bf16, w_dt, chunk, need_x=False)
+                    ce(n, d, c, bf16, w_dt, chunk, need_x=False, precision=precision)
             for m in (10, 32, 64, 128):
                 for max_size in (small_ridge.size_limit(fp32), 0):
-                    small_ridge.MAX_SIZE = max_size
+                    tiles.SMALL_RIDGE_MAX_SIZE = max_size
                     ridge(m, bench_ops.RIDGE_D, max(1, m // 2), "dual")
-            small_ridge.MAX_SIZE = default[0]
+            tiles.SMALL_RIDGE_MAX_SIZE = default
             a = kgram.gram(t(768, 1536), 1.0)
-            for block, warps in cholesky.TILE_CANDIDATES:
-                cholesky.NUM_WARPS = warps
-                cholesky.cholesky_solve(t(768, 1000), cholesky.cholesky(a, block)[0], block)
-            cholesky.NUM_WARPS = default[1]
+            for block, warps in tiles.CHOLESKY_CANDIDATES:
+                factor = cholesky.cholesky(a, block, num_warps=warps)[0]
+                cholesky.cholesky_solve(t(768, 1000), factor, block, num_warps=warps)
             for m in (1000, 10000):
                 for mode in ("primal", "dual"):
                     ridge(m, bench_ops.RIDGE_D, bench_ops.RIDGE_C, mode)
@@ -120,7 +122,7 @@ def gpu_launches() -> list[tuple]:
             ridge(1000, 768, 1000, "primal")
             ce(1_281_167, 768, 1000, bf16, fp32, reference.default_chunk_size(1000, 768), need_x=False)
         finally:
-            small_ridge.MAX_SIZE, cholesky.NUM_WARPS = default
+            tiles.SMALL_RIDGE_MAX_SIZE = default
     return launches
 
 
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         start = time.time()
         test_launches(path)
         print(f"# tests/test_kernel_*.py under the interpreter, recorded in {time.time() - start:.0f} s", flush=True)
-    from clpdd_fast.kernels import aot
+    from tools import kernel_aot as aot
     import triton
     tests = aot.variants(aot.load_launches(path), 90, every=True)
     seen = {v.key(exact=True) for v in tests}

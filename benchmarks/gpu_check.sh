@@ -150,7 +150,7 @@ if [ "$QUICK" != 1 ]; then
   mkdir -p "$STAGE/clpdd_fast/kernels"
   cp -r "$ROOT"/clpdd_fast/. "$STAGE/clpdd_fast/"
   cp -r "$ROOT"/kernels/. "$STAGE/clpdd_fast/kernels/"
-  cp -r "$ROOT/tests" "$ROOT/benchmarks" "$STAGE/"
+  cp -r "$ROOT/tests" "$ROOT/benchmarks" "$ROOT/tools" "$ROOT/pytest.ini" "$STAGE/"
   find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
   cd "$STAGE" || exit 1
   export PYTHONPATH="$STAGE:$STAGE/benchmarks${PYTHONPATH:+:$PYTHONPATH}"

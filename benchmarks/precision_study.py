@@ -48,12 +48,13 @@ sys.path.insert(0, str(HERE))
 from common import Table, results_header  # noqa: E402
 
 from clpdd_fast import ops, reference  # noqa: E402
+from clpdd_fast.kernels import tiles  # noqa: E402
 
 ROWS = 3000              # encoded train rows: 1000 for phi_s picks / the CE of part 2, 2000 more
 TAU = 0.05               # the default
 LAMS_CE = (1.0, 0.1)
 LAMS_RIDGE = (1.0, 1e-2, 1e-3, 1e-4, 1e-5)
-BLOCK = 32               # kernels/cholesky.py BLOCK
+BLOCK = tiles.CHOLESKY["BLOCK"]   # the Triton blocked Cholesky's
 RIDGE_TOL = 2e-4         # tests/test_kernel_backend.py: tol_for(fp32) * 10 for ridge_forward / ridge_backward
 
 

@@ -1,11 +1,11 @@
 """The ops as torch custom ops (namespace `clpdd`): what torch.compile, autocast, opcheck and autograd see.
 
 Registered here, each with a fake (meta) implementation for tracing:
-    clpdd::gram(x, lam, backend, check, names) -> K                           autograd registered
-    clpdd::one_hot(labels, num_classes, dtype, check, name) -> Y              (integer input: no gradient)
-    clpdd::ridge_factorize(phi, y, lam, mode, backend, check, names) -> (W, L)  autograd registered (through W)
+    clpdd::gram(x, lam, backend, check_finite, names) -> K                           autograd registered
+    clpdd::one_hot(labels, num_classes, dtype, check_finite, name) -> Y              (integer input: no gradient)
+    clpdd::ridge_factorize(phi, y, lam, mode, backend, check_finite, names) -> (W, L)  autograd registered (through W)
     clpdd::ridge_backward(...) -> (dphi, dy)                                   the ridge backward's kernels
-    clpdd::linear_ce_rows(x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names)
+    clpdd::linear_ce_rows(x, w, target, tau, ignore_index, chunk_size, backend, precision, check_finite, names)
         -> (loss_rows, lse)                                                    autograd registered (through loss_rows)
     clpdd::linear_ce_backward(...) -> (dx, dw)                                 the CE backward's kernels
     clpdd::linear_ce_reduced(x, w, target, tau, reduction, ..., need_x, need_w)
@@ -21,10 +21,14 @@ Inside every implementation autocast is off and the current CUDA device is the t
 are never factorised in bf16 and every Triton launch lands on the right GPU. The backward kernels are custom ops
 without autograd: differentiating a gradient of these ops a second time raises instead of silently returning zeros.
 
-check=True validates the result, not the inputs: one pass over the output (a scalar test of the (N,) losses for the
-CE, of W for the ridge probe); only when it is not finite are the inputs scanned, in bounded chunks, to name the bad
-argument. check=False does none of this and makes no host synchronisation: a singular ridge system or a label out of
-range then shows up as NaN in the result. `names` (comma-separated) are the argument names the messages use.
+check_finite=True validates the result, not the inputs: one pass over the output (a scalar test of the (N,) losses for
+the CE, of W for the ridge probe); only when it is not finite are the inputs scanned, in bounded chunks, to name the
+bad argument. check_finite=False does none of this and makes no host synchronisation: a singular ridge system or a
+label out of range then shows up as NaN in the result. `names` (comma-separated) are the argument names the messages
+use.
+
+The settings from the environment (clpdd_fast.settings: CLPDD_RIDGE_PRECISION, CLPDD_AUTOTUNE) are read here, once per
+op call, and reach the backends as arguments (the CE's in a `CEParams`): the kernels read no environment.
 """
 from __future__ import annotations
 
@@ -34,14 +38,18 @@ import torch
 from torch import Tensor
 
 from clpdd_fast import reference, settings
-from clpdd_fast import validation as check_input
+from clpdd_fast import validation as check
+from clpdd_fast.kernels.contract import CEParams, compute_dtype
 from clpdd_fast.profiling import nvtx_range
 
 NAMESPACE = "clpdd"
+BACKENDS = ("auto", "torch", "triton")
 
 
 def resolve_backend(backend: str, device: torch.device):
-    """The module that implements the six backend functions of `clpdd_fast.reference` for this device."""
+    """The module that implements the six backend functions of `clpdd_fast.reference` for `backend` on this device;
+    a name not in BACKENDS, or "triton" where the kernels cannot run, is refused with the way out."""
+    check.choice("backend", backend, BACKENDS)
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return reference
     if device.type != "cuda" and not settings.triton_interpret():
@@ -63,11 +71,12 @@ def on_device(device: torch.device):
             yield
 
 
-def _precision(precision: str) -> str:
-    """"torch": what torch's float32 matmul precision says ("tf32" unless it is "highest", then "auto")."""
-    if precision != "torch":
-        return precision
-    return "auto" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+def _ce_params(tau: float, ignore_index: int, chunk_size: int, precision: str) -> CEParams:
+    """The CE backend's parameters; precision "torch" is torch.get_float32_matmul_precision() (read here, when the op
+    runs: torch.compile cannot read it while tracing)."""
+    if precision == "torch":
+        precision = torch.get_float32_matmul_precision()
+    return CEParams(tau, ignore_index, chunk_size, precision, settings.autotune())
 
 
 def _names(names: str, count: int) -> list[str]:
@@ -92,20 +101,20 @@ def _cast_like(grad: Tensor | None, like: Tensor) -> Tensor | None:
 
 # ----------------------------------------------------------------------------------------------- gram
 @torch.library.custom_op(f"{NAMESPACE}::gram", mutates_args=())
-def gram_op(x: Tensor, lam: float, backend: str, check: bool, names: str) -> Tensor:
+def gram_op(x: Tensor, lam: float, backend: str, check_finite: bool, names: str) -> Tensor:
     with on_device(x.device):
-        k = resolve_backend(backend, x.device).gram(x, lam).contiguous()
-    if check and not bool(torch.isfinite(k).all()):
+        k = resolve_backend(backend, x.device).gram(x, lam, settings.ridge_precision()).contiguous()
+    if check_finite and not bool(torch.isfinite(k).all()):
         (x_name,) = _names(names, 1)
-        check_input.finite(x_name, x)
+        check.finite(x_name, x)
         raise ValueError(f"{x_name}: {x_name} {x_name}^T overflows {k.dtype} (largest |{x_name}| = "
                          f"{float(x.abs().max()):.3g}); scale the features down")
     return k
 
 
 @gram_op.register_fake
-def _(x, lam, backend, check, names):
-    return x.new_empty((x.shape[0], x.shape[0]), dtype=reference.compute_dtype(x))
+def _(x, lam, backend, check_finite, names):
+    return x.new_empty((x.shape[0], x.shape[0]), dtype=compute_dtype(x))
 
 
 def _gram_setup(ctx, inputs, output):
@@ -115,7 +124,7 @@ def _gram_setup(ctx, inputs, output):
 def _gram_backward(ctx, grad_k):
     (x,) = ctx.saved_tensors
     with on_device(x.device):
-        g = grad_k.to(reference.compute_dtype(x, grad_k))
+        g = grad_k.to(compute_dtype(x, grad_k))
         return _cast_like((g + g.T) @ x.to(g.dtype), x), None, None, None, None
 
 
@@ -124,16 +133,16 @@ gram_op.register_autograd(_gram_backward, setup_context=_gram_setup)
 
 # ----------------------------------------------------------------------------------------------- one-hot targets
 @torch.library.custom_op(f"{NAMESPACE}::one_hot", mutates_args=())
-def one_hot_op(labels: Tensor, num_classes: int, dtype: torch.dtype, check: bool, name: str) -> Tensor:
-    """(m, C) one-hot rows of integer labels; with check, a label outside [0, C) is an error naming `name` (without,
-    it gives a zero row)."""
-    if check:
-        check_input.labels(name, labels, num_classes)
+def one_hot_op(labels: Tensor, num_classes: int, dtype: torch.dtype, check_finite: bool, name: str) -> Tensor:
+    """(m, C) one-hot rows of integer labels; with check_finite, a label outside [0, C) is an error naming `name`
+    (without, it gives a zero row)."""
+    if check_finite:
+        check.labels(name, labels, num_classes)
     return reference.one_hot(labels, num_classes, dtype)
 
 
 @one_hot_op.register_fake
-def _(labels, num_classes, dtype, check, name):
+def _(labels, num_classes, dtype, check_finite, name):
     return labels.new_empty((labels.shape[0], num_classes), dtype=dtype)
 
 
@@ -143,23 +152,24 @@ def _system_size(phi: Tensor, mode: str) -> int:
 
 
 @torch.library.custom_op(f"{NAMESPACE}::ridge_factorize", mutates_args=())
-def ridge_factorize(phi: Tensor, y: Tensor, lam: float, mode: str, backend: str, check: bool,
+def ridge_factorize(phi: Tensor, y: Tensor, lam: float, mode: str, backend: str, check_finite: bool,
                     names: str) -> tuple[Tensor, Tensor]:
     """(W, lower Cholesky factor of the ridge system). A failed factorisation raises NotPositiveDefiniteError with
-    check, and gives a NaN W without."""
+    check_finite, and gives a NaN W without."""
     with on_device(phi.device), nvtx_range(f"ridge_solve[{mode}]"):
-        w, factor, info = resolve_backend(backend, phi.device).ridge_forward(phi, y, lam, mode)
+        w, factor, info = resolve_backend(backend, phi.device).ridge_forward(phi, y, lam, mode,
+                                                                             settings.ridge_precision())
     w, factor = w.contiguous(), factor.contiguous()
-    if not check:
+    if not check_finite:
         return torch.where(info == 0, w, torch.full_like(w, float("nan"))), factor
     pivot = int(info)
     if pivot or not bool(torch.isfinite(w).all()):
         phi_name, y_name = _names(names, 2)
-        check_input.finite(phi_name, phi)
-        check_input.finite(y_name, y)
+        check.finite(phi_name, phi)
+        check.finite(y_name, y)
         size = _system_size(phi, mode)
         if pivot:
-            raise check_input.NotPositiveDefiniteError(
+            raise check.NotPositiveDefiniteError(
                 f"ridge_solve: the {mode} system ({size} x {size}, lam={lam:g}) is not positive definite "
                 f"(Cholesky failed at pivot {pivot}); use a larger lam (e.g. {lam * 100:g}) or centre/normalise "
                 "the features")
@@ -169,8 +179,8 @@ def ridge_factorize(phi: Tensor, y: Tensor, lam: float, mode: str, backend: str,
 
 
 @ridge_factorize.register_fake
-def _(phi, y, lam, mode, backend, check, names):
-    dt = reference.compute_dtype(phi, y)
+def _(phi, y, lam, mode, backend, check_finite, names):
+    dt = compute_dtype(phi, y)
     size = _system_size(phi, mode)
     return phi.new_empty((phi.shape[1], y.shape[1]), dtype=dt), phi.new_empty((size, size), dtype=dt)
 
@@ -181,7 +191,8 @@ def ridge_backward_op(phi: Tensor, y: Tensor, w: Tensor, factor: Tensor, grad_w:
     """(dL/dphi, dL/dy) in the factor's dtype; an empty tensor for a gradient not asked for."""
     with on_device(phi.device):
         grad_phi, grad_y = resolve_backend(backend, phi.device).ridge_backward(phi, y, w, factor, grad_w, mode,
-                                                                                need_phi, need_y)
+                                                                                need_phi, need_y,
+                                                                                settings.ridge_precision())
     return _out(grad_phi if need_phi else None, factor), _out(grad_y if need_y else None, factor)
 
 
@@ -192,7 +203,7 @@ def _(phi, y, w, factor, grad_w, mode, backend, need_phi, need_y):
 
 
 def _ridge_setup(ctx, inputs, output):
-    phi, y, lam, mode, backend, check, names = inputs
+    phi, y, lam, mode, backend, check_finite, names = inputs
     ctx.mode, ctx.backend = mode, backend
     ctx.save_for_backward(phi, y, output[0], output[1])
 
@@ -210,34 +221,34 @@ ridge_factorize.register_autograd(_ridge_backward, setup_context=_ridge_setup)
 
 # ----------------------------------------------------------------------------------------------- linear CE
 def _check_ce(loss: Tensor, x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, names: str) -> None:
-    """With check: the per-row losses are finite, else the inputs are scanned to name the bad one."""
+    """With check_finite: the per-row losses are finite, else the inputs are scanned to name the bad one."""
     if bool(torch.isfinite(loss).all()):
         return
     x_name, w_name, t_name = _names(names, 3)
-    check_input.finite(x_name, x)
-    check_input.finite(w_name, w)
-    check_input.labels(t_name, target, w.shape[1], ignore_index)
+    check.finite(x_name, x)
+    check.finite(w_name, w)
+    check.labels(t_name, target, w.shape[1], ignore_index)
     raise ValueError(f"{x_name}: the logits {x_name} {w_name} / tau overflow {loss.dtype} (tau={tau:g}); use a "
                      "larger tau or scale the features")
 
 
 @torch.library.custom_op(f"{NAMESPACE}::linear_ce_rows", mutates_args=())
 def linear_ce_rows(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
-                   backend: str, precision: str, check: bool, names: str) -> tuple[Tensor, Tensor]:
+                   backend: str, precision: str, check_finite: bool, names: str) -> tuple[Tensor, Tensor]:
     """(per-row losses, per-row logsumexp) of softmax(x w / tau) against target; ignored rows lose 0, a row whose
     target lies outside [0, C) gets NaN."""
     with on_device(x.device), nvtx_range("linear_softmax_ce"):
-        loss, lse = resolve_backend(backend, x.device).linear_ce_forward(x, w, target, tau, ignore_index, chunk_size,
-                                                                          _precision(precision))
+        loss, lse = resolve_backend(backend, x.device).linear_ce_forward(
+            x, w, target, _ce_params(tau, ignore_index, chunk_size, precision))
     loss, lse = loss.contiguous(), lse.contiguous()
-    if check:
+    if check_finite:
         _check_ce(loss, x, w, target, tau, ignore_index, names)
     return loss, lse
 
 
 @linear_ce_rows.register_fake
-def _(x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names):
-    dt = reference.compute_dtype(x, w)
+def _(x, w, target, tau, ignore_index, chunk_size, backend, precision, check_finite, names):
+    dt = compute_dtype(x, w)
     return x.new_empty((x.shape[0],), dtype=dt), x.new_empty((x.shape[0],), dtype=dt)
 
 
@@ -249,7 +260,7 @@ def linear_ce_backward_op(x: Tensor, w: Tensor, target: Tensor, tau: float, lse:
     a gradient not asked for."""
     with on_device(x.device):
         grad_x, grad_w = resolve_backend(backend, x.device).linear_ce_backward(
-            x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, need_x, need_w, _precision(precision))
+            x, w, target, lse, grad_rows, _ce_params(tau, ignore_index, chunk_size, precision), need_x, need_w)
     return _out(grad_x if need_x else None, lse), _out(grad_w if need_w else None, lse)
 
 
@@ -259,7 +270,7 @@ def _(x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, backend, prec
 
 
 def _ce_setup(ctx, inputs, output):
-    x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names = inputs
+    x, w, target, tau, ignore_index, chunk_size, backend, precision, check_finite, names = inputs
     ctx.args = (tau, ignore_index, chunk_size, backend, precision)
     ctx.save_for_backward(x, w, target, output[1])
 
@@ -280,19 +291,19 @@ linear_ce_rows.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 @torch.library.custom_op(f"{NAMESPACE}::linear_ce_reduced", mutates_args=())
 def linear_ce_reduced(x: Tensor, w: Tensor, target: Tensor, tau: float, reduction: str, ignore_index: int,
-                      chunk_size: int, backend: str, precision: str, check: bool, names: str, need_x: bool,
+                      chunk_size: int, backend: str, precision: str, check_finite: bool, names: str, need_x: bool,
                       need_w: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(the mean or sum of the per-row losses, dL/dx, dL/dw): the gradients of the reduced loss computed in the same
     pass over the logits (an empty tensor for one not asked for), in the compute dtype; the backward only scales
     them by the upstream gradient. Mean: over the rows not ignored, their weights 1/count computed on the device."""
-    dt = reference.compute_dtype(x, w)
+    dt = compute_dtype(x, w)
     valid = target != ignore_index
     count = valid.sum()
     grad_rows = torch.where(valid, 1.0 / count.to(dt), 0.0) if reduction == "mean" else valid.to(dt)
     with on_device(x.device), nvtx_range("linear_softmax_ce"):
         loss, _, grad_x, grad_w = resolve_backend(backend, x.device).linear_ce_forward_backward(
-            x, w, target, tau, ignore_index, chunk_size, _precision(precision), grad_rows, need_x, need_w)
-    if check:
+            x, w, target, grad_rows, _ce_params(tau, ignore_index, chunk_size, precision), need_x, need_w)
+    if check_finite:
         _check_ce(loss, x, w, target, tau, ignore_index, names)
     total = loss.sum()
     total = total if reduction == "sum" else total / count
@@ -300,8 +311,8 @@ def linear_ce_reduced(x: Tensor, w: Tensor, target: Tensor, tau: float, reductio
 
 
 @linear_ce_reduced.register_fake
-def _(x, w, target, tau, reduction, ignore_index, chunk_size, backend, precision, check, names, need_x, need_w):
-    dt = reference.compute_dtype(x, w)
+def _(x, w, target, tau, reduction, ignore_index, chunk_size, backend, precision, check_finite, names, need_x, need_w):
+    dt = compute_dtype(x, w)
     return x.new_empty((), dtype=dt), (x.new_empty(x.shape, dtype=dt) if need_x else x.new_empty((0,), dtype=dt)), \
         (x.new_empty(w.shape, dtype=dt) if need_w else x.new_empty((0,), dtype=dt))
 
@@ -352,21 +363,22 @@ def _composite(schema: str):
     return register
 
 
-@_composite("ridge_solve(Tensor phi, Tensor y, float lam, str mode, str backend, bool check, str names) -> Tensor")
-def _ridge_solve(phi, y, lam, mode, backend, check, names):
-    return ridge_factorize(phi, y, lam, mode, backend, check, names)[0]
+@_composite("ridge_solve(Tensor phi, Tensor y, float lam, str mode, str backend, bool check_finite, str names) "
+            "-> Tensor")
+def _ridge_solve(phi, y, lam, mode, backend, check_finite, names):
+    return ridge_factorize(phi, y, lam, mode, backend, check_finite, names)[0]
 
 
 @_composite("linear_softmax_ce(Tensor x, Tensor w, Tensor target, float tau, str reduction, int chunk_size, "
-            "int ignore_index, str backend, str precision, bool check, str names) -> Tensor")
-def _linear_softmax_ce(x, w, target, tau, reduction, chunk_size, ignore_index, backend, precision, check, names):
+            "int ignore_index, str backend, str precision, bool check_finite, str names) -> Tensor")
+def _linear_softmax_ce(x, w, target, tau, reduction, chunk_size, ignore_index, backend, precision, check_finite, names):
     """mean/sum with a gradient to compute: linear_ce_reduced (the gradients in the forward's pass); otherwise the
     per-row losses, whose backward recomputes the logits."""
     need_x, need_w = (torch.is_grad_enabled() and t.requires_grad for t in (x, w))
     if reduction != "none" and (need_x or need_w):
-        return linear_ce_reduced(x, w, target, tau, reduction, ignore_index, chunk_size, backend, precision, check,
-                                 names, need_x, need_w)[0]
-    rows = linear_ce_rows(x, w, target, tau, ignore_index, chunk_size, backend, precision, check, names)[0]
+        return linear_ce_reduced(x, w, target, tau, reduction, ignore_index, chunk_size, backend, precision,
+                                 check_finite, names, need_x, need_w)[0]
+    rows = linear_ce_rows(x, w, target, tau, ignore_index, chunk_size, backend, precision, check_finite, names)[0]
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -374,14 +386,14 @@ def _linear_softmax_ce(x, w, target, tau, reduction, chunk_size, ignore_index, b
 
 
 @_composite("clpdd_loss(Tensor phi_s, Tensor y_s, Tensor phi_r, Tensor y_r, float lam, float tau, str outer, "
-            "str mode, int chunk_size, str backend, str precision, bool check) -> Tensor")
-def _clpdd_loss(phi_s, y_s, phi_r, y_r, lam, tau, outer, mode, chunk_size, backend, precision, check):
+            "str mode, int chunk_size, str backend, str precision, bool check_finite) -> Tensor")
+def _clpdd_loss(phi_s, y_s, phi_r, y_r, lam, tau, outer, mode, chunk_size, backend, precision, check_finite):
     """y_s: the (m, C) target matrix. Real labels equal to NO_IGNORE (int32's lowest value) would be ignored."""
-    w = ridge_factorize(phi_s, y_s, lam, mode, backend, check, "phi_s,y_s")[0]
+    w = ridge_factorize(phi_s, y_s, lam, mode, backend, check_finite, "phi_s,y_s")[0]
     if outer == "mse":
         with torch.autocast(phi_s.device.type, enabled=False):
             return reference.mse_outer(phi_r, w, y_r, chunk_size)
-    return _linear_softmax_ce(phi_r, w, y_r, tau, "mean", chunk_size, NO_IGNORE, backend, precision, check,
+    return _linear_softmax_ce(phi_r, w, y_r, tau, "mean", chunk_size, NO_IGNORE, backend, precision, check_finite,
                               "phi_r,W (the ridge probe),y_r")
 
 

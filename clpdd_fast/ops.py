@@ -18,26 +18,21 @@ from torch import Tensor
 
 from clpdd_fast import custom_ops, reference, settings
 from clpdd_fast import validation as check
+from clpdd_fast.kernels.contract import CE_PRECISIONS, compute_dtype
 
-BACKENDS = ("auto", "torch", "triton")
 MODES = ("auto", "dual", "primal")
 REDUCTIONS = ("mean", "sum", "none")
 OUTER_LOSSES = ("ce", "mse")
-PRECISIONS = ("auto", "ieee", "tf32")
-
-
-def resolve_backend(backend: str, device: torch.device):
-    """The module that implements the six backend functions of `clpdd_fast.reference` for this device."""
-    return custom_ops.resolve_backend(check.choice("backend", backend, BACKENDS), device)
 
 
 def resolve_precision(precision: str | None) -> str:
-    """The CE kernels' products of fp32 operands: the argument, else CLPDD_CE_PRECISION when set, else "torch":
-    "tf32" when torch's float32 matmul precision allows TF32 (torch.set_float32_matmul_precision("high" or
-    "medium")), "auto" otherwise (exact fp32 products; an fp32 w with bf16 x as two bf16 halves). "torch" is
-    resolved inside the op, when it runs (torch.compile cannot read torch's setting while tracing)."""
+    """The CE kernels' products of fp32 operands, in the words of torch.set_float32_matmul_precision ("highest",
+    "high", "medium"; kernels/contract.py says what each does): the argument, else CLPDD_CE_PRECISION when set, else
+    "torch": torch.get_float32_matmul_precision(), read inside the op when it runs (torch.compile cannot read it while
+    tracing). The words before this naming ("ieee", "auto", "tf32") still work, with a FutureWarning."""
     if precision is not None:
-        return check.choice("precision", precision, PRECISIONS)
+        return check.choice("precision", settings.renamed("CLPDD_CE_PRECISION", precision, "precision", stacklevel=3),
+                            CE_PRECISIONS)
     if settings.is_set("CLPDD_CE_PRECISION"):
         return settings.ce_precision()
     return "torch"
@@ -50,7 +45,8 @@ def _chunk_size(chunk_size, num_classes: int, feature_dim: int) -> int:
 
 
 def _backend(backend: str, device: torch.device) -> str:
-    resolve_backend(backend, device)   # refuses what cannot run here, with the way out
+    """`backend` once `custom_ops.resolve_backend` accepts it here (the ops resolve it again when they run)."""
+    custom_ops.resolve_backend(backend, device)
     return backend
 
 
@@ -139,10 +135,10 @@ def linear_softmax_ce(x: Tensor, w: Tensor, target: Tensor, tau: float = 1.0, re
             of x within 128 MiB.
         ignore_index: rows with this target contribute neither loss nor gradient.
         backend: "auto" | "torch" | "triton".
-        precision: products of fp32 operands in the Triton kernels: "auto" (exact, or an fp32 w with bf16 x as two
-            bf16 halves on tensor cores), "ieee" (exact, no halves) or "tf32"; None: CLPDD_CE_PRECISION, else
-            torch.get_float32_matmul_precision() ("highest": "auto", otherwise "tf32"). The torch backend computes
-            exactly in fp32 whatever it says.
+        precision: products of fp32 operands in the Triton kernels, as torch.set_float32_matmul_precision words:
+            "highest" (exact), "high" (exact, but an fp32 w with a bf16 x as two bf16 halves on tensor cores,
+            |w - hi - lo| <= 2^-17 |w|) or "medium" (TF32); None: CLPDD_CE_PRECISION, else
+            torch.get_float32_matmul_precision(). The torch backend computes exactly in fp32 whatever it says.
         check_finite: check the losses, naming x, w or target when one is bad (see the module docstring); without
             it a NaN/inf input or a target out of range gives NaN losses.
     Returns:
@@ -195,7 +191,7 @@ def clpdd_loss(phi_s: Tensor, y_s: Tensor, phi_r: Tensor, y_r: Tensor, lam: floa
         if num_classes is None:
             num_classes = 1 + max(int(y_s.max()), int(y_r.max()))
         check.integer("num_classes", num_classes, minimum=1)
-        y_s = custom_ops.one_hot_op(y_s, num_classes, reference.compute_dtype(phi_s), bool(check_finite), "y_s")
+        y_s = custom_ops.one_hot_op(y_s, num_classes, compute_dtype(phi_s), bool(check_finite), "y_s")
     else:
         check.tensor("y_s", y_s, 2)
         if num_classes is not None and num_classes != y_s.shape[1]:

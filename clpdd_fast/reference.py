@@ -2,17 +2,20 @@
 
 Each function here is one piece of a backend: `clpdd_fast.custom_ops` wraps them in torch custom ops, and the Triton
 backend (`clpdd_fast.kernels.backend`) exposes the same six functions with the same signatures. Arguments arrive
-validated; tensors may be fp16/bf16/fp32 (computed in fp32) or fp64 (computed in fp64).
+validated; tensors may be fp16/bf16/fp32 (computed in fp32) or fp64 (computed in fp64). The rule and the CE's
+parameters object are the kernels' (`clpdd_fast.kernels.contract`); the precision arguments say what the Triton
+backend may do: here products are always exact in the compute dtype.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from clpdd_fast.kernels.contract import CEParams, compute_dtype
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 when any input is float64 (exact checks, gradcheck), float32 otherwise (fp32 accumulation)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+__all__ = ["CEParams", "compute_dtype", "choose_mode", "default_chunk_size", "gram", "ridge_system", "ridge_forward",
+           "ridge_backward", "linear_ce_forward", "linear_ce_backward", "linear_ce_forward_backward", "one_hot",
+           "mse_outer"]
 
 
 def choose_mode(m: int, d: int, mode: str) -> str:
@@ -29,7 +32,7 @@ def default_chunk_size(num_classes: int, feature_dim: int, budget_bytes: int = 1
 
 
 # ----------------------------------------------------------------------------------------------- gram
-def gram(x: Tensor, lam: float = 0.0) -> Tensor:
+def gram(x: Tensor, lam: float = 0.0, precision: str = "highest") -> Tensor:
     """x (m, d) -> x x^T + lam I (m, m) in the compute dtype, exactly symmetric.
 
     A BLAS product may sum (i, j) and (j, i) in different orders; the lower triangle is kept and mirrored so that
@@ -44,13 +47,13 @@ def gram(x: Tensor, lam: float = 0.0) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- ridge
-def ridge_system(phi: Tensor, lam: float, mode: str, gram=gram) -> Tensor:
-    """The SPD matrix of the ridge problem: phi phi^T + lam I (dual, m x m) or phi^T phi + lam I (primal, d x d),
-    by `gram` (this module's, or the Triton backend's)."""
+def ridge_system(phi: Tensor, lam: float, mode: str) -> Tensor:
+    """The SPD matrix of the ridge problem: phi phi^T + lam I (dual, m x m) or phi^T phi + lam I (primal, d x d)."""
     return gram(phi, lam) if mode == "dual" else gram(phi.T, lam)
 
 
-def ridge_forward(phi: Tensor, y: Tensor, lam: float, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+def ridge_forward(phi: Tensor, y: Tensor, lam: float, mode: str,
+                  precision: str = "highest") -> tuple[Tensor, Tensor, Tensor]:
     """Exact ridge probe W (d, C) of features phi (m, d) and targets y (m, C); mode is 'dual' or 'primal'.
 
     Returns (w, factor, info): factor is the lower Cholesky factor of the system, info an int tensor that is 0
@@ -67,7 +70,7 @@ def ridge_forward(phi: Tensor, y: Tensor, lam: float, mode: str) -> tuple[Tensor
 
 
 def ridge_backward(phi: Tensor, y: Tensor, w: Tensor, factor: Tensor, grad_w: Tensor, mode: str,
-                   need_phi: bool, need_y: bool) -> tuple[Tensor | None, Tensor | None]:
+                   need_phi: bool, need_y: bool, precision: str = "highest") -> tuple[Tensor | None, Tensor | None]:
     """Gradients of a loss through W = ridge(phi, y), reusing the forward's Cholesky factor.
 
     dual:   alpha = A^-1 y, beta = A^-1 phi G:   dphi = alpha G^T - (beta alpha^T + alpha beta^T) phi,  dy = beta
@@ -111,18 +114,19 @@ def _chunk_logits(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
     return torch.mm(x, w, out=out)
 
 
-def _linear_ce(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
-               grad_rows: Tensor | None, need_x: bool, need_w: bool):
+def _linear_ce(x: Tensor, w: Tensor, target: Tensor, params: CEParams, grad_rows: Tensor | None, need_x: bool,
+               need_w: bool):
     """The linear CE loop: per block of rows, one logits product, an in-place softmax, the row's max logit, largest
     probability and target logit read from the same buffer, then (for grad_rows) the coefficients
     g_i (softmax - onehot) / tau in that buffer and one product each for dW (accumulated with addmm_) and dX. Work on
     (N,) vectors is done once for all rows, not per block (on the CPU every operation costs a wake-up of the threads).
     Returns (loss_rows, lse, grad_x | None, grad_w | None)."""
     dt = compute_dtype(x, w)
+    tau = params.tau
     n, num_classes = x.shape[0], w.shape[1]
     ws = w.to(dt) / tau
-    rows = min(block_rows(chunk_size, num_classes, x.device), max(1, n))
-    valid = target != ignore_index
+    rows = min(block_rows(params.chunk_size, num_classes, x.device), max(1, n))
+    valid = target != params.ignore_index
     known = valid & (target >= 0) & (target < num_classes)
     index = torch.where(known, target, 0).long().unsqueeze(1)
     top, p_top, picked = (torch.empty(n, 1, dtype=dt, device=x.device) for _ in range(3))
@@ -154,37 +158,35 @@ def _linear_ce(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: i
     return loss, lse, grad_x, grad_w
 
 
-def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
-                      precision: str = "auto") -> tuple[Tensor, Tensor]:
-    """Per-row CE of softmax(x w / tau) against target, never holding more than chunk_size x C logits.
+def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, params: CEParams) -> tuple[Tensor, Tensor]:
+    """Per-row CE of softmax(x w / tau) against target, never holding more than params.chunk_size x C logits.
 
     x (N, d), w (d, C), target (N,) int. Returns (loss_rows (N,), lse (N,)) in the compute dtype; rows whose
-    target is ignore_index get loss 0, rows whose target lies outside [0, C) NaN. lse is the row logsumexp, saved
-    for the backward. precision: the Triton backend's choice of products; here products are exact in fp32 (fp64).
+    target is params.ignore_index get loss 0, rows whose target lies outside [0, C) NaN. lse is the row logsumexp,
+    saved for the backward. params.precision and params.autotune are the Triton backend's choices; here products are
+    exact in fp32 (fp64).
     """
-    return _linear_ce(x, w, target, tau, ignore_index, chunk_size, None, False, False)[:2]
+    return _linear_ce(x, w, target, params, None, False, False)[:2]
 
 
-def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
-                       ignore_index: int, chunk_size: int, need_x: bool, need_w: bool,
-                       precision: str = "auto") -> tuple[Tensor | None, Tensor | None]:
+def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, lse: Tensor, grad_rows: Tensor, params: CEParams,
+                       need_x: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of sum_i grad_rows[i] * loss_i wrt x and w, recomputing each chunk's logits (and its softmax: lse,
     which the Triton backend reads, is not needed here).
 
     grad_rows (N,) already folds in the reduction (1/count for 'mean') and is 0 on ignored rows.
     Returns grad_x (N, d) and grad_w (d, C) in the compute dtype, or None where not needed.
     """
-    return _linear_ce(x, w, target, tau, ignore_index, chunk_size, grad_rows, need_x, need_w)[2:]
+    return _linear_ce(x, w, target, params, grad_rows, need_x, need_w)[2:]
 
 
-def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
-                               precision: str, grad_rows: Tensor, need_x: bool,
-                               need_w: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, grad_rows: Tensor, params: CEParams,
+                               need_x: bool, need_w: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """linear_ce_forward and, in the same pass over each chunk's logits (computed once), the gradients of
     sum_i grad_rows[i] * loss_i wrt x and w (grad_rows as in linear_ce_backward): on the CPU one logits product and
     one dW product (and one dX product when asked) per block. Returns (loss_rows, lse, grad_x | None, grad_w | None).
     """
-    return _linear_ce(x, w, target, tau, ignore_index, chunk_size, grad_rows, need_x, need_w)
+    return _linear_ce(x, w, target, params, grad_rows, need_x, need_w)
 
 
 # ----------------------------------------------------------------------------------------------- CLP-DD's MSE ablation

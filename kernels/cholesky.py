@@ -13,9 +13,9 @@ program owns a tile of right-hand-side columns runs the forward substitution L Z
 L^T X = Z over all block rows, in place in the output, with a block barrier between a block row's store and the
 next one's loads.
 
-Precision: every tl.dot takes the launcher's `precision` for fp32 operands: "ieee" (exact fp32 products, the default)
-or "tf32x3" (three TF32 tensor-core products, about as accurate: benchmarks/precision_study.py; plain TF32 is not
-offered: its updates make the factorisation of a well-posed ridge system with lam <= 1e-3 fail). fp64 operands
+Precision: every tl.dot takes the launcher's `input_precision` for fp32 operands: "ieee" (exact fp32 products, the
+default) or "tf32x3" (three TF32 tensor-core products, about as accurate: benchmarks/precision_study.py; plain TF32 is
+not offered: its updates make the factorisation of a well-posed ridge system with lam <= 1e-3 fail). fp64 operands
 compute in fp64 ("ieee").
 """
 from __future__ import annotations
@@ -25,21 +25,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from clpdd_fast.reference import compute_dtype
-
+from .contract import compute_dtype
 from .matmul import TL_DTYPES
+from .tiles import CHOLESKY
 
-PRECISIONS = ("ieee", "tf32x3")   # input_precision of the products of fp32 operands
-
-# Block width of the factorisation and of the solves (rows of a diagonal block), and RHS columns per solve program.
-BLOCK = 32
-BLOCK_RHS = 32
-NUM_WARPS = 4
-NUM_STAGES = 2   # with Triton's default 3 the fp64 factorisation step spilled registers on sm_90 (triton 3.6)
-# (block, warps) pairs `benchmarks/bench_ops.py --ops cholesky-tiles` compares to choose the two defaults above
-# (block 64 is no candidate: its register tiles spill 0.5-6 KB per thread on sm_90, `python -m clpdd_fast.kernels.aot
-# --bench` shows it)
-TILE_CANDIDATES = [(block, warps) for block in (16, 32) for warps in (2, 4)]
+INPUT_PRECISIONS = ("ieee", "tf32x3")   # tl.dot's input_precision for the products of fp32 operands
 
 
 @triton.jit
@@ -204,19 +194,20 @@ def _cholesky_solve_kernel(l_ptr, inv_ptr, x_ptr, n, nrhs, s_l0, s_l1, s_x0, s_x
         tl.debug_barrier()
 
 
-def _precision(precision: str, dt: torch.dtype) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    return precision if dt == torch.float32 else "ieee"
+def _input_precision(input_precision: str, dt: torch.dtype) -> str:
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision: expected one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    return input_precision if dt == torch.float32 else "ieee"
 
 
-def cholesky(a: Tensor, block: int = BLOCK, precision: str = "ieee") -> tuple[Tensor, Tensor]:
+def cholesky(a: Tensor, block: int = CHOLESKY["BLOCK"], input_precision: str = "ieee",
+             num_warps: int = CHOLESKY["num_warps"]) -> tuple[Tensor, Tensor]:
     """Lower Cholesky factor of a symmetric matrix, like torch.linalg.cholesky_ex.
 
     Args:
         a: (n, n) symmetric, fp16/bf16/fp32/fp64; only its lower triangle is read.
-        block: block width (a power of two >= 16).
-        precision: "ieee" or "tf32x3", the products of the block updates in fp32 (fp64 is always exact).
+        block: block width (a power of two >= 16). num_warps: per program (kernels/tiles.py: CHOLESKY).
+        input_precision: "ieee" or "tf32x3", the products of the block updates in fp32 (fp64 is always exact).
     Returns:
         (L, info): L (n, n) lower triangular (zeros above the diagonal), fp32 (fp64 for fp64 a); info an int32
         0-D tensor on a's device, 0 when a is positive definite, else the 1-based index of the first pivot that is
@@ -226,16 +217,16 @@ def cholesky(a: Tensor, block: int = BLOCK, precision: str = "ieee") -> tuple[Te
         raise ValueError(f"cholesky: expected a square 2-D matrix a, got shape {tuple(a.shape)}")
     n = a.shape[0]
     dt = compute_dtype(a)
-    prec = _precision(precision, dt)
+    prec = _input_precision(input_precision, dt)
     nb = triton.cdiv(n, block)
     factor = torch.zeros((n, n), dtype=dt, device=a.device)   # the upper triangle stays zero
     block_info = torch.empty(nb, dtype=torch.int32, device=a.device)
     inverses = torch.empty((nb, block, block), dtype=dt, device=a.device)   # L_kk^-1, for the panels
     for k in range(-1, nb - 1):
-        _cholesky_step_kernel[(max(1, nb - 1 - k),)](a, factor, inverses, block_info, n, k, a.stride(0),
+        _cholesky_step_kernel[(1 if k < 0 else nb - 1 - k,)](a, factor, inverses, block_info, n, k, a.stride(0),
                                                      a.stride(1), factor.stride(0), factor.stride(1),
                                                      DT=TL_DTYPES[dt], BLOCK=block, PRECISION=prec,
-                                                     num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                                                     num_warps=num_warps, num_stages=CHOLESKY["num_stages"])
     # first bad pivot over all block columns, on the device (no host sync)
     starts = torch.arange(nb, device=a.device, dtype=torch.int32) * block
     never = torch.iinfo(torch.int32).max
@@ -244,14 +235,15 @@ def cholesky(a: Tensor, block: int = BLOCK, precision: str = "ieee") -> tuple[Te
     return factor, info
 
 
-def cholesky_solve(b: Tensor, factor: Tensor, block: int = BLOCK, block_rhs: int = BLOCK_RHS,
-                   precision: str = "ieee") -> Tensor:
+def cholesky_solve(b: Tensor, factor: Tensor, block: int = CHOLESKY["BLOCK"], block_rhs: int = CHOLESKY["BLOCK_RHS"],
+                   input_precision: str = "ieee", num_warps: int = CHOLESKY["num_warps"]) -> Tensor:
     """X = (L L^T)^-1 b for the lower factor L, like torch.cholesky_solve(b, L).
 
     Args:
         b: (n, k) right-hand sides, any float dtype and strides (copied into the fresh output).
         factor: (n, n) lower triangular L from `cholesky`.
-        precision: "ieee" or "tf32x3", the products of the substitutions in fp32 (fp64 is always exact).
+        input_precision: "ieee" or "tf32x3", the products of the substitutions in fp32 (fp64 is always exact).
+        block, block_rhs, num_warps: tiles (kernels/tiles.py: CHOLESKY).
     Returns:
         (n, k) in factor's dtype (fp32 or fp64).
     """
@@ -259,15 +251,15 @@ def cholesky_solve(b: Tensor, factor: Tensor, block: int = BLOCK, block_rhs: int
         raise ValueError(f"cholesky_solve: expected b (n, k) and factor (n, n), got {tuple(b.shape)} and "
                          f"{tuple(factor.shape)}")
     n, nrhs = b.shape
-    prec = _precision(precision, factor.dtype)
+    prec = _input_precision(input_precision, factor.dtype)
     x = b.to(factor.dtype, copy=True).contiguous()
     nb = triton.cdiv(n, block)
     dt = TL_DTYPES[factor.dtype]
     inverses = torch.empty((nb, block, block), dtype=factor.dtype, device=factor.device)
     _diag_inverse_kernel[(nb,)](factor, inverses, n, factor.stride(0), factor.stride(1), DT=dt, BLOCK=block,
-                                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                                num_warps=num_warps, num_stages=CHOLESKY["num_stages"])
     grid = (triton.cdiv(nrhs, block_rhs),)
     _cholesky_solve_kernel[grid](factor, inverses, x, n, nrhs, factor.stride(0), factor.stride(1), x.stride(0),
                                  x.stride(1), DT=dt, BLOCK=block, BLOCK_RHS=block_rhs, PRECISION=prec,
-                                 num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                                 num_warps=num_warps, num_stages=CHOLESKY["num_stages"])
     return x

@@ -14,7 +14,8 @@ CHUNK_BUDGET_BYTES of scratch and coefficients):
      that each own a private fp32 partial dW (read-modify-write, no atomics); the partials are summed in a fixed
      order at the end, so two runs give bitwise-identical dW. k_slices: from the GPU's SM count (`_num_k_slices`).
   3. dX_chunk = coef @ W^T when x needs a gradient.
-Two GEMMs in all (logits, dW; a third for dX): no logits tile is computed twice. Extra memory: one chunk of scratch
+Two GEMMs in all (logits, dW; a third for dX), no logits tile computed twice; on the bf16-pair path (below) each GEMM
+is two tensor-core products (dX three): four products in all without dX. Extra memory: one chunk of scratch
 (<= CHUNK_BUDGET_BYTES) + k_slices x d x C fp32 partials; never N x C.
 
 Forward alone (`linear_ce_forward`: reduction "none", or no gradient): `_ce_forward_kernel`, the same tiles and
@@ -27,21 +28,22 @@ at that padded width, so Triton can prove 16-byte alignment and issue vector loa
 copied into a zero-padded (d, C_pad) buffer when C % 16 != 0 (or its strides do not allow it), the coefficient
 buffers and dW partials are C_pad wide (their padding columns hold zeros), and the logits are masked to -inf at C.
 
-Precision: when x and w are both bf16 (or both fp16) the products use tensor cores in that dtype with fp32
-accumulation; the coefficients are stored in that dtype too (fp16 ones scaled by 1/max|grad_rows| instead of 1/tau,
-so they use fp16's range; the gradients are scaled back). When x is bf16 and w fp32 (what a bf16 feature cache and
-the fp32 ridge probe give), w is split into two bf16 halves, |w - hi - lo| <= 2^-17 |w|, and x w = x hi + x lo runs
-as two tensor-core products with fp32 accumulation (x is exact in bf16, so each product is exact); the backward
-splits its coefficients the same way (`bf16_pair` below, constexpr BF16_PAIR in the kernels).
-The resulting error bound (per logit 2^-17 sum_k |x_k| |w_kj| / tau, plus fp32 accumulation) is in README.md and
+Precision (`CEParams.precision`, kernels/contract.py): when x and w are both bf16 (or both fp16) the products use tensor
+cores in that dtype with fp32 accumulation; the coefficients are stored in that dtype too (fp16 ones scaled by
+1/max|grad_rows| instead of 1/tau, so they use fp16's range; the gradients are scaled back). Under "high", when x is
+bf16 and w fp32 (what a bf16 feature cache and the fp32 ridge probe give), w is split into two bf16 halves,
+|w - hi - lo| <= 2^-17 |w|, and x w = x hi + x lo runs as two tensor-core products with fp32 accumulation (x is exact
+in bf16, so each product is exact); the backward splits its coefficients the same way (`bf16_pair` below, constexpr
+BF16_PAIR in the kernels), so each of its products is two tensor-core products too, and dX = (c_hi + c_lo)(hi + lo)^T
+is three (the c_lo lo term is dropped).
+The resulting error bound (per logit 2^-17 sum_k |x_k| |w_kj| / tau, plus fp32 accumulation) is in docs/KERNELS.md and
 checked by tests/test_kernel_linear_ce.py (with split_ce_bounds of tests/ce_split_bound.py).
-Otherwise operands are fp32 and the products are exact fp32 ("ieee"). CLPDD_CE_PRECISION (clpdd_fast.settings):
-"auto" (default, the above), "ieee" (exact fp32 products whenever an operand is fp32: no split), "tf32" (TF32 products
-for fp32 operands, no split). fp64 inputs compute in fp64.
+Otherwise operands are fp32 and the products are exact fp32 (tl.dot's "ieee"): "highest" (and "high" for other dtype
+pairs); "medium" multiplies fp32 operands in TF32, with no split. fp64 inputs compute in fp64.
 
-Tiles: fixed defaults below; CLPDD_AUTOTUNE=1 (read at each launch) autotunes the forward and coefficient kernels
-over a few configs (the fused kernel keeps its fixed tiles). `python -m clpdd_fast.kernels.report` lists what the
-compiler makes of these kernels for sm_90.
+Tiles: kernels/tiles.py (CE, CE_FP64, CE_FUSED_FEATURES_FMA); with `CEParams.autotune` the forward and coefficient
+kernels autotune over tiles.CE_AUTOTUNE (the fused kernel keeps its fixed tiles). `python tools/kernel_report.py`
+lists what the compiler makes of these kernels for sm_90.
 """
 from __future__ import annotations
 
@@ -52,28 +54,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from clpdd_fast import settings
-from clpdd_fast.reference import compute_dtype
+from . import tiles
+from .contract import CEParams, compute_dtype
+from .matmul import TL_DTYPES, dot_dtype, matmul
 
-from .matmul import LARGE, LARGE_FP32, TL_DTYPES, dot_dtype, matmul
-
-# default tiles: rows, classes, features per step; on the interpreter the same sizes run (fewer numpy steps)
-BLOCKS = {"BLOCK_ROWS": 64, "BLOCK_CLASSES": 128, "BLOCK_FEATURES": 64}
-NUM_WARPS = 8
-NUM_STAGES = 3
-FUSED_FEATURES_FMA = 32            # the fused kernel's BLOCK_FEATURES for exact fp32 (CUDA-core) products: no spill
-BLOCKS_FP64 = {"BLOCK_ROWS": 32, "BLOCK_CLASSES": 64, "BLOCK_FEATURES": 32, "num_warps": 4, "num_stages": 2}
 COEF_BUDGET_BYTES = 32 * 2**20     # one chunk of coefficients of the recomputing backward (32 MiB)
 CHUNK_BUDGET_BYTES = 64 * 2**20    # one chunk of logits scratch and coefficients of the fused pass (64 MiB)
 MAX_K_SLICES = 32                  # fp32 partial dW buffers (each d x C_pad) ...
 PARTIALS_BUDGET_BYTES = 16 * 2**20  # ... and at most this much of them (with the scratch: < 100 MB in all)
 ALIGN = 16                         # elements: row strides and masked widths of streamed buffers are multiples of it
-SM90_SMS = 132                     # SMs of the sm_90 GPU meta tensors stand for (kernels/aot.py, kernels/report.py)
-DW_BLOCKS_PER_SM = 1               # resident blocks per SM of the dW matmul (its registers: kernels/report.py)
-_CONFIGS = [triton.Config({"BLOCK_ROWS": rows, "BLOCK_CLASSES": classes, "BLOCK_FEATURES": features}, num_warps=w,
-                          num_stages=s)
-            for rows, classes, features, w, s in [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3),
-                                                  (128, 64, 32, 4, 4), (64, 256, 32, 8, 3)]]
+_BLOCK_KEYS = ("BLOCK_ROWS", "BLOCK_CLASSES", "BLOCK_FEATURES")
 
 
 def split_bf16(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,11 +73,12 @@ def split_bf16(t: Tensor) -> tuple[Tensor, Tensor]:
     exact, or below it, so rounding it to bf16's 8 significant bits leaves at most 2^(e-17). For |t| >= 2^-110,
     where lo stays a normal bf16 number.)
 
-    Stored as bf16 for the tensor cores; under the interpreter (no bf16 arithmetic) as fp32 holding the same values.
+    Stored as bf16 for the tensor cores; on CPU tensors (Triton's interpreter: no bf16 arithmetic) as fp32 holding the
+    same values.
     """
     hi = t.to(torch.bfloat16)
     lo = (t - hi.float()).to(torch.bfloat16)
-    store = torch.float32 if settings.triton_interpret() else torch.bfloat16
+    store = torch.float32 if t.device.type == "cpu" else torch.bfloat16
     return hi.to(store).contiguous(), lo.to(store).contiguous()
 
 
@@ -251,41 +242,41 @@ def _ce_fused_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, g_ptr, loss_ptr, lse_ptr, z_pt
 
 @functools.cache
 def _autotuned(kernel):
-    """The autotuning wrapper of a CE kernel (CLPDD_AUTOTUNE=1), built at its first launch and kept (with what it
+    """The autotuning wrapper of a CE kernel (CEParams.autotune), built at its first launch and kept (with what it
     has measured)."""
-    return triton.autotune(_CONFIGS, key=["D", "C"])(kernel)
+    configs = [triton.Config({k: c[k] for k in _BLOCK_KEYS}, num_warps=c["num_warps"], num_stages=c["num_stages"])
+               for c in tiles.CE_AUTOTUNE]
+    return triton.autotune(configs, key=["D", "C"])(kernel)
 
 
 def _inv_tau(tau: float, dtype: torch.dtype, device) -> Tensor:
     return torch.full((1,), 1.0 / tau, dtype=dtype, device=device)
 
 
-def _launchable(kernel, blocks: dict | None, acc: torch.dtype):
-    """(kernel to launch, its launch options): the autotuned kernel with no options under CLPDD_AUTOTUNE=1 (when no
+def _launchable(kernel, blocks: dict | None, acc: torch.dtype, autotune: bool):
+    """(kernel to launch, its launch options): the autotuned kernel with no options with `autotune` (when no
     explicit blocks are given), else the kernel with the fixed tiles (or `blocks`)."""
-    if blocks is None and settings.autotune():
+    if blocks is None and autotune:
         return _autotuned(kernel), {}
     return kernel, _launch_meta(blocks, acc)
 
 
 def _launch_meta(blocks: dict | None, acc: torch.dtype) -> dict:
-    if blocks is None and acc == torch.float64:
-        return dict(BLOCKS_FP64)   # fp64 tiles take twice the shared memory: smaller tiles, fewer stages
-    meta = dict(BLOCKS if blocks is None else blocks)
-    meta.setdefault("num_warps", NUM_WARPS)
-    meta.setdefault("num_stages", NUM_STAGES)
-    return meta
+    """The launch options: `blocks` (with the default warps and stages), else tiles.CE (tiles.CE_FP64 for fp64)."""
+    if blocks is None:
+        return dict(tiles.CE_FP64 if acc == torch.float64 else tiles.CE)
+    return {"num_warps": tiles.CE["num_warps"], "num_stages": tiles.CE["num_stages"], **blocks}
 
 
-def _precision(x: Tensor, w: Tensor, mode: str) -> tuple[torch.dtype, torch.dtype, str, bool]:
-    """(compute dtype, tl.dot operand dtype, input_precision, bf16_pair) for precision `mode` ("auto", "ieee" or
-    "tf32"): bf16_pair when x is bf16 and w fp32 under "auto": w enters as two bf16 halves (`split_bf16`) on tensor
-    cores."""
+def _precision(x: Tensor, w: Tensor, precision: str) -> tuple[torch.dtype, torch.dtype, str, bool]:
+    """(compute dtype, tl.dot operand dtype, tl.dot input_precision, bf16_pair) for a CEParams precision:
+    bf16_pair when x is bf16 and w fp32 under "high": w enters as two bf16 halves (`split_bf16`) on tensor cores;
+    TF32 products of fp32 operands under "medium"; exact products otherwise."""
     acc = compute_dtype(x, w)
-    if mode == "auto" and x.dtype == torch.bfloat16 and w.dtype == torch.float32:
-        return acc, (torch.float32 if settings.triton_interpret() else torch.bfloat16), "ieee", True
+    if precision == "high" and x.dtype == torch.bfloat16 and w.dtype == torch.float32:
+        return acc, (torch.float32 if x.device.type == "cpu" else torch.bfloat16), "ieee", True
     ddt = dot_dtype(x, w)
-    return acc, ddt, ("tf32" if mode == "tf32" and ddt == torch.float32 else "ieee"), False
+    return acc, ddt, ("tf32" if precision == "medium" and ddt == torch.float32 else "ieee"), False
 
 
 def padded_width(num_classes: int) -> int:
@@ -331,20 +322,21 @@ def _coef_scales(grad_rows: Tensor, tau: float, coef_dt: torch.dtype, acc: torch
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return SM90_SMS
+    """The SMs of a CUDA device (tools/kernel_aot.py stands in a target GPU's count for meta tensors)."""
+    if device.type != "cuda":
+        raise ValueError(f"linear_ce: the SM count of a {device.type} device is unknown")
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_k_slices(device: torch.device, d: int, width: int, tiles: dict, rows: int) -> int:
+def _num_k_slices(device: torch.device, d: int, width: int, mm_tiles: dict, rows: int) -> int:
     """Fixed slices of the row reduction for dW: the count (up to MAX_K_SLICES, PARTIALS_BUDGET_BYTES of partials
     and one BLOCK_K of rows per slice) whose programs (output tiles x slices) fill the SMs' resident blocks in the
     fewest, fullest waves (a multiple of them where one exists), the smaller count on a tie."""
     if device.type == "cpu":
         return 2  # the interpreter: exercise the sliced path
-    out_tiles = triton.cdiv(d, tiles["BLOCK_M"]) * triton.cdiv(width, tiles["BLOCK_N"])
-    slots = _sm_count(device) * DW_BLOCKS_PER_SM
-    top = max(1, min(MAX_K_SLICES, PARTIALS_BUDGET_BYTES // (4 * d * width), triton.cdiv(rows, tiles["BLOCK_K"])))
+    out_tiles = triton.cdiv(d, mm_tiles["BLOCK_M"]) * triton.cdiv(width, mm_tiles["BLOCK_N"])
+    slots = _sm_count(device) * tiles.DW_BLOCKS_PER_SM
+    top = max(1, min(MAX_K_SLICES, PARTIALS_BUDGET_BYTES // (4 * d * width), triton.cdiv(rows, mm_tiles["BLOCK_K"])))
 
     def fill(s: int) -> float:
         programs = out_tiles * s
@@ -357,7 +349,7 @@ def _matmul_tiles(coef_dt: torch.dtype, acc: torch.dtype, blocks: dict | None) -
     overrides."""
     if acc == torch.float64 or blocks is not None:
         return None
-    return LARGE if coef_dt in (torch.bfloat16, torch.float16) else LARGE_FP32
+    return tiles.MATMUL_LARGE if coef_dt in (torch.bfloat16, torch.float16) else tiles.MATMUL_LARGE_FP32
 
 
 def _summed_slices(parts: Tensor, num_classes: int, post: Tensor | None) -> Tensor:
@@ -368,17 +360,15 @@ def _summed_slices(parts: Tensor, num_classes: int, post: Tensor | None) -> Tens
     return grad_w if post is None else grad_w.mul_(post)
 
 
-def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int, chunk_size: int,
-                      precision: str | None = None, blocks: dict | None = None) -> tuple[Tensor, Tensor]:
+def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, params: CEParams,
+                      blocks: dict | None = None) -> tuple[Tensor, Tensor]:
     """Per-row CE of softmax(x w / tau) against target, fused (no logits buffer).
 
     Args:
         x: (N, d) fp16/bf16/fp32/fp64, any strides. w: (d, C), same family of dtypes.
-        target: (N,) int32/int64 in [0, C) or ignore_index. tau: runtime float > 0.
-        chunk_size: unused (the kernel never holds more than a (BLOCK_ROWS, BLOCK_CLASSES) logits tile); kept for
-            the backend contract.
-        precision: "auto", "ieee" or "tf32" (products of fp32 operands; see the module docstring); None reads
-            CLPDD_CE_PRECISION.
+        target: (N,) int32/int64 in [0, C) or params.ignore_index, any stride.
+        params: tau (a runtime value), ignore_index, precision (module docstring), autotune; chunk_size is unused
+            (the kernel never holds more than a (BLOCK_ROWS, BLOCK_CLASSES) logits tile).
         blocks: optional {"BLOCK_ROWS", "BLOCK_CLASSES", "BLOCK_FEATURES"} tile override (powers of two >= 16), e.g.
             for tests.
     Returns:
@@ -387,44 +377,44 @@ def linear_ce_forward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_i
     """
     n, d = x.shape
     num_classes = w.shape[1]
-    acc, ddt, prec, bf16_pair = _precision(x, w, precision or settings.ce_precision())
+    acc, ddt, prec, bf16_pair = _precision(x, w, params.precision)
     w_hi, w_lo = _streamed_w(w, bf16_pair)
+    target = target.contiguous()   # the kernels read targets at unit stride
     loss = torch.empty(n, dtype=acc, device=x.device)
     lse = torch.empty(n, dtype=acc, device=x.device)
-    kernel, meta = _launchable(_ce_forward_kernel, blocks, acc)
+    kernel, meta = _launchable(_ce_forward_kernel, blocks, acc, params.autotune)
     grid = lambda m: (triton.cdiv(n, m["BLOCK_ROWS"]),)  # noqa: E731
     kernel[grid](x, w_hi, w_lo, target, loss, lse, n, d, num_classes, w_hi.shape[1], x.stride(0), x.stride(1),
-                 w_hi.stride(0), w_hi.stride(1), _inv_tau(tau, acc, x.device), int(ignore_index),
+                 w_hi.stride(0), w_hi.stride(1), _inv_tau(params.tau, acc, x.device), int(params.ignore_index),
                  BF16_PAIR=bf16_pair, DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
     return loss, lse
 
 
-def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
-                       ignore_index: int, chunk_size: int, need_x: bool, need_w: bool,
-                       precision: str | None = None, blocks: dict | None = None,
+def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, lse: Tensor, grad_rows: Tensor, params: CEParams,
+                       need_x: bool, need_w: bool, blocks: dict | None = None,
                        k_slices: int | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of sum_i grad_rows[i] * loss_i wrt x and w, recomputing logits tiles; deterministic.
 
     Args:
-        x (N, d), w (d, C), target (N,), tau: as in the forward. lse (N,): the forward's logsumexp.
+        x (N, d), w (d, C), target (N,): as in the forward. lse (N,): the forward's logsumexp.
         grad_rows (N,): per-row weights, already scaled by the reduction and 0 on ignored rows.
-        ignore_index: unused here (grad_rows is 0 on ignored rows), kept for the backend contract.
-        chunk_size: rows per backward chunk (also bounded by COEF_BUDGET_BYTES of coefficients).
-        need_x, need_w: which gradients to compute. precision: as in the forward.
-        blocks, k_slices: tile / dW slice-count overrides (tests).
+        params: as in the forward; chunk_size is the rows per backward chunk (also bounded by COEF_BUDGET_BYTES of
+            coefficients); ignore_index is unused (grad_rows is 0 on ignored rows).
+        need_x, need_w: which gradients to compute. blocks, k_slices: tile / dW slice-count overrides (tests).
     Returns:
         (grad_x (N, d), grad_w (d, C)) fp32 (fp64 for fp64 inputs), or None where not needed.
     """
     n, d = x.shape
     num_classes = w.shape[1]
-    acc, ddt, prec, bf16_pair = _precision(x, w, precision or settings.ce_precision())
+    acc, ddt, prec, bf16_pair = _precision(x, w, params.precision)
     if not (need_x or need_w):
         return None, None
     w_hi, w_lo = _streamed_w(w, bf16_pair)
+    target = target.contiguous()
     width = w_hi.shape[1]
     coef_dt = _coef_dtype(ddt, acc)
     coef_bytes = torch.empty((), dtype=coef_dt).element_size() * (2 if bf16_pair else 1)
-    rows = max(1, min(chunk_size, n, COEF_BUDGET_BYTES // (coef_bytes * width)))
+    rows = max(1, min(params.chunk_size, n, COEF_BUDGET_BYTES // (coef_bytes * width)))
     coef = torch.empty((rows, width), dtype=coef_dt, device=x.device)
     coef_lo = torch.empty_like(coef) if bf16_pair else coef
     mm = _matmul_tiles(coef_dt, acc, blocks)
@@ -433,10 +423,10 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Te
     parts = torch.empty((k_slices, d, width), dtype=acc, device=x.device) if need_w else None
     grad_x = torch.empty((n, d), dtype=acc, device=x.device) if need_x else None
     grad_rows = grad_rows.to(acc).contiguous()
-    scale, post = _coef_scales(grad_rows, tau, coef_dt, acc)
+    scale, post = _coef_scales(grad_rows, params.tau, coef_dt, acc)
     lse = lse.contiguous()
-    kernel, meta = _launchable(_ce_coef_kernel, blocks, acc)
-    inv_tau = _inv_tau(tau, acc, x.device)
+    kernel, meta = _launchable(_ce_coef_kernel, blocks, acc, params.autotune)
+    inv_tau = _inv_tau(params.tau, acc, x.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         nrows = stop - start
@@ -459,47 +449,48 @@ def _gradient_products(xc: Tensor, coef: Tensor, coef_lo: Tensor | None, w_hi: T
     times post). With the bf16 pair, x (exact in bf16) multiplies coef + coef_lo, and (coef + coef_lo) (w_hi + w_lo)
     drops the lo x lo term."""
     if parts is not None:
-        matmul(xc.T, coef, out=parts, accumulate=accumulate, k_slices=k_slices, precision=prec, blocks=mm,
+        matmul(xc.T, coef, out=parts, accumulate=accumulate, k_slices=k_slices, input_precision=prec, blocks=mm,
                b_lo=coef_lo)
     if grad_x is not None:
-        matmul(coef, w_hi.T, out=grad_x, precision=prec, blocks=mm, a_lo=coef_lo,
+        matmul(coef, w_hi.T, out=grad_x, input_precision=prec, blocks=mm, a_lo=coef_lo,
                b_lo=None if w_lo is None else w_lo.T)
         if post is not None:
             grad_x.mul_(post)
 
 
-def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, tau: float, ignore_index: int,
-                               chunk_size: int, precision: str | None, grad_rows: Tensor, need_x: bool, need_w: bool,
-                               blocks: dict | None = None,
+def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, grad_rows: Tensor, params: CEParams,
+                               need_x: bool, need_w: bool, blocks: dict | None = None,
                                k_slices: int | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Per-row losses and logsumexps, and in the same pass the gradients of sum_i grad_rows[i] * loss_i wrt x and w:
     each logits tile is computed once (module docstring); deterministic (dW bitwise identical run to run).
 
     Args:
-        x, w, target, tau, ignore_index, precision, blocks: as in `linear_ce_forward`.
-        chunk_size: rows per chunk (also bounded by CHUNK_BUDGET_BYTES of scratch and coefficients).
+        x, w, target, blocks: as in `linear_ce_forward`.
         grad_rows (N,): per-row weights, already scaled by the reduction and 0 on ignored rows.
+        params: as in `linear_ce_forward`; chunk_size is the rows per chunk (also bounded by CHUNK_BUDGET_BYTES of
+            scratch and coefficients); autotune does not apply (the fused kernel keeps its fixed tiles).
         need_x, need_w: which gradients to compute. k_slices: dW slice-count override (tests).
     Returns:
         (loss_rows (N,), lse (N,), grad_x (N, d) or None, grad_w (d, C) or None): as `linear_ce_forward` and
         `linear_ce_backward` give them.
     """
     if not (need_x or need_w):
-        return (*linear_ce_forward(x, w, target, tau, ignore_index, chunk_size, precision, blocks), None, None)
+        return (*linear_ce_forward(x, w, target, params, blocks), None, None)
     n, d = x.shape
     num_classes = w.shape[1]
-    acc, ddt, prec, bf16_pair = _precision(x, w, precision or settings.ce_precision())
+    acc, ddt, prec, bf16_pair = _precision(x, w, params.precision)
     w_hi, w_lo = _streamed_w(w, bf16_pair)
+    target = target.contiguous()
     width = w_hi.shape[1]
     coef_dt = _coef_dtype(ddt, acc)
     meta = _launch_meta(blocks, acc)
     if blocks is None and ddt == torch.float32 and prec == "ieee":
-        meta["BLOCK_FEATURES"] = FUSED_FEATURES_FMA
+        meta["BLOCK_FEATURES"] = tiles.CE_FUSED_FEATURES_FMA
     one_tile = width <= meta["BLOCK_CLASSES"]
     # per row: the fp32 (fp64) logits scratch, the coefficients in place over it; the bf16 pair's low halves in a
     # second buffer of the same layout (the matmul reads both halves with one set of strides)
     acc_bytes = torch.empty((), dtype=acc).element_size()
-    rows = max(1, min(chunk_size, n, CHUNK_BUDGET_BYTES // ((2 if bf16_pair else 1) * acc_bytes * width)))
+    rows = max(1, min(params.chunk_size, n, CHUNK_BUDGET_BYTES // ((2 if bf16_pair else 1) * acc_bytes * width)))
     scratch = torch.empty((rows, width), dtype=acc, device=x.device)
     coef = scratch.view(coef_dt)[:, :width]
     coef_lo = torch.empty_like(scratch).view(coef_dt)[:, :width] if bf16_pair else None
@@ -511,8 +502,8 @@ def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, tau: float,
     loss = torch.empty(n, dtype=acc, device=x.device)
     lse = torch.empty(n, dtype=acc, device=x.device)
     grad_rows = grad_rows.to(acc).contiguous()
-    scale, post = _coef_scales(grad_rows, tau, coef_dt, acc)
-    inv_tau = _inv_tau(tau, acc, x.device)
+    scale, post = _coef_scales(grad_rows, params.tau, coef_dt, acc)
+    inv_tau = _inv_tau(params.tau, acc, x.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         nrows = stop - start
@@ -520,7 +511,7 @@ def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, tau: float,
         _ce_fused_kernel[(triton.cdiv(nrows, meta["BLOCK_ROWS"]),)](
             xc, w_hi, w_lo, target[start:stop], grad_rows[start:stop], loss[start:stop], lse[start:stop], scratch,
             coef, coef if coef_lo is None else coef_lo, nrows, d, num_classes, width, xc.stride(0), xc.stride(1),
-            w_hi.stride(0), w_hi.stride(1), scratch.stride(0), coef.stride(0), inv_tau, scale, int(ignore_index),
+            w_hi.stride(0), w_hi.stride(1), scratch.stride(0), coef.stride(0), inv_tau, scale, int(params.ignore_index),
             BF16_PAIR=bf16_pair, ONE_TILE=one_tile, DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc],
             PRECISION=prec, **meta)
         _gradient_products(xc, coef[:nrows], None if coef_lo is None else coef_lo[:nrows], w_hi,

@@ -1,5 +1,5 @@
 """The strided matrix product behind `gram` and every launcher's glue, and the kernels' dtype rules (TL_DTYPES,
-dot_dtype).
+dot_dtype; the compute dtype is kernels/contract.py's).
 
 One kernel, `_matmul_kernel`, does C = alpha * A @ B (+ lam on the diagonal) (+ C when accumulating), with
 arbitrary strides (so transposes are free), an optional split of the reduction dimension into `k_slices` fixed slices
@@ -8,9 +8,9 @@ and a symmetric mode in which only the lower tiles are computed and each is mirr
 (inside diagonal tiles too, by a second small launch, so the result is exactly symmetric whatever order tl.dot
 sums in).
 
-Precision: operands are cast to `dot_dtype` inside the kernel and multiplied with `input_precision="ieee"`
+Precision: operands are cast to `dot_dtype` inside the kernel and multiplied with tl.dot's `input_precision="ieee"`
 unless the caller asks for "tf32" or "tf32x3" (fp32 operands only); accumulation is fp32 (fp64 for fp64 operands:
-`compute_dtype`).
+`compute_dtype`). Tiles: kernels/tiles.py (MATMUL, or the caller's `blocks`).
 """
 from __future__ import annotations
 
@@ -19,23 +19,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from clpdd_fast.reference import compute_dtype
-
-# Fixed tile configuration (documented default). CLPDD_AUTOTUNE=1 is honoured by the CE launcher, where it pays;
-# the Gram/matmul glue is small in this project (m x d, d x C) and keeps this one configuration.
-BLOCK_M = 64
-BLOCK_N = 64
-BLOCK_K = 32
-NUM_WARPS = 4
-# larger tiles for the long reductions of the CE backward (dW = x^T coef over many rows, dX = coef W^T)
-LARGE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
-LARGE_FP32 = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
+from .contract import compute_dtype
+from .tiles import MATMUL
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
 # tl.dot input precisions for fp32 operands: exact fp32 products (FMA units), one TF32 tensor-core product, or three
 # (Triton's split of each operand into a TF32 value and the TF32 rounding of the rest: about fp32 accuracy)
-FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 def dot_dtype(a: Tensor, b: Tensor) -> torch.dtype:
@@ -113,7 +104,7 @@ def _mirror_diagonal_tiles_kernel(c_ptr, n, s_cs, s_cm, s_cn, BLOCK: tl.constexp
 
 
 def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.0, accumulate: bool = False,
-           k_slices: int = 1, precision: str = "ieee", symmetric: bool = False, lam: float = 0.0,
+           k_slices: int = 1, input_precision: str = "ieee", symmetric: bool = False, lam: float = 0.0,
            blocks: dict | None = None, a_lo: Tensor | None = None, b_lo: Tensor | None = None) -> Tensor:
     """out = alpha * a @ b (+ lam I) (+ out when accumulate), computed by one Triton launch.
 
@@ -128,7 +119,7 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
             fp64 for fp64 operands) when None.
         alpha: runtime scale (passed as an fp32 scalar: use exactly representable values such as 1, -1, 2).
             accumulate: add into the existing content of out (read-modify-write, no atomics).
-        precision: tl.dot input_precision for fp32 operands, "ieee" (exact fp32 products), "tf32" or "tf32x3"
+        input_precision: tl.dot's, for fp32 operands: "ieee" (exact fp32 products), "tf32" or "tf32x3"
             (three TF32 products: benchmarks/precision_study.py measures its accuracy); other dtypes ignore it.
         symmetric: a @ b is known symmetric (b = a^T): only lower tiles are computed and mirrored.
         lam: added to the diagonal of the result (before accumulation).
@@ -137,8 +128,8 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
     """
     m, k = a.shape
     k2, n = b.shape
-    if precision not in FP32_PRECISIONS:
-        raise ValueError(f"matmul: precision must be one of {FP32_PRECISIONS}, got {precision!r}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"matmul: input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
     if k != k2:
         raise ValueError(f"matmul: inner dimensions differ, got a {tuple(a.shape)} and b {tuple(b.shape)}")
     for name, main, low in (("a_lo", a, a_lo), ("b_lo", b, b_lo)):
@@ -149,14 +140,13 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
         out = torch.empty((k_slices, m, n) if k_slices > 1 else (m, n), dtype=acc_dt, device=a.device)
     s_cs = out.stride(0) if out.dim() == 3 else 0
     s_cm, s_cn = out.stride(-2), out.stride(-1)
-    meta = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "num_warps": NUM_WARPS}
-    meta.update(blocks or {})
+    meta = {**MATMUL, **(blocks or {})}
     if symmetric and meta["BLOCK_M"] != meta["BLOCK_N"]:
         raise ValueError(f"matmul: symmetric needs square tiles, got BLOCK_M={meta['BLOCK_M']} "
                          f"BLOCK_N={meta['BLOCK_N']}")
     k_per_slice = triton.cdiv(triton.cdiv(k, k_slices), meta["BLOCK_K"]) * meta["BLOCK_K"]
     ddt = dot_dtype(a, b)
-    prec = precision if ddt == torch.float32 else "ieee"
+    prec = input_precision if ddt == torch.float32 else "ieee"
     lam_t = torch.full((1,), lam, dtype=acc_dt, device=a.device)
     grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), k_slices)
     _matmul_kernel[grid](a, b, out, a if a_lo is None else a_lo, b if b_lo is None else b_lo, m, n, k,

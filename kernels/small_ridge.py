@@ -1,7 +1,8 @@
 """Ridge solve of a small system in one launch: Gram matrix, Cholesky factor and solve fused in one program.
 
-For a system of size n <= MAX_SIZE (the dual system of a few dozen synthetic images, which is what CLP-DD solves at
-low images-per-class on small label sets), the blocked path of kernels/cholesky.py costs a Gram launch, one launch per
+For a system of size n <= tiles.SMALL_RIDGE_MAX_SIZE (the dual system of a few dozen synthetic images, which is what
+CLP-DD solves at low images-per-class on small label sets), the blocked path of kernels/cholesky.py costs a Gram launch,
+one launch per
 32-wide block column, a solve launch and a projection launch, and at these sizes launch latency is the whole cost.
 Here a single program (one CTA) does:
   1. G = S S^T + lam I (n x n, padded to M rows that form an identity), with exact fp32 products (fp64 for fp64
@@ -20,10 +21,10 @@ time. A `tl.dot` with exact fp32 products runs on FMA units and holds each threa
 dimension in registers, so a product whose inner dimension is the system size (64) spilled kilobytes per thread;
 the intermediates (L^-1, A^-1, phi G, alpha, beta, S) therefore go through a small global workspace that one program
 writes, then reads back after a block barrier (they stay in L1/L2).
-Sizes: the kernel accepts n <= LIMITS[compute dtype] (a larger request is a ValueError); the backend sends it systems
-of size <= min(MAX_SIZE, that limit) and everything larger to the blocked path. `benchmarks/bench_ops.py --ops
-ridge-small` measures whether this pays against the blocked path; CLPDD_AOT_CHECK=1 (tests) compiles every size class
-for sm_90 and fails on a register spill or a shared-memory overflow.
+Sizes: the kernel accepts n <= tiles.SMALL_RIDGE_LIMITS[compute dtype] (a larger request is a ValueError); the backend
+sends it systems of size <= min(tiles.SMALL_RIDGE_MAX_SIZE, that limit) and everything larger to the blocked path.
+`benchmarks/bench_ops.py --ops ridge-small` measures whether this pays against the blocked path; CLPDD_AOT_CHECK=1
+(tests) compiles every size class for sm_90 and fails on a register spill or a shared-memory overflow.
 """
 from __future__ import annotations
 
@@ -32,20 +33,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from clpdd_fast.reference import compute_dtype
-
+from . import tiles
 from .cholesky import _factor_in_registers, _first_bad_pivot, _load_tile, _lower_inverse, _pad_identity
+from .contract import compute_dtype
 from .matmul import TL_DTYPES
 
-MAX_SIZE = 64        # largest system the backend sends here (module variable: tests and benchmarks change it)
-# largest system the kernel accepts, per compute dtype (register tiles of M x M, M = padded_size(n)): at M = 128 the
-# register factorisation spills on sm_90 (measured with `python -m clpdd_fast.kernels.aot`: the fp32 backward 72 bytes
-# per thread with triton 3.6, fp64 0.3-1.2 KB with 8 warps and 0.2-0.6 KB with 16)
-LIMITS = {torch.float32: 64, torch.float64: 64}
-BLOCK_K = 16         # inner dimension per tl.dot step (the smallest tl.dot allows: fewest registers per thread)
-BLOCK_C = 32         # right-hand-side columns (forward) / classes (backward) per output tile
-BLOCK_D = 32         # rows of S^T X (forward) / feature columns of dphi (backward) per output tile
-NUM_STAGES = 1       # no software pipelining: the loops are short, and pipelining made ptxas spill a few registers
+BLOCK_K, BLOCK_C, BLOCK_D = (tiles.SMALL_RIDGE[k] for k in ("BLOCK_K", "BLOCK_C", "BLOCK_D"))
 
 
 @triton.jit
@@ -163,26 +156,21 @@ def padded_size(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def num_warps(size: int, dtype: torch.dtype) -> int:
-    """Warps of the one program: 4, and 8 for fp64 tiles of 64 x 64 (the choices without a register spill on sm_90
-    with triton 3.6 and 3.8; fp32 at 64 with 8 warps spilled a few bytes with 3.6)."""
-    return 8 if size > 32 and dtype == torch.float64 else 4
-
-
 def size_limit(dtype: torch.dtype) -> int:
-    """Largest system the kernel accepts for inputs of this dtype (its compute dtype's entry of LIMITS)."""
-    return LIMITS[torch.float64 if dtype == torch.float64 else torch.float32]
+    """Largest system the kernel accepts for inputs of this dtype (its compute dtype's entry of
+    tiles.SMALL_RIDGE_LIMITS)."""
+    return tiles.SMALL_RIDGE_LIMITS[torch.float64 if dtype == torch.float64 else torch.float32]
 
 
 def dispatches(n: int, *tensors: Tensor) -> bool:
     """Whether the backend sends a system of size n with these operands here (else: the blocked path)."""
-    return n <= min(MAX_SIZE, size_limit(compute_dtype(*tensors)))
+    return n <= min(tiles.SMALL_RIDGE_MAX_SIZE, size_limit(compute_dtype(*tensors)))
 
 
 def _check_size(fn: str, n: int, dt: torch.dtype) -> None:
     if n > size_limit(dt):
         raise ValueError(f"{fn}: systems of size <= {size_limit(dt)} in {str(dt).replace('torch.', '')} "
-                         f"(LIMITS), got {n}; larger systems take the blocked Cholesky path")
+                         f"(tiles.SMALL_RIDGE_LIMITS), got {n}; larger systems take the blocked Cholesky path")
 
 
 def small_ridge_solve(s: Tensor, b: Tensor, lam: float, project: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -213,8 +201,8 @@ def small_ridge_solve(s: Tensor, b: Tensor, lam: float, project: bool) -> tuple[
     _small_ridge_kernel[(1,)](s, b, factor, out, info, lam_t, inv, ainv, x if project else work, n, r, nrhs,
                               s.stride(0), s.stride(1), b.stride(0), b.stride(1), factor.stride(0), factor.stride(1),
                               out.stride(0), out.stride(1), PROJECT=project, DT=TL_DTYPES[dt], M=size,
-                              BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, num_warps=num_warps(size, dt),
-                              num_stages=NUM_STAGES)
+                              BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
+                              num_warps=tiles.small_ridge_warps(size, dt), num_stages=tiles.SMALL_RIDGE["num_stages"])
     return out, factor, info
 
 
@@ -251,6 +239,6 @@ def small_ridge_backward(phi: Tensor, y: Tensor, factor: Tensor, grad_w: Tensor,
                                        grad_w.stride(0), grad_w.stride(1), factor.stride(0), factor.stride(1),
                                        grad_phi.stride(0), grad_phi.stride(1), beta.stride(0), beta.stride(1),
                                        NEED_PHI=need_phi, DT=TL_DTYPES[dt], M=size, BLOCK_K=BLOCK_K,
-                                       BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, num_warps=num_warps(size, dt),
-                                       num_stages=NUM_STAGES)
+                                       BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, num_warps=tiles.small_ridge_warps(size, dt),
+                                       num_stages=tiles.SMALL_RIDGE["num_stages"])
     return (grad_phi if need_phi else None), (beta if need_y else None)

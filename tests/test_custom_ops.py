@@ -7,6 +7,7 @@ import torch
 
 from clpdd_fast import clpdd_loss, custom_ops, gram, linear_softmax_ce, ops, reference, ridge_solve
 from clpdd_fast import validation
+from clpdd_fast.kernels.contract import CEParams
 
 from helpers import labels, rand
 
@@ -27,7 +28,7 @@ def _opcheck_cases(dtype):
     w = cpu(5, 4, seed=4, dtype=dtype, requires_grad=True)
     t = cpu_labels(9, 4, seed=5, ignore=(2,))
     xr = cpu(9, 7, seed=7, dtype=dtype, requires_grad=True)
-    lse = reference.linear_ce_forward(x.detach(), w.detach(), t, 0.7, -100, 4)[1]
+    lse = reference.linear_ce_forward(x.detach(), w.detach(), t, CEParams(0.7, -100, 4, "high"))[1]
     wf, factor, _ = reference.ridge_forward(x.detach(), y.detach(), 0.5, "primal")
     c = torch.ops.clpdd
     return [
@@ -36,18 +37,18 @@ def _opcheck_cases(dtype):
         (c.ridge_factorize.default, (wide, y[:4], 0.5, "dual", "torch", False, "phi,y")),
         (c.ridge_backward.default, (x.detach(), y.detach(), wf, factor, cpu(5, 3, seed=6, dtype=dtype), "primal",
                                     "torch", True, False)),
-        (c.linear_ce_rows.default, (x, w, t, 0.7, -100, 4, "torch", "auto", True, "x,w,target")),
+        (c.linear_ce_rows.default, (x, w, t, 0.7, -100, 4, "torch", "high", True, "x,w,target")),
         (c.linear_ce_backward.default, (x.detach(), w.detach(), t, 0.7, lse, torch.ones_like(lse), -100, 4, "torch",
-                                        "auto", False, True)),
+                                        "high", False, True)),
         (c.ridge_solve.default, (x, y, 0.5, "dual", "torch", True, "phi,y")),
-        (c.linear_softmax_ce.default, (x, w, t, 0.7, "mean", 4, -100, "torch", "auto", True, "x,w,target")),
-        (c.linear_softmax_ce.default, (x, w, t, 0.7, "none", 4, -100, "torch", "auto", False, "x,w,target")),
-        (c.linear_ce_reduced.default, (x, w, t, 0.7, "mean", -100, 4, "torch", "auto", True, "x,w,target", True, True)),
-        (c.linear_ce_reduced.default, (x.detach(), w, t, 0.7, "sum", -100, 3, "torch", "auto", False, "x,w,target",
+        (c.linear_softmax_ce.default, (x, w, t, 0.7, "mean", 4, -100, "torch", "high", True, "x,w,target")),
+        (c.linear_softmax_ce.default, (x, w, t, 0.7, "none", 4, -100, "torch", "high", False, "x,w,target")),
+        (c.linear_ce_reduced.default, (x, w, t, 0.7, "mean", -100, 4, "torch", "high", True, "x,w,target", True, True)),
+        (c.linear_ce_reduced.default, (x.detach(), w, t, 0.7, "sum", -100, 3, "torch", "high", False, "x,w,target",
                                        False, True)),
         (c.scale_gradient.default, (cpu(5, 4, seed=8, dtype=dtype), cpu(1, seed=9, dtype=dtype)[0])),
-        (c.clpdd_loss.default, (wide, y[:4], xr, t.abs() % 3, 0.5, 0.7, "ce", "dual", 4, "torch", "auto", True)),
-        (c.clpdd_loss.default, (wide, y[:4], xr, t.abs() % 3, 0.5, 0.7, "mse", "dual", 4, "torch", "auto", True)),
+        (c.clpdd_loss.default, (wide, y[:4], xr, t.abs() % 3, 0.5, 0.7, "ce", "dual", 4, "torch", "high", True)),
+        (c.clpdd_loss.default, (wide, y[:4], xr, t.abs() % 3, 0.5, 0.7, "mse", "dual", 4, "torch", "high", True)),
     ]
 
 
@@ -126,13 +127,13 @@ def test_no_gradient_or_reduction_none_keeps_the_recomputing_backward(ce_calls):
 def test_gradient_in_forward_passes_the_precision(monkeypatch):
     seen = []
     real = reference.linear_ce_forward_backward
-    monkeypatch.setattr(reference, "linear_ce_forward_backward", lambda *a: seen.append(a[6]) or real(*a))
+    monkeypatch.setattr(reference, "linear_ce_forward_backward", lambda *a: seen.append(a[4].precision) or real(*a))
     x, w, t = cpu(7, 3, seed=106), cpu(3, 4, seed=107, requires_grad=True), cpu_labels(7, 4, seed=108)
-    linear_softmax_ce(x, w, t, precision="ieee")
+    linear_softmax_ce(x, w, t, precision="highest")
     monkeypatch.delenv("CLPDD_CE_PRECISION", raising=False)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
     linear_softmax_ce(x, w, t, reduction="sum")
-    assert seen == ["ieee", "tf32"]
+    assert seen == ["highest", "medium"]
 
 
 def test_differentiating_the_gradient_again_raises():
@@ -330,21 +331,38 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
 
 
 def test_precision_argument_environment_and_torch_default(monkeypatch):
+    """The argument wins, then CLPDD_CE_PRECISION, then torch's float32 matmul precision (read when the op runs);
+    the autotune setting reaches the backend with them."""
     seen = []
     real = reference.linear_ce_forward
     monkeypatch.setattr(reference, "linear_ce_forward", lambda *a: seen.append(a[-1]) or real(*a))
     x, w, t = cpu(7, 3, seed=70), cpu(3, 4, seed=71), cpu_labels(7, 4, seed=72)
     monkeypatch.delenv("CLPDD_CE_PRECISION", raising=False)
     linear_softmax_ce(x, w, t)
-    linear_softmax_ce(x, w, t, precision="ieee")
-    monkeypatch.delenv("CLPDD_CE_PRECISION", raising=False)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    linear_softmax_ce(x, w, t, precision="high")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
     linear_softmax_ce(x, w, t)
-    monkeypatch.setenv("CLPDD_CE_PRECISION", "ieee")
+    monkeypatch.setenv("CLPDD_CE_PRECISION", "high")
+    monkeypatch.setenv("CLPDD_AUTOTUNE", "1")
     clpdd_loss(cpu(4, 3, seed=73), torch.arange(4) % 4, x, t, 0.5, num_classes=4)
-    assert seen == ["auto", "ieee", "tf32", "ieee"]
+    assert [(p.precision, p.autotune) for p in seen] == [("highest", False), ("high", False), ("medium", False),
+                                                          ("high", True)]
     with pytest.raises(ValueError, match="^precision: expected one of"):
         linear_softmax_ce(x, w, t, precision="fast")
+
+
+@pytest.mark.parametrize("old,new", [("ieee", "highest"), ("auto", "high"), ("tf32", "medium")])
+def test_old_precision_words_still_work_with_a_note(old, new, monkeypatch):
+    seen = []
+    real = reference.linear_ce_forward
+    monkeypatch.setattr(reference, "linear_ce_forward", lambda *a: seen.append(a[-1].precision) or real(*a))
+    x, w, t = cpu(7, 3, seed=74), cpu(3, 4, seed=75), cpu_labels(7, 4, seed=76)
+    with pytest.warns(FutureWarning, match=f"precision: '{old}' is now called '{new}'"):
+        linear_softmax_ce(x, w, t, precision=old)
+    monkeypatch.setenv("CLPDD_CE_PRECISION", old)
+    with pytest.warns(FutureWarning, match=f"CLPDD_CE_PRECISION: '{old}' is now called '{new}'"):
+        linear_softmax_ce(x, w, t)
+    assert seen == [new, new]
 
 
 def test_backend_names_are_checked_before_any_work():

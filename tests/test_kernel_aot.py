@@ -1,5 +1,5 @@
-"""kernels/aot.py and kernels/report.py: every kernel variant the backend can dispatch compiles for sm_90 (no GPU
-needed) within Hopper's shared memory and without a register spill in a loop, and the linear CE's hot kernels at the
+"""tools/kernel_aot.py and tools/kernel_report.py: every kernel variant the backend can dispatch compiles for sm_90 (no
+GPU needed) within Hopper's shared memory and without a register spill in a loop, and the linear CE's hot kernels at the
 ImageNet-1K and ImageNet-100 shapes spill nothing and feed their main loops by asynchronous copies
 (CLPDD_AOT_CHECK=1, which `make test` sets); the PTX reading both rely on, on a hand-written kernel."""
 import os
@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
-from clpdd_fast.kernels import aot, report
+from tools import kernel_aot as aot
+from tools import kernel_report as report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 aot_check = pytest.mark.skipif(os.environ.get("CLPDD_AOT_CHECK") != "1", reason="set CLPDD_AOT_CHECK=1: compiles "
                                "kernel variants for sm_90 without a GPU (2-5 minutes on 2 cores), catching what the "
@@ -16,40 +19,32 @@ aot_check = pytest.mark.skipif(os.environ.get("CLPDD_AOT_CHECK") != "1", reason=
                                "Hopper's, register spills, synchronous main loops")
 
 
-def _run(script: str) -> subprocess.CompletedProcess:
+def _run(tool: str, *args: str) -> subprocess.CompletedProcess:
+    """`python tools/<tool> ARGS` from the repository root, as a user runs it (compiled kernels: no interpreter)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run([sys.executable, os.path.join("tools", tool), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
     print(proc.stdout)   # the table (pytest -s or -rP shows it)
     return proc
 
 
-# Every variant the backend can dispatch (derived by clpdd_fast.kernels.aot from the launchers and their constants:
+JOBS = str(os.cpu_count() or 1)
+
+
+# Every variant the backend can dispatch (derived by tools/kernel_aot.py from the launchers and their constants:
 # dtypes, paths, size classes, constexpr flags), compiled for sm_90 with Triton's compiler and assembled with ptxas -v;
 # fails on a shared-memory overflow (Hopper: 227 KB per block) or a register spill in a dispatched kernel.
-AOT_SCRIPT = r"""
-import os, sys
-from clpdd_fast.kernels import aot
-sys.exit(aot.main(["--arch", "90", "--jobs", str(os.cpu_count() or 1)]))
-"""
-
-# The CE's kernels at the two shapes on each precision path (clpdd_fast.kernels.report --check): fails on a spill or
-# a main loop that loads an operand synchronously instead of by cp.async / TMA.
-REPORT_SCRIPT = r"""
-import os, sys
-from clpdd_fast.kernels import report
-sys.exit(report.main(["--check", "--arch", "90", "--jobs", str(os.cpu_count() or 1)]))
-"""
-
-
 @aot_check
 def test_kernels_compile_ahead_of_time_for_hopper():
-    proc = _run(AOT_SCRIPT)
+    proc = _run("kernel_aot.py", "--arch", "90", "--jobs", JOBS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+# The CE's kernels at the two shapes on each precision path (tools/kernel_report.py --check): fails on a spill or
+# a main loop that loads an operand synchronously instead of by cp.async / TMA.
 @aot_check
 def test_ce_hot_kernels_have_no_spill_and_asynchronous_main_loops():
-    proc = _run(REPORT_SCRIPT)
+    proc = _run("kernel_report.py", "--check", "--arch", "90", "--jobs", JOBS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for shape in report.SHAPES:
         assert f"| {shape} |" in proc.stdout

@@ -1,8 +1,9 @@
-"""kernels/backend.py (the five backend functions on the kernels) against clpdd_fast.reference and float64, through
+"""kernels/backend.py (the six backend functions on the kernels) against clpdd_fast.reference and float64, through
 the fused small-system path and the blocked one, and the public ops with backend="triton"; under Triton's interpreter
 on CPU tensors without CUDA (tests/conftest.py sets TRITON_INTERPRET=1), compiled with CUDA, plus the GPU-only tests
 (bf16, large shapes, bitwise determinism, memory).
 """
+import contextlib
 import inspect
 import os
 import subprocess
@@ -18,41 +19,46 @@ check_kernels_can_run()
 import triton  # noqa: E402
 
 from ce_split_bound import assert_within_split_bound  # noqa: E402
-from clpdd_fast import ops, reference, settings  # noqa: E402
-from clpdd_fast.kernels import aot as kaot  # noqa: E402
+from clpdd_fast import custom_ops, ops, reference, settings  # noqa: E402
 from clpdd_fast.kernels import backend as kbackend  # noqa: E402
 from clpdd_fast.kernels import cholesky as kchol  # noqa: E402
 from clpdd_fast.kernels import matmul as kmatmul  # noqa: E402
 from clpdd_fast.kernels import small_ridge as ksmall  # noqa: E402
+from clpdd_fast.kernels import tiles  # noqa: E402
+from clpdd_fast.kernels.contract import CEParams  # noqa: E402
 from clpdd_fast.validation import NotPositiveDefiniteError  # noqa: E402
+from tools import kernel_aot as kaot  # noqa: E402
 
 
 def test_backend_exposes_the_reference_functions_with_the_same_signatures():
     for name in ("gram", "ridge_forward", "ridge_backward", "linear_ce_forward", "linear_ce_backward",
                  "linear_ce_forward_backward"):
-        ours = inspect.signature(getattr(kbackend, name))
-        theirs = inspect.signature(getattr(reference, name))
-        assert list(ours.parameters) == list(theirs.parameters), name
+        ours = list(inspect.signature(getattr(kbackend, name)).parameters.values())
+        theirs = list(inspect.signature(getattr(reference, name)).parameters)
+        # the same parameters, in order; the launchers' own extras (tile overrides for tests) come after, optional
+        assert [p.name for p in ours[:len(theirs)]] == theirs, name
+        assert all(p.default is not inspect.Parameter.empty for p in ours[len(theirs):]), name
 
 
 def test_kernels_run_under_the_interpreter_on_cpu():
     if not CUDA:
         assert type(kmatmul._matmul_kernel).__name__.startswith("Interpreted")
-    assert ops.resolve_backend("triton", torch.device(DEVICE)) is kbackend
+    assert custom_ops.resolve_backend("triton", torch.device(DEVICE)) is kbackend
 
 
 @pytest.fixture(params=["fused", "blocked"])
 def ridge_path(request, monkeypatch):
     """Run a ridge test through the one-launch small-system kernel and through the blocked Cholesky path."""
-    monkeypatch.setattr(ksmall, "MAX_SIZE", max(ksmall.LIMITS.values()) if request.param == "fused" else 0)
+    monkeypatch.setattr(tiles, "SMALL_RIDGE_MAX_SIZE",
+                        max(tiles.SMALL_RIDGE_LIMITS.values()) if request.param == "fused" else 0)
     return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_backend_sends_a_system_above_the_dtype_limit_to_the_blocked_path(dtype, monkeypatch):
-    """With MAX_SIZE above the kernel's limit for this dtype, a system at the limit still takes the one-launch kernel
-    and one past it the blocked path; both match float64."""
-    monkeypatch.setattr(ksmall, "MAX_SIZE", 10 * ksmall.size_limit(dtype))
+    """With SMALL_RIDGE_MAX_SIZE above the kernel's limit for this dtype, a system at the limit still takes the
+    one-launch kernel and one past it the blocked path; both match float64."""
+    monkeypatch.setattr(tiles, "SMALL_RIDGE_MAX_SIZE", 10 * ksmall.size_limit(dtype))
     calls = []
     for name in ("small_ridge_solve", "small_ridge_backward"):
         real = getattr(ksmall, name)
@@ -151,12 +157,13 @@ def test_ridge_gradcheck_through_the_triton_backend(ridge_path, mode):
 
 def _ridge_launches(dtype, mode, precision):
     """(kernel name, PRECISION) of every launch of gram and of the blocked ridge path, forward and backward, with
-    CLPDD_RIDGE_PRECISION = precision (None: unset); the results are checked against float64 too."""
+    the backend's precision argument (None: its default); the results are checked against float64 too."""
     phi, y, g = rand(37, 19, dtype=dtype, seed=5), rand(37, 4, dtype=dtype, seed=6), rand(19, 4, dtype=dtype, seed=7)
-    with settings.overridden("CLPDD_RIDGE_PRECISION", precision or ""), kaot.recording(run=True) as launches:
-        k = kbackend.gram(phi, 0.5)
-        w, factor, info = kbackend.ridge_forward(phi, y, 0.5, mode)
-        gp, _ = kbackend.ridge_backward(phi, y, w, factor, g, mode, True, True)
+    extra = () if precision is None else (precision,)
+    with kaot.recording(run=True) as launches:
+        k = kbackend.gram(phi, 0.5, *extra)
+        w, factor, info = kbackend.ridge_forward(phi, y, 0.5, mode, *extra)
+        gp, _ = kbackend.ridge_backward(phi, y, w, factor, g, mode, True, True, *extra)
     w_ex, factor_ex, _ = reference.ridge_forward(phi.double(), y.double(), 0.5, mode)
     gp_ex, _ = reference.ridge_backward(phi.double(), y.double(), w_ex, factor_ex, g.double(), mode, True, False)
     w_ref, factor_ref, _ = reference.ridge_forward(phi, y, 0.5, mode)
@@ -169,17 +176,17 @@ def _ridge_launches(dtype, mode, precision):
 
 
 @pytest.mark.parametrize("mode", ["dual", "primal"])
-@pytest.mark.parametrize("dtype,precision,expected", [(torch.float32, "tf32x3", "tf32x3"),
+@pytest.mark.parametrize("dtype,precision,expected", [(torch.float32, "high", "tf32x3"),
                                                       (torch.float32, None, "ieee"),
-                                                      (torch.float64, "tf32x3", "ieee")],
-                         ids=["fp32-tf32x3", "fp32-unset", "fp64-tf32x3"])
+                                                      (torch.float64, "high", "ieee")],
+                         ids=["fp32-high", "fp32-default", "fp64-high"])
 def test_ridge_precision_reaches_every_product_of_gram_and_the_blocked_path(dtype, precision, expected, mode,
                                                                             monkeypatch):
-    """CLPDD_RIDGE_PRECISION is the input_precision of every tl.dot launch of gram, the blocked Cholesky, the solves
-    and the backward products for fp32 (fp64 stays exact). The interpreter ignores input_precision: the arithmetic of
-    tf32x3 is checked by emulation (tests/test_precision_study.py), its code by the sm_90 compile below, and on a GPU
-    by test_gpu_ridge_tf32x3_matches_float64_where_tf32_fails."""
-    monkeypatch.setattr(ksmall, "MAX_SIZE", 0)
+    """The ridge precision ("high": tf32x3) is the input_precision of every tl.dot launch of gram, the blocked
+    Cholesky, the solves and the backward products for fp32 (fp64 stays exact). The interpreter ignores
+    input_precision: the arithmetic of tf32x3 is checked by emulation (tests/test_precision_study.py), its code by the
+    sm_90 compile below, and on a GPU by test_gpu_ridge_tf32x3_matches_float64_where_tf32_fails."""
+    monkeypatch.setattr(tiles, "SMALL_RIDGE_MAX_SIZE", 0)
     launches = _ridge_launches(dtype, mode, precision)
     names = {name for name, _ in launches}
     assert {"_matmul_kernel", "_cholesky_step_kernel", "_cholesky_solve_kernel"} <= names
@@ -190,17 +197,35 @@ def test_ridge_precision_reaches_every_product_of_gram_and_the_blocked_path(dtyp
 
 def test_small_ridge_systems_stay_exact_under_tf32x3():
     """The one-launch kernel of small systems has no precision argument: its products stay exact fp32."""
-    launches = _ridge_launches(torch.float32, "dual", "tf32x3")
+    launches = _ridge_launches(torch.float32, "dual", "high")
     assert {name for name, _ in launches} == {"_matmul_kernel", "_mirror_diagonal_tiles_kernel",
                                               "_small_ridge_kernel", "_small_ridge_backward_kernel"}
     assert {prec for name, prec in launches if name == "_matmul_kernel"} == {"tf32x3"}   # the public gram
 
 
+@pytest.mark.parametrize("value,expected",
+                         [("high", "tf32x3"), ("highest", "ieee"), ("tf32x3", "tf32x3"), ("", "ieee")],
+                         ids=["high", "highest", "old-word", "unset"])
+def test_ridge_precision_setting_reaches_the_kernels_through_the_ops(value, expected, monkeypatch):
+    """CLPDD_RIDGE_PRECISION, read by the ops once per call, is the input_precision of the blocked path's products
+    forward and backward (an old word, with a note, too)."""
+    monkeypatch.setattr(tiles, "SMALL_RIDGE_MAX_SIZE", 0)
+    phi = rand(37, 19, seed=5).requires_grad_()
+    with settings.overridden("CLPDD_RIDGE_PRECISION", value), kaot.recording(run=True) as launches:
+        with pytest.warns(FutureWarning, match="is now called") if value == "tf32x3" else contextlib.nullcontext():
+            ops.ridge_solve(phi, rand(37, 4, seed=6), 0.5, "dual", backend="triton").sum().backward()
+    names = {kernel.fn.__name__ for kernel, _, kwargs in launches if "PRECISION" in kwargs}
+    assert {"_matmul_kernel", "_cholesky_step_kernel", "_cholesky_solve_kernel"} <= names
+    assert {kwargs["PRECISION"] for _, _, kwargs in launches if "PRECISION" in kwargs} == {expected}
+
+
 def test_ridge_precision_rejects_plain_tf32_in_the_cholesky():
+    with pytest.raises(ValueError, match="input_precision: expected one of"):
+        kchol.cholesky(spd(5, torch.float32), input_precision="tf32")
+    with pytest.raises(ValueError, match="matmul: input_precision must be one of"):
+        kmatmul.matmul(rand(3, 4), rand(4, 2), input_precision="tf32x6")
     with pytest.raises(ValueError, match="precision: expected one of"):
-        kchol.cholesky(spd(5, torch.float32), precision="tf32")
-    with pytest.raises(ValueError, match="matmul: precision must be one of"):
-        kmatmul.matmul(rand(3, 4), rand(4, 2), precision="tf32x6")
+        kbackend.gram(rand(3, 4), 0.0, "medium")
 
 
 @gpu_only
@@ -216,10 +241,9 @@ def test_gpu_ridge_tf32x3_matches_float64_with_small_lam(mode):
     gp_ex, _ = reference.ridge_backward(phi.double(), y.double(), w_ex, f_ex, g.double(), mode, True, False)
     w_ref, f_ref, _ = reference.ridge_forward(phi, y, 1e-4, mode)
     gp_ref, _ = reference.ridge_backward(phi, y, w_ref, f_ref, g, mode, True, False)
-    for precision in ("ieee", "tf32x3"):
-        with settings.overridden("CLPDD_RIDGE_PRECISION", precision):
-            w, factor, info = kbackend.ridge_forward(phi, y, 1e-4, mode)
-            gp, _ = kbackend.ridge_backward(phi, y, w, factor, g, mode, True, False)
+    for precision in ("highest", "high"):
+        w, factor, info = kbackend.ridge_forward(phi, y, 1e-4, mode, precision)
+        gp, _ = kbackend.ridge_backward(phi, y, w, factor, g, mode, True, False, precision)
         assert int(info) == 0, precision
         close_to_exact(w, w_ref, w_ex, tol_for(torch.float32) * 10)
         close_to_exact(gp, gp_ref, gp_ex, tol_for(torch.float32) * 10)
@@ -229,13 +253,13 @@ TF32_PTX_SCRIPT = r"""
 import re, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from clpdd_fast import settings
-from clpdd_fast.kernels import aot, backend, small_ridge
-small_ridge.MAX_SIZE = 0
-for precision in ("ieee", "tf32x3"):
-    with settings.overridden("CLPDD_RIDGE_PRECISION", precision), aot.recording() as launches:
+from clpdd_fast.kernels import backend, tiles
+from tools import kernel_aot as aot
+tiles.SMALL_RIDGE_MAX_SIZE = 0
+for precision, word in (("ieee", "highest"), ("tf32x3", "high")):
+    with aot.recording() as launches:
         phi, y = torch.empty(100, 40, device="meta"), torch.empty(100, 7, device="meta")
-        backend.ridge_forward(phi, y, 0.5, "dual")
+        backend.ridge_forward(phi, y, 0.5, "dual", word)
     for v in aot.variants(launches, 90):
         if "PRECISION" in v.flags:
             ptx = triton.compile(ASTSource(v.kernel, v.signature, v.constexprs, v.attrs),
@@ -252,7 +276,7 @@ def test_tf32x3_compiles_to_tf32_tensor_core_products_for_hopper():
     TF32 tensor-core instructions; with ieee, neither."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", TF32_PTX_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=1200)
+                          timeout=1200, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines()]
     kernels = {"_matmul_kernel", "_cholesky_step_kernel", "_cholesky_solve_kernel"}
@@ -297,13 +321,13 @@ def test_gpu_bf16_linear_ce_and_ridge():
     x = rand(n, d, dtype=torch.bfloat16, seed=1)
     w = rand(d, num_classes, dtype=torch.bfloat16, seed=2, scale=0.05)
     t = labels(n, num_classes, ignore=(7,))
-    loss, lse = kbackend.linear_ce_forward(x, w, t, 0.1, -100, 4096)
-    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, 0.1, -100, 4096)
+    loss, lse = kbackend.linear_ce_forward(x, w, t, CEParams(0.1, -100, 4096, "high"))
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, CEParams(0.1, -100, 4096, "high"))
     torch.testing.assert_close(loss.double(), loss_ex, rtol=1e-4, atol=1e-3)
     g = torch.full((n,), 1.0 / n, device=DEVICE) * (t != -100)
-    gx, gw = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 4096, True, True)
-    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.1, lse_ex, g.double(), -100, 4096,
-                                                True, True)
+    gx, gw = kbackend.linear_ce_backward(x, w, t, lse, g, CEParams(0.1, -100, 4096, "high"), True, True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, lse_ex, g.double(),
+                                                CEParams(0.1, -100, 4096, "high"), True, True)
     # bf16 coefficients: ~2^-9 relative per term (replayed in float64 with this data: 0.2 of these tolerances; a
     # truncating tensor-core adder, modelled, uses 0.01 of the loss tolerance above)
     assert (gw.double() - gw_ex).abs().max() <= 1e-2 * gw_ex.abs().max()
@@ -313,8 +337,8 @@ def test_gpu_bf16_linear_ce_and_ridge():
     # arithmetic, so no chance involved); the whole path run by the interpreter on the CPU 0.21 of the kernel part
     # (0.007 loss); a model of a truncating tensor-core adder without guard bits 0.15 (loss), 0.09 (dX).
     w32 = rand(d, num_classes, seed=2, scale=0.05)
-    loss, lse = kbackend.linear_ce_forward(x, w32, t, 0.1, -100, 4096)
-    gx, gw = kbackend.linear_ce_backward(x, w32, t, 0.1, lse, g, -100, 4096, True, True)
+    loss, lse = kbackend.linear_ce_forward(x, w32, t, CEParams(0.1, -100, 4096, "high"))
+    gx, gw = kbackend.linear_ce_backward(x, w32, t, lse, g, CEParams(0.1, -100, 4096, "high"), True, True)
     assert_within_split_bound(loss, gx, gw, x, w32, t, 0.1, g)
     phi = rand(1000, 768, dtype=torch.bfloat16, seed=3)
     y = torch.nn.functional.one_hot(torch.arange(1000, device=DEVICE) % 100, 100).to(torch.bfloat16)
@@ -333,21 +357,21 @@ def test_gpu_large_shapes_bitwise_determinism_and_memory():
     g = torch.full((n,), 1.0 / n, device=DEVICE)
     for w_dtype in (torch.bfloat16, torch.float32):   # bf16 pair, and bf16 x with fp32 w (split into halves)
         w = rand(d, num_classes, dtype=w_dtype, seed=5, scale=0.05)
-        loss, lse = kbackend.linear_ce_forward(x, w, t, 0.1, -100, 16384)
+        loss, lse = kbackend.linear_ce_forward(x, w, t, CEParams(0.1, -100, 16384, "high"))
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        _, gw1 = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 16384, False, True)
+        _, gw1 = kbackend.linear_ce_backward(x, w, t, lse, g, CEParams(0.1, -100, 16384, "high"), False, True)
         extra = torch.cuda.max_memory_allocated() - base
         assert extra < 100 * 2**20, f"backward ({w_dtype}) used {extra / 2**20:.1f} MiB beyond its inputs"
-        _, gw2 = kbackend.linear_ce_backward(x, w, t, 0.1, lse, g, -100, 16384, False, True)
+        _, gw2 = kbackend.linear_ce_backward(x, w, t, lse, g, CEParams(0.1, -100, 16384, "high"), False, True)
         assert torch.equal(gw1, gw2), f"two runs must give bitwise-identical dW ({w_dtype})"
         if w_dtype == torch.float32:   # the split's derived bound (float64 row blocks of ~3 GB); the fp32 torch
             # comparison it replaces had no derivation: a float64 replay of the split alone used 0.38 of rtol=atol=1e-4
             for s in range(0, n, 50_000):
                 assert_within_split_bound(loss[s:s + 50_000], None, None, x[s:s + 50_000], w, t[s:s + 50_000], 0.1)
         else:
-            loss_ref, _ = reference.linear_ce_forward(x, w, t, 0.1, -100, 16384)
+            loss_ref, _ = reference.linear_ce_forward(x, w, t, CEParams(0.1, -100, 16384, "high"))
             torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
     a = spd(1000, torch.float32, seed=6)
     f1, _ = kchol.cholesky(a)
@@ -367,8 +391,8 @@ def test_gpu_int64_row_offsets_beyond_2_pow_31_elements():
     x[n - 64:] = rand(64, d, dtype=torch.bfloat16, seed=1)
     w = rand(d, num_classes, dtype=torch.bfloat16, seed=2, scale=0.1)
     t = labels(n, num_classes)
-    loss, _ = kbackend.linear_ce_forward(x, w, t, 1.0, -100, 1 << 20)
-    tail, _ = reference.linear_ce_forward(x[n - 64:], w, t[n - 64:], 1.0, -100, 64)
+    loss, _ = kbackend.linear_ce_forward(x, w, t, CEParams(1.0, -100, 1 << 20, "high"))
+    tail, _ = reference.linear_ce_forward(x[n - 64:], w, t[n - 64:], CEParams(1.0, -100, 64, "high"))
     torch.testing.assert_close(loss[n - 64:], tail, rtol=1e-4, atol=1e-4)
 
 
@@ -387,7 +411,7 @@ def test_opcheck_and_fullgraph_compile_on_the_triton_backend():
     c = torch.ops.clpdd
     for op, args in [(c.gram.default, (phi_s, 0.1, "triton", True, "x")),
                      (c.ridge_factorize.default, (phi_s, rand(7, 3, seed=93), 0.5, "dual", "triton", True, "phi,y")),
-                     (c.linear_ce_rows.default, (phi_r, rand(5, 3, seed=94), y_r, 0.5, -100, 8, "triton", "auto", True,
+                     (c.linear_ce_rows.default, (phi_r, rand(5, 3, seed=94), y_r, 0.5, -100, 8, "triton", "high", True,
                                                  "x,w,target"))]:
         result = torch.library.opcheck(op, args)
         assert set(result.values()) == {"SUCCESS"}, (op, result)

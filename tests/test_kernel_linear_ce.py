@@ -20,6 +20,8 @@ import triton.language as tl  # noqa: E402
 from ce_split_bound import assert_within_split_bound  # noqa: E402
 from clpdd_fast import ops, reference  # noqa: E402
 from clpdd_fast.kernels import linear_ce as kce  # noqa: E402
+from clpdd_fast.kernels import tiles  # noqa: E402
+from clpdd_fast.kernels.contract import CEParams  # noqa: E402
 
 # several tiles in every dimension at the test shapes
 SMALL = {"BLOCK_ROWS": 16, "BLOCK_CLASSES": 16, "BLOCK_FEATURES": 16}
@@ -47,10 +49,11 @@ def check_gradients(gx, gw, x, w, t, tau, g, tol):
     on the fp16 path within that plus the fp16 coefficients' derived bound, elementwise (tol relative to the largest
     exact value, however small)."""
     xd, wd = x.double(), w.double()
-    _, lse_ex = reference.linear_ce_forward(xd, wd, t, tau, -100, len(t))
-    _, lse_ref = reference.linear_ce_forward(x, w, t, tau, -100, len(t))
-    exact = reference.linear_ce_backward(xd, wd, t, tau, lse_ex, g.double(), -100, len(t), True, True)
-    ref = reference.linear_ce_backward(x, w, t, tau, lse_ref, g.to(lse_ref.dtype), -100, len(t), True, True)
+    _, lse_ex = reference.linear_ce_forward(xd, wd, t, CEParams(tau, -100, len(t), "high"))
+    _, lse_ref = reference.linear_ce_forward(x, w, t, CEParams(tau, -100, len(t), "high"))
+    exact = reference.linear_ce_backward(xd, wd, t, lse_ex, g.double(), CEParams(tau, -100, len(t), "high"), True, True)
+    ref = reference.linear_ce_backward(x, w, t, lse_ref, g.to(lse_ref.dtype), CEParams(tau, -100, len(t), "high"),
+                                       True, True)
     bound = fp16_coef_bound(x, w, t, tau, g) if x.dtype == torch.float16 else None
     for name, fast, r, e in (("gx", gx, ref[0], exact[0]), ("gw", gw, ref[1], exact[1])):
         if fast is None:
@@ -70,15 +73,16 @@ def test_linear_ce_forward_backward_match_float64(dtype, tau):
     x = rand(n, d, dtype=dtype, seed=1)
     w = rand(d, num_classes, dtype=dtype, seed=2, scale=0.5)
     t = labels(n, num_classes, ignore=(3, 36))
-    loss, lse = kce.linear_ce_forward(x, w, t, tau, -100, 16, blocks=SMALL)
-    loss_ref, lse_ref = reference.linear_ce_forward(x, w, t, tau, -100, 16)
-    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, tau, -100, 16)
+    loss, lse = kce.linear_ce_forward(x, w, t, CEParams(tau, -100, 16, "high"), blocks=SMALL)
+    loss_ref, lse_ref = reference.linear_ce_forward(x, w, t, CEParams(tau, -100, 16, "high"))
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, CEParams(tau, -100, 16, "high"))
     tol = tol_for(dtype) * 10
     close_to_exact(loss, loss_ref, loss_ex, tol)
     close_to_exact(lse, lse_ref, lse_ex, tol)
     assert loss[3] == 0 and loss[36] == 0
     grad_rows = rand(n, dtype=lse.dtype, seed=9).abs() * (t != -100)
-    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, grad_rows, -100, 16, True, True, blocks=SMALL, k_slices=2)
+    gx, gw = kce.linear_ce_backward(x, w, t, lse, grad_rows, CEParams(tau, -100, 16, "high"), True, True,
+                                    blocks=SMALL, k_slices=2)
     check_gradients(gx, gw, x, w, t, tau, grad_rows, tol)
     assert torch.all(gx[3] == 0)
 
@@ -108,10 +112,10 @@ def test_fused_forward_backward_matches_float64(shape, dtype, k_slices, chunk_si
     out-of-range target gives a NaN loss."""
     x, w, t, g = _ce_case(shape, dtype)
     tau = 0.07
-    loss, lse, gx, gw = kce.linear_ce_forward_backward(x, w, t, tau, -100, chunk_size, None, g, True, True,
-                                                       blocks=SMALL, k_slices=k_slices)
-    loss_ref, lse_ref = reference.linear_ce_forward(x, w, t, tau, -100, chunk_size)
-    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, tau, -100, chunk_size)
+    loss, lse, gx, gw = kce.linear_ce_forward_backward(x, w, t, g, CEParams(tau, -100, chunk_size, "high"), True,
+                                                       True, blocks=SMALL, k_slices=k_slices)
+    loss_ref, lse_ref = reference.linear_ce_forward(x, w, t, CEParams(tau, -100, chunk_size, "high"))
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, CEParams(tau, -100, chunk_size, "high"))
     tol = tol_for(dtype) * 10
     n = shape[0]
     assert torch.isnan(loss[5]) and loss[3] == 0 and loss[n - 1] == 0
@@ -127,11 +131,11 @@ def test_fused_forward_backward_matches_float64(shape, dtype, k_slices, chunk_si
 @pytest.mark.parametrize("need_x,need_w", [(True, False), (False, True), (False, False)])
 def test_fused_forward_backward_flags(shape, need_x, need_w):
     x, w, t, g = _ce_case(shape, torch.float32, seed=3)
-    loss, lse, gx, gw = kce.linear_ce_forward_backward(x, w, t, 0.5, -100, 16, "ieee", g, need_x, need_w,
+    loss, lse, gx, gw = kce.linear_ce_forward_backward(x, w, t, g, CEParams(0.5, -100, 16, "highest"), need_x, need_w,
                                                        blocks=SMALL, k_slices=2)
     assert (gx is None) == (not need_x) and (gw is None) == (not need_w)
-    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, 0.5, -100, 16)
-    close_to_exact(lse, reference.linear_ce_forward(x, w, t, 0.5, -100, 16)[1], lse_ex, 2e-4)
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, CEParams(0.5, -100, 16, "high"))
+    close_to_exact(lse, reference.linear_ce_forward(x, w, t, CEParams(0.5, -100, 16, "high"))[1], lse_ex, 2e-4)
     check_gradients(gx, gw, x, w, t, 0.5, g, 2e-4)
 
 
@@ -141,20 +145,22 @@ def test_fp16_coefficients_keep_their_precision_at_small_row_weights():
     x, w, t, _ = _ce_case(CE_SHAPE, torch.float16, seed=5)
     g = torch.full((len(t),), 1e-6, device=DEVICE) * (t != -100)
     tau = 0.05
-    _, lse, gx, gw = kce.linear_ce_forward_backward(x, w, t, tau, -100, 16, None, g, True, True, blocks=SMALL,
-                                                    k_slices=2)
+    _, lse, gx, gw = kce.linear_ce_forward_backward(x, w, t, g, CEParams(tau, -100, 16, "high"), True, True,
+                                                    blocks=SMALL, k_slices=2)
     check_gradients(gx, gw, x, w, t, tau, g, 2e-4)
-    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, g, -100, 16, True, True, blocks=SMALL, k_slices=2)
+    gx, gw = kce.linear_ce_backward(x, w, t, lse, g, CEParams(tau, -100, 16, "high"), True, True, blocks=SMALL,
+                                    k_slices=2)
     check_gradients(gx, gw, x, w, t, tau, g, 2e-4)
 
 
 def test_fused_forward_backward_computes_each_logits_tile_once():
     """Two products in all (three with dX): per row chunk one launch of the fused kernel (logits, logsumexp,
     coefficients) and the dW / dX products; neither the forward kernel nor the recomputing coefficient kernel."""
-    from clpdd_fast.kernels import aot
+    from tools import kernel_aot as aot
     x, w, t, g = _ce_case(FUSED_SHAPES[0], torch.float32)
     with aot.recording(run=True) as launches:
-        kce.linear_ce_forward_backward(x, w, t, 0.5, -100, 16, None, g, True, True, blocks=SMALL, k_slices=2)
+        kce.linear_ce_forward_backward(x, w, t, g, CEParams(0.5, -100, 16, "high"), True, True, blocks=SMALL,
+                                       k_slices=2)
     names = [kernel.fn.__name__ for kernel, _, _ in launches]
     chunks = -(-x.shape[0] // 16)
     assert names == ["_ce_fused_kernel", "_matmul_kernel", "_matmul_kernel"] * chunks, names
@@ -169,7 +175,8 @@ def test_fused_dw_is_bitwise_reproducible_and_split_path_within_its_bound():
     t = labels(n, num_classes, seed=4, ignore=(3,))
     g = rand(n, seed=9).abs() * (t != -100)
     tau = 0.05
-    runs = [kce.linear_ce_forward_backward(x, w, t, tau, -100, 16, "auto", g, True, True, blocks=SMALL, k_slices=3)
+    runs = [kce.linear_ce_forward_backward(x, w, t, g, CEParams(tau, -100, 16, "high"), True, True, blocks=SMALL,
+                                           k_slices=3)
             for _ in range(2)]
     loss, _, gx, gw = runs[0]
     assert_within_split_bound(loss, gx, gw, x, w, t, tau, g)
@@ -189,29 +196,31 @@ def test_streamed_w_is_padded_to_aligned_rows_only_when_needed():
     assert kce.padded_width(1000) == 1008 and kce.padded_width(100) == 112 and kce.padded_width(16) == 16
 
 
-def test_dw_slice_count_fills_the_sms_in_whole_waves():
-    """On a GPU (meta tensors stand for an sm_90 one: 132 SMs) the dW slice count makes the product's programs
+def test_dw_slice_count_fills_the_sms_in_whole_waves(monkeypatch):
+    """On a GPU (here an sm_90 one: 132 SMs) the dW slice count makes the product's programs
     (output tiles x slices) a whole number of waves where the limits allow: ImageNet-100 (6 tiles of 128 x 128) gets
     22 slices = 132 programs; ImageNet-1K's 48 tiles get 5 (240 programs: 91% of 2 waves) under the partials'
     memory budget (5 slices); a short chunk no more slices than it has BLOCK_K row steps."""
-    tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
-    meta = torch.device("meta")
-    assert kce._num_k_slices(meta, 768, 112, tiles, 100_000) == 22
-    assert kce._num_k_slices(meta, 768, 1008, tiles, 16_000) == 5
-    assert kce._num_k_slices(meta, 768, 112, tiles, 100) == 2          # 2 row steps of 64
-    assert kce._num_k_slices(torch.device("cpu"), 768, 1008, tiles, 16_000) == 2   # the interpreter
+    mm = dict(tiles.MATMUL_LARGE)
+    assert mm["BLOCK_M"] == mm["BLOCK_N"] == 128 and mm["BLOCK_K"] == 64
+    monkeypatch.setattr(kce, "_sm_count", lambda device: 132)
+    gpu = torch.device("meta")
+    assert kce._num_k_slices(gpu, 768, 112, mm, 100_000) == 22
+    assert kce._num_k_slices(gpu, 768, 1008, mm, 16_000) == 5
+    assert kce._num_k_slices(gpu, 768, 112, mm, 100) == 2          # 2 row steps of 64
+    assert kce._num_k_slices(torch.device("cpu"), 768, 1008, mm, 16_000) == 2   # the interpreter
 
 
 def test_backend_forward_backward_has_the_agreed_signature():
     from clpdd_fast.kernels import backend as kbackend
-    names = ["x", "w", "target", "tau", "ignore_index", "chunk_size", "precision", "grad_rows", "need_x", "need_w"]
-    assert list(inspect.signature(kbackend.linear_ce_forward_backward).parameters) == names
+    names = ["x", "w", "target", "grad_rows", "params", "need_x", "need_w"]
+    assert list(inspect.signature(kbackend.linear_ce_forward_backward).parameters)[:len(names)] == names
     x, w, t, g = _ce_case(FUSED_SHAPES[1], torch.float64)
-    loss, lse, gx, gw = kbackend.linear_ce_forward_backward(x, w, t, 0.3, -100, 8, "auto", g, True, True)
-    loss_ex, lse_ex = reference.linear_ce_forward(x, w, t, 0.3, -100, 8)
+    loss, lse, gx, gw = kbackend.linear_ce_forward_backward(x, w, t, g, CEParams(0.3, -100, 8, "high"), True, True)
+    loss_ex, lse_ex = reference.linear_ce_forward(x, w, t, CEParams(0.3, -100, 8, "high"))
     torch.testing.assert_close(lse, lse_ex, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(loss, loss_ex, rtol=1e-12, atol=1e-12, equal_nan=True)
-    gx_ex, gw_ex = reference.linear_ce_backward(x, w, t, 0.3, lse_ex, g, -100, 8, True, True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x, w, t, lse_ex, g, CEParams(0.3, -100, 8, "high"), True, True)
     torch.testing.assert_close(gx, gx_ex, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gw, gw_ex, rtol=1e-12, atol=1e-12)
 
@@ -230,25 +239,26 @@ def test_gpu_fused_forward_backward_at_imagenet_width():
                        (torch.float16, torch.float16)):
         x = rand(n, d, dtype=x_dt, seed=1)
         w = rand(d, num_classes, dtype=w_dt, seed=2, scale=0.05)
-        loss_f, lse_f = kce.linear_ce_forward(x, w, t, 0.1, -100, n)
+        loss_f, lse_f = kce.linear_ce_forward(x, w, t, CEParams(0.1, -100, n, "high"))
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        loss, lse, _, gw = kce.linear_ce_forward_backward(x, w, t, 0.1, -100, n, None, g, False, True)
+        loss, lse, _, gw = kce.linear_ce_forward_backward(x, w, t, g, CEParams(0.1, -100, n, "high"), False, True)
         outputs = 2 * loss.nbytes + gw.nbytes
         extra = torch.cuda.max_memory_allocated() - base - outputs
         assert extra < 100 * 2**20, f"{x_dt} x, {w_dt} w: {extra / 2**20:.1f} MiB beyond inputs and outputs"
         torch.testing.assert_close(loss, loss_f, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, lse_f, rtol=1e-5, atol=1e-5)
-        assert torch.equal(gw, kce.linear_ce_forward_backward(x, w, t, 0.1, -100, n, None, g, False, True)[3])
+        assert torch.equal(gw,
+                           kce.linear_ce_forward_backward(x, w, t, g, CEParams(0.1, -100, n, "high"), False, True)[3])
         if w_dt == torch.float32:
             assert_within_split_bound(loss, None, gw, x, w, t, 0.1, g)
         elif x_dt == torch.float16:
             check_gradients(None, gw, x, w, t, 0.1, g, 1e-4)
         else:   # bf16 coefficients: 2^-9 relative per term, as test_kernel_backend's bf16 check allows
-            _, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, 0.1, -100, 4096)
-            gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.1, lse_ex, g.double(), -100, 4096,
-                                                 False, True)[1]
+            _, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, CEParams(0.1, -100, 4096, "high"))
+            gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, lse_ex, g.double(),
+                                                 CEParams(0.1, -100, 4096, "high"), False, True)[1]
             assert (gw.double() - gw_ex).abs().max() <= 1e-2 * gw_ex.abs().max()
 
 
@@ -257,13 +267,14 @@ def test_gpu_fused_forward_backward_at_imagenet_width():
 def test_linear_ce_backward_flags_and_chunking(need_x, need_w, chunk_size):
     n, d, num_classes = CE_SHAPE
     x, w, t = rand(n, d, seed=3), rand(d, num_classes, seed=4, scale=0.3), labels(n, num_classes, seed=2)
-    _, lse = reference.linear_ce_forward(x, w, t, 0.7, -100, n)
+    _, lse = reference.linear_ce_forward(x, w, t, CEParams(0.7, -100, n, "high"))
     grad_rows = torch.full((n,), 1.0 / n, device=DEVICE)
-    gx, gw = kce.linear_ce_backward(x, w, t, 0.7, lse, grad_rows, -100, chunk_size, need_x, need_w,
+    gx, gw = kce.linear_ce_backward(x, w, t, lse, grad_rows, CEParams(0.7, -100, chunk_size, "high"), need_x, need_w,
                                     blocks=SMALL, k_slices=3)
-    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, 0.7, lse, grad_rows, -100, n, need_x, need_w)
-    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.7, lse.double(), grad_rows.double(),
-                                                -100, n, need_x, need_w)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, lse, grad_rows, CEParams(0.7, -100, n, "high"), need_x,
+                                                  need_w)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, lse.double(), grad_rows.double(),
+                                                CEParams(0.7, -100, n, "high"), need_x, need_w)
     assert (gx is None) == (not need_x) and (gw is None) == (not need_w)
     if need_x:
         close_to_exact(gx, gx_ref, gx_ex, 2e-5)
@@ -276,22 +287,24 @@ def test_linear_ce_default_tiles_mixed_dtypes_and_strided_inputs():
     x = rand(d, n, dtype=torch.float16, seed=5).T                     # fp16 features, transposed view
     w = rand(d, num_classes, seed=6, scale=0.3)                         # fp32 weights: fp32 ieee path
     t = labels(n, num_classes, seed=3).int()
-    loss, lse = kce.linear_ce_forward(x, w, t, 0.5, -100, 8)
-    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, 0.5, -100, 8)
-    close_to_exact(loss, reference.linear_ce_forward(x, w, t, 0.5, -100, 8)[0], loss_ex, 1e-5)
-    gx, gw = kce.linear_ce_backward(x, w, t, 0.5, lse, torch.ones(n, device=DEVICE), -100, 8, True, True)
-    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, 0.5, lse_ex,
-                                                torch.ones(n, dtype=torch.float64, device=DEVICE), -100, 8, True, True)
-    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, 0.5, lse, torch.ones(n, device=DEVICE), -100, 8, True, True)
+    loss, lse = kce.linear_ce_forward(x, w, t, CEParams(0.5, -100, 8, "high"))
+    loss_ex, lse_ex = reference.linear_ce_forward(x.double(), w.double(), t, CEParams(0.5, -100, 8, "high"))
+    close_to_exact(loss, reference.linear_ce_forward(x, w, t, CEParams(0.5, -100, 8, "high"))[0], loss_ex, 1e-5)
+    gx, gw = kce.linear_ce_backward(x, w, t, lse, torch.ones(n, device=DEVICE), CEParams(0.5, -100, 8, "high"), True,
+                                    True)
+    gx_ex, gw_ex = reference.linear_ce_backward(x.double(), w.double(), t, lse_ex,
+                                                torch.ones(n, dtype=torch.float64, device=DEVICE), CEParams(0.5, -100,
+                                                           8, "high"), True, True)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, lse, torch.ones(n, device=DEVICE),
+                                                  CEParams(0.5, -100, 8, "high"), True, True)
     close_to_exact(gx, gx_ref, gx_ex, 1e-5)
     close_to_exact(gw, gw_ref, gw_ex, 1e-5)
 
 
-@pytest.mark.parametrize("mode", ["auto", "ieee", "tf32"])
+@pytest.mark.parametrize("mode", ["high", "highest", "medium"])
 def test_linear_ce_bf16_x_fp32_w_splits_w_into_bf16_halves(mode, monkeypatch):
-    """bf16 features with an fp32 probe (the bf16 pipeline): by default w enters as hi + lo bf16 halves on tensor
-    cores, within the split's derived error bound of float64; CLPDD_CE_PRECISION=ieee/tf32 keeps fp32 operands."""
-    monkeypatch.setenv("CLPDD_CE_PRECISION", mode)
+    """bf16 features with an fp32 probe (the bf16 pipeline): under "high" w enters as hi + lo bf16 halves on tensor
+    cores, within the split's derived error bound of float64; "highest" and "medium" keep fp32 operands."""
     calls = []
     real_split = kce.split_bf16
     monkeypatch.setattr(kce, "split_bf16", lambda t: calls.append(t.shape) or real_split(t))
@@ -301,47 +314,47 @@ def test_linear_ce_bf16_x_fp32_w_splits_w_into_bf16_halves(mode, monkeypatch):
     t = labels(n, num_classes, seed=4, ignore=(3,))
     g = rand(n, seed=9).abs() * (t != -100)
     tau = 0.05                                  # logits of ~100: the split's ~2^-17 relative error shows most here
-    loss, lse = kce.linear_ce_forward(x, w, t, tau, -100, 8, blocks=SMALL)
-    gx, gw = kce.linear_ce_backward(x, w, t, tau, lse, g, -100, 8, True, True, blocks=SMALL, k_slices=3)
-    assert len(calls) == (2 if mode == "auto" else 0)
-    if mode == "auto":
+    loss, lse = kce.linear_ce_forward(x, w, t, CEParams(tau, -100, 8, mode), blocks=SMALL)
+    gx, gw = kce.linear_ce_backward(x, w, t, lse, g, CEParams(tau, -100, 8, mode), True, True, blocks=SMALL,
+                                    k_slices=3)
+    assert len(calls) == (2 if mode == "high" else 0)
+    if mode == "high":
         assert_within_split_bound(loss, gx, gw, x, w, t, tau, g)
         return
     xd, wd = x.double(), w.double()
-    loss_ex, lse_ex = reference.linear_ce_forward(xd, wd, t, tau, -100, 8)
-    gx_ex, gw_ex = reference.linear_ce_backward(xd, wd, t, tau, lse_ex, g.double(), -100, 8, True, True)
-    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, tau, lse, g, -100, 8, True, True)
-    tol = 1e-3 if mode == "tf32" else 1e-5     # tf32 products are ~2^-11 relative (the interpreter ignores it)
-    close_to_exact(loss, reference.linear_ce_forward(x, w, t, tau, -100, 8)[0], loss_ex, tol)
+    loss_ex, lse_ex = reference.linear_ce_forward(xd, wd, t, CEParams(tau, -100, 8, "high"))
+    gx_ex, gw_ex = reference.linear_ce_backward(xd, wd, t, lse_ex, g.double(), CEParams(tau, -100, 8, "high"), True,
+                                                True)
+    gx_ref, gw_ref = reference.linear_ce_backward(x, w, t, lse, g, CEParams(tau, -100, 8, "high"), True, True)
+    tol = 1e-3 if mode == "medium" else 1e-5   # tf32 products are ~2^-11 relative (the interpreter ignores it)
+    close_to_exact(loss, reference.linear_ce_forward(x, w, t, CEParams(tau, -100, 8, "high"))[0], loss_ex, tol)
     close_to_exact(gw, gw_ref, gw_ex, tol)
     close_to_exact(gx, gx_ref, gx_ex, tol)
 
 
-def test_split_bf16_halves_reconstruct_fp32_and_bad_precision_setting_raises(monkeypatch):
+def test_split_bf16_halves_reconstruct_fp32_and_bad_precision_raises():
     w = rand(19, 23, seed=3) * torch.logspace(-20, 20, 23, device=DEVICE)
     hi, lo = kce.split_bf16(w)
     assert torch.equal(hi.float(), w.to(torch.bfloat16).float())             # hi is w rounded to bf16
     assert torch.equal(lo.float(), lo.to(torch.bfloat16).float())            # lo is bf16 too
     rel = ((hi.double() + lo.double() - w.double()).abs() / w.double().abs()).max().item()
-    assert 2.0**-18 < rel <= 2.0**-17                                         # the bound the README documents
-    monkeypatch.setenv("CLPDD_CE_PRECISION", "fast")
-    with pytest.raises(ValueError, match="CLPDD_CE_PRECISION"):
-        kce.linear_ce_forward(rand(5, 3, dtype=torch.bfloat16), w[:3, :4], labels(5, 4), 1.0, -100, 8)
+    assert 2.0**-18 < rel <= 2.0**-17                                         # the bound docs/KERNELS.md gives
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        CEParams(1.0, -100, 8, "ieee")
 
 
-def test_autotune_is_read_at_launch_and_explicit_blocks_keep_their_tiles(monkeypatch):
-    """CLPDD_AUTOTUNE=1, set after import, gives the launch the kernel's autotuner (one per kernel, kept) and no
-    tiles; explicit blocks, or the variable unset, give the kernel itself with fixed tiles."""
+def test_autotune_argument_and_explicit_blocks_keep_their_tiles():
+    """autotune gives the launch the kernel's autotuner (one per kernel, kept) and no tiles, over tiles.CE_AUTOTUNE;
+    explicit blocks, or no autotune, give the kernel itself with fixed tiles (tiles.CE; tiles.CE_FP64 for fp64)."""
     kernel = kce._ce_forward_kernel
-    monkeypatch.setenv("CLPDD_AUTOTUNE", "1")
-    tuned, meta = kce._launchable(kernel, None, torch.float32)
+    tuned, meta = kce._launchable(kernel, None, torch.float32, True)
     assert isinstance(tuned, triton.runtime.Autotuner) and tuned.fn is kernel and meta == {}
-    assert kce._launchable(kernel, None, torch.float32)[0] is tuned
-    assert kce._launchable(kernel, SMALL, torch.float32) == (kernel, {**SMALL, "num_warps": kce.NUM_WARPS,
-                                                                      "num_stages": kce.NUM_STAGES})
-    monkeypatch.delenv("CLPDD_AUTOTUNE")
-    assert kce._launchable(kernel, None, torch.float32) == (kernel, {**kce.BLOCKS, "num_warps": kce.NUM_WARPS,
-                                                                     "num_stages": kce.NUM_STAGES})
+    assert len(tuned.configs) == len(tiles.CE_AUTOTUNE)
+    assert kce._launchable(kernel, None, torch.float32, True)[0] is tuned
+    defaults = {"num_warps": tiles.CE["num_warps"], "num_stages": tiles.CE["num_stages"]}
+    assert kce._launchable(kernel, SMALL, torch.float32, True) == (kernel, {**SMALL, **defaults})
+    assert kce._launchable(kernel, None, torch.float32, False) == (kernel, tiles.CE)
+    assert kce._launchable(kernel, None, torch.float64, False) == (kernel, tiles.CE_FP64)
 
 
 @triton.jit
@@ -363,10 +376,10 @@ def test_in_kernel_bf16_rounding_is_round_to_nearest_even_like_torch():
 def test_linear_ce_backward_is_bitwise_reproducible():
     n, d, num_classes = CE_SHAPE
     x, w, t = rand(n, d, seed=7), rand(d, num_classes, seed=8), labels(n, num_classes, seed=4)
-    _, lse = kce.linear_ce_forward(x, w, t, 1.0, -100, n, blocks=SMALL)
+    _, lse = kce.linear_ce_forward(x, w, t, CEParams(1.0, -100, n, "high"), blocks=SMALL)
     g = torch.ones(n, device=DEVICE)
-    first = kce.linear_ce_backward(x, w, t, 1.0, lse, g, -100, 16, True, True, blocks=SMALL)
-    second = kce.linear_ce_backward(x, w, t, 1.0, lse, g, -100, 16, True, True, blocks=SMALL)
+    first = kce.linear_ce_backward(x, w, t, lse, g, CEParams(1.0, -100, 16, "high"), True, True, blocks=SMALL)
+    second = kce.linear_ce_backward(x, w, t, lse, g, CEParams(1.0, -100, 16, "high"), True, True, blocks=SMALL)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
@@ -392,3 +405,26 @@ def test_linear_ce_gradcheck_through_the_triton_backend():
     t = labels(7, 5, ignore=(2,))
     assert torch.autograd.gradcheck(lambda a, b: ops.linear_softmax_ce(a, b, t, 0.7, "mean", 3, backend="triton"),
                                     (x, w), fast_mode=True)
+
+
+def test_strided_targets_are_read_at_their_stride():
+    """A target view with a stride (every other label of a longer vector; an expanded one) gives the losses and
+    gradients of its contiguous copy on all three launchers, which read targets at unit stride."""
+    x, w, t, g = _ce_case(CE_SHAPE, torch.float64, seed=11)
+    n, num_classes = x.shape[0], w.shape[1]
+    spread = labels(2 * n, num_classes, seed=12)
+    spread[::2] = t
+    strided = spread[::2]
+    assert strided.stride() == (2,) and torch.equal(strided, t)
+    params = CEParams(0.5, -100, 16)
+    for target in (strided, torch.tensor(2, device=DEVICE).expand(n)):
+        dense = target.contiguous()
+        loss, lse = kce.linear_ce_forward(x, w, target, params, blocks=SMALL)
+        torch.testing.assert_close(loss, reference.linear_ce_forward(x, w, dense, params)[0], equal_nan=True)
+        grads = kce.linear_ce_backward(x, w, target, lse, g, params, True, True, blocks=SMALL, k_slices=2)
+        fused = kce.linear_ce_forward_backward(x, w, target, g, params, True, True, blocks=SMALL, k_slices=2)
+        exact = reference.linear_ce_forward_backward(x, w, dense, g, params, True, True)
+        torch.testing.assert_close(fused[0], exact[0], equal_nan=True)
+        for got in (grads, fused[2:]):
+            torch.testing.assert_close(got[0], exact[2])
+            torch.testing.assert_close(got[1], exact[3])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import helpers
 from clpdd_fast import NotPositiveDefiniteError, clpdd_loss, gram, linear_softmax_ce, reference, ridge_solve
+from clpdd_fast.kernels.contract import CEParams
 
 SHAPES = [(7, 19, 5), (29, 11, 3), (13, 13, 4)]  # (m, d, C): m < d, m > d, m == d
 # the torch backend's inputs: CPU tensors, float64 unless a test asks for another dtype
@@ -230,7 +231,7 @@ def test_linear_ce_forward_backward_matches_float64(monkeypatch, n, d, c, dtype,
     g = torch.where(t != -7, rand(n, seed=63), 0.0).to(reference.compute_dtype(x, w))
     tau = 0.37
     chunk = chunk or reference.default_chunk_size(c, d)
-    loss, lse, gx, gw = reference.linear_ce_forward_backward(x, w, t, tau, -7, chunk, "auto", g, True, True)
+    loss, lse, gx, gw = reference.linear_ce_forward_backward(x, w, t, g, CEParams(tau, -7, chunk, "high"), True, True)
     out_dt = torch.float64 if dtype == "fp64" else torch.float32
     assert {a.dtype for a in (loss, lse, gx, gw)} == {out_dt}
     z = x.double().numpy() @ w.double().numpy() / tau
@@ -245,8 +246,8 @@ def test_linear_ce_forward_backward_matches_float64(monkeypatch, n, d, c, dtype,
         np.testing.assert_allclose(got.double().numpy(), exact, rtol=tol, atol=tol * scale * np.abs(exact).max())
     # only what is asked for; the recomputing backward gives the same gradients
     for need_x, need_w in ((True, False), (False, True)):
-        rx, rw = reference.linear_ce_forward_backward(x, w, t, tau, -7, chunk, "auto", g, need_x, need_w)[2:]
-        bx, bw = reference.linear_ce_backward(x, w, t, tau, lse, g, -7, chunk, need_x, need_w)
+        rx, rw = reference.linear_ce_forward_backward(x, w, t, g, CEParams(tau, -7, chunk, "high"), need_x, need_w)[2:]
+        bx, bw = reference.linear_ce_backward(x, w, t, lse, g, CEParams(tau, -7, chunk, "high"), need_x, need_w)
         for got, recomputed, exact, needed in ((rx, bx, exact_gx, need_x), (rw, bw, exact_gw, need_w)):
             assert (got is None and recomputed is None) if not needed else True
             if needed:
@@ -259,9 +260,9 @@ def test_linear_ce_forward_backward_target_out_of_range_gives_nan():
     x, w, t = rand(9, 4, seed=64), rand(4, 3, seed=65), torch.tensor([0, 3, 2, -1, -100, 1, 7, 2, 0])
     g = torch.where(t != -100, 1.0 / 8, 0.0).double()
     for with_grad in (True, False):
-        args = (x, w, t, 0.5, -100, 4, "auto")
-        loss, lse = (reference.linear_ce_forward_backward(*args, g, False, True) if with_grad
-                     else reference.linear_ce_forward(*args))[:2]
+        params = CEParams(0.5, -100, 4)
+        loss, lse = (reference.linear_ce_forward_backward(x, w, t, g, params, False, True) if with_grad
+                     else reference.linear_ce_forward(x, w, t, params))[:2]
         bad = torch.tensor([1, 3, 6])
         assert torch.isnan(loss[bad]).all() and loss[4] == 0 and torch.isfinite(loss[[0, 2, 5, 7, 8]]).all()
         z = x.numpy() @ w.numpy() / 0.5

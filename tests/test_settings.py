@@ -8,8 +8,8 @@ from clpdd_fast import settings
 READERS = {"TRITON_INTERPRET": settings.triton_interpret, "CLPDD_AUTOTUNE": settings.autotune,
            "CLPDD_CE_PRECISION": settings.ce_precision, "CLPDD_RIDGE_PRECISION": settings.ridge_precision,
            "CLPDD_TRACEBACK": settings.show_traceback}
-DEFAULTS = {"TRITON_INTERPRET": False, "CLPDD_AUTOTUNE": False, "CLPDD_CE_PRECISION": "auto",
-            "CLPDD_RIDGE_PRECISION": "ieee", "CLPDD_TRACEBACK": False}
+DEFAULTS = {"TRITON_INTERPRET": False, "CLPDD_AUTOTUNE": False, "CLPDD_CE_PRECISION": "highest",
+            "CLPDD_RIDGE_PRECISION": "highest", "CLPDD_TRACEBACK": False}
 
 
 def test_every_variable_has_one_reader():
@@ -35,11 +35,20 @@ def test_a_setting_is_read_when_used_with_its_default_when_unset_and_a_bad_value
 
 def test_overridden_sets_the_variable_for_the_block_and_restores_it(monkeypatch):
     monkeypatch.delenv("CLPDD_CE_PRECISION", raising=False)
-    with settings.overridden("CLPDD_CE_PRECISION", "tf32"):
-        assert settings.ce_precision() == "tf32"
+    with settings.overridden("CLPDD_CE_PRECISION", "medium"):
+        assert settings.ce_precision() == "medium"
     assert "CLPDD_CE_PRECISION" not in os.environ
-    monkeypatch.setenv("CLPDD_CE_PRECISION", "ieee")
+    monkeypatch.setenv("CLPDD_CE_PRECISION", "high")
     with pytest.raises(ValueError, match="^CLPDD_CE_PRECISION: expected"):
         with settings.overridden("CLPDD_CE_PRECISION", "fast"):
             pass
-    assert os.environ["CLPDD_CE_PRECISION"] == "ieee"
+    assert os.environ["CLPDD_CE_PRECISION"] == "high"
+
+
+@pytest.mark.parametrize("name", sorted(settings.RENAMED))
+def test_the_old_precision_words_read_as_the_new_ones_with_a_note(name, monkeypatch):
+    for old, new in settings.RENAMED[name].items():
+        assert new in settings.VALUES[name]
+        monkeypatch.setenv(name, old)
+        with pytest.warns(FutureWarning, match=f"^{name}: '{old}' is now called '{new}'"):
+            assert READERS[name]() == new

@@ -1,17 +1,17 @@
 """Ahead-of-time compilation of every kernel variant the backend can dispatch, for a GPU that need not be here.
 
-A variant is one compiled specialisation: a kernel with its argument types, its constexpr values (including the
-integers Triton specialises, e.g. a stride of 1) and its launch options. The list is not written by hand:
-`dispatch_launches` drives kernels/backend.py on meta tensors (shapes and strides, no data) over every input dtype,
-path, size class and flag its callers can choose, every launch is recorded instead of run (`recording`), and
+A variant is one compiled specialisation: a kernel with its argument types, its constexpr values (including the integers
+Triton specialises, e.g. a stride of 1) and its launch options. The list is not written by hand: `dispatch_launches`
+drives clpdd_fast.kernels.backend on meta tensors (shapes and strides, no data) over every input dtype, path, size class
+and flag its callers can choose, every launch is recorded instead of run (`recording`), and
 Triton's own specialisation rules name the variant each launch would compile (`Variant`). One variant per group
 (kernel, constexprs, launch options; operand dtypes that are cast on load only change the width of loads) is then
 compiled with Triton's compiler for the target, sm_90 by default: shared memory from its metadata, registers and
 spill bytes from the `ptxas -v` log of Triton's own ptxas run, where spills sit from the SASS, and what its main loop
 does from the PTX (`loop_summary`: tensor-core instructions, asynchronous copies, synchronous global loads), which
-kernels/report.py tabulates for the CE kernels.
+tools/kernel_report.py tabulates for the CE kernels.
 
-    python -m clpdd_fast.kernels.aot [--arch 90] [--jobs N] [--bench] [--strict] [--every]
+    python tools/kernel_aot.py [--arch 90] [--jobs N] [--bench] [--strict] [--every]
 
 prints one row per variant and exits with status 1 when a variant does not compile, needs more shared memory than
 the target has, or (a variant the backend dispatches) spills registers inside a loop, unless SPILL_ALLOWANCES gives
@@ -22,6 +22,9 @@ specialisation instead of one per group. Autotuned configurations (CLPDD_AUTOTUN
 autotuner skips a configuration that does not fit. `save_launches` / `load_launches` carry launches recorded
 elsewhere (e.g. under the interpreter: benchmarks/compile_cost.py). Runs without TRITON_INTERPRET; `make test` runs
 it for sm_90 (tests/test_kernel_aot.py, CLPDD_AOT_CHECK=1).
+
+A tool, not part of the package: it uses Triton's private compiler entry points and stands in for the kernels
+(`recording` swaps each module's kernels for recorders, and gives meta tensors the SM count of the target GPU).
 """
 from __future__ import annotations
 
@@ -46,12 +49,12 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from clpdd_fast import settings
-
-from . import backend as _backend
-from . import cholesky, linear_ce, matmul, small_ridge
+from clpdd_fast.kernels import backend as _backend
+from clpdd_fast.kernels import cholesky, linear_ce, matmul, small_ridge, tiles
+from clpdd_fast.kernels.contract import CE_PRECISIONS, RIDGE_PRECISIONS, CEParams
 
 MODULES = (matmul, cholesky, small_ridge, linear_ce)
+TARGET_SMS = 132   # SMs of the GPU that meta tensors stand for (an H100 SXM: sm_90), for the CE's dW split
 # largest dynamic shared memory one block may use, by compute capability (bytes)
 SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 # input dtype pairs the backend is driven with: (features phi / x, targets y / weights w). Same-dtype pairs, and the
@@ -83,14 +86,17 @@ def recording(run: bool = False):
     """Within the block, every kernel launch of kernels/*.py is recorded (into the yielded list) instead of run, or
     with `run` as well as run (then also under TRITON_INTERPRET=1: `save_launches` carries them to a compiling
     process)."""
-    if settings.triton_interpret() and not run:
-        raise RuntimeError("kernels.aot needs the compiled kernels: run it without TRITON_INTERPRET=1")
+    if os.environ.get("TRITON_INTERPRET") == "1" and not run:
+        raise RuntimeError("tools/kernel_aot.py needs the compiled kernels: run it without TRITON_INTERPRET=1")
     launches, saved = [], []
     for mod in MODULES:
         for name, obj in list(vars(mod).items()):
             if name.endswith("_kernel") and hasattr(obj, "fn"):   # a JITFunction, or the interpreter's stand-in
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, launches, run))
+    sm_count = linear_ce._sm_count
+    saved.append((linear_ce, "_sm_count", sm_count))
+    linear_ce._sm_count = lambda device: TARGET_SMS if device.type == "meta" else sm_count(device)
     try:
         yield launches
     finally:
@@ -145,8 +151,8 @@ def _meta(*shape, dtype):
 
 
 def _small_sizes(dtype: torch.dtype) -> list[int]:
-    """One odd system size per padded size class small_ridge accepts for this dtype: up to its LIMITS, past
-    MAX_SIZE (tests and `bench_ops.py --ops ridge-small` raise MAX_SIZE to the limits)."""
+    """One odd system size per padded size class small_ridge accepts for this dtype: up to its limit, past
+    tiles.SMALL_RIDGE_MAX_SIZE (tests and `bench_ops.py --ops ridge-small` raise it to the limits)."""
     top = small_ridge.size_limit(dtype)
     sizes, size = [], 16
     while size <= top:
@@ -155,64 +161,60 @@ def _small_sizes(dtype: torch.dtype) -> list[int]:
     return sizes
 
 
-def _ridge(phi_dt, y_dt, size: int, mode: str) -> None:
+def _ridge(phi_dt, y_dt, size: int, mode: str, precision: str) -> None:
     """Forward and every backward flag combination of a ridge system of this size (the dual m or primal d)."""
     m, d = (size, D) if mode == "dual" else (M_BLOCKED + 7, size)
     phi, y, g = _meta(m, d, dtype=phi_dt), _meta(m, 37, dtype=y_dt), _meta(d, 37, dtype=torch.float32)
-    w, factor, _ = _backend.ridge_forward(phi, y, 0.5, mode)
+    w, factor, _ = _backend.ridge_forward(phi, y, 0.5, mode, precision)
     for need_phi, need_y in ((True, True), (True, False), (False, True)):
-        _backend.ridge_backward(phi, y, w, factor, g, mode, need_phi, need_y)
+        _backend.ridge_backward(phi, y, w, factor, g, mode, need_phi, need_y, precision)
 
 
 def _linear_ce(x_dt, w_dt) -> None:
     """The CE's forward, recomputing backward and fused forward + backward, each precision mode and gradient flags,
     at C (several class tiles) and at C_ONE_TILE (one class tile: the fused kernel keeps it in registers)."""
-    modes = ("auto", "ieee", "tf32") if torch.float32 in (x_dt, w_dt) else ("auto",)
+    precisions = CE_PRECISIONS if torch.float32 in (x_dt, w_dt) else ("highest",)
     for num_classes in (C, C_ONE_TILE):
         x, w = _meta(N_CE, D, dtype=x_dt), _meta(D, num_classes, dtype=w_dt)
         t = _meta(N_CE, dtype=torch.int64)
-        for mode in modes:
-            _, lse = _backend.linear_ce_forward(x, w, t, 0.1, -100, N_CE, mode)
+        for precision in precisions:
+            params = CEParams(0.1, -100, N_CE, precision)
+            _, lse = _backend.linear_ce_forward(x, w, t, params)
             grad_rows = _meta(N_CE, dtype=lse.dtype)
             for need_x, need_w in ((True, True), (True, False), (False, True)):
-                _backend.linear_ce_backward(x, w, t, 0.1, lse, grad_rows, -100, N_CE, need_x, need_w, mode)
-                _backend.linear_ce_forward_backward(x, w, t, 0.1, -100, N_CE, mode, grad_rows, need_x, need_w)
+                _backend.linear_ce_backward(x, w, t, lse, grad_rows, params, need_x, need_w)
+                _backend.linear_ce_forward_backward(x, w, t, grad_rows, params, need_x, need_w)
 
 
 def dispatch_launches() -> list[tuple]:
     """Every launch the backend makes over the dtypes, paths, size classes and flags of its callers:
     [(kernel, args, kwargs)], not run."""
-    default = small_ridge.MAX_SIZE
-    small_ridge.MAX_SIZE = max(small_ridge.LIMITS.values())
+    default = tiles.SMALL_RIDGE_MAX_SIZE
+    tiles.SMALL_RIDGE_MAX_SIZE = max(tiles.SMALL_RIDGE_LIMITS.values())
     try:
         with recording() as launches:
             for x_dt, y_dt in DTYPE_PAIRS:
-                for ridge_precision in settings.VALUES["CLPDD_RIDGE_PRECISION"]:
-                    with settings.overridden("CLPDD_RIDGE_PRECISION", ridge_precision):
-                        for lam in (0.0, 0.5):
-                            _backend.gram(_meta(M_BLOCKED, D, dtype=x_dt), lam)
-                        compute = torch.float64 if torch.float64 in (x_dt, y_dt) else torch.float32
-                        for mode in ("dual", "primal"):
-                            for size in _small_sizes(compute) + [M_BLOCKED if mode == "dual" else D]:
-                                _ridge(x_dt, y_dt, size, mode)
+                for precision in RIDGE_PRECISIONS:
+                    for lam in (0.0, 0.5):
+                        _backend.gram(_meta(M_BLOCKED, D, dtype=x_dt), lam, precision)
+                    compute = torch.float64 if torch.float64 in (x_dt, y_dt) else torch.float32
+                    for mode in ("dual", "primal"):
+                        for size in _small_sizes(compute) + [M_BLOCKED if mode == "dual" else D]:
+                            _ridge(x_dt, y_dt, size, mode, precision)
                 _linear_ce(x_dt, y_dt)
     finally:
-        small_ridge.MAX_SIZE = default
+        tiles.SMALL_RIDGE_MAX_SIZE = default
     return launches
 
 
 def bench_launches() -> list[tuple]:
     """The launches only benchmarks make: the blocked Cholesky + solve at each (block, warps) candidate of
     `bench_ops.py --ops cholesky-tiles`."""
-    default = cholesky.NUM_WARPS
     with recording() as launches:
         a, y = _meta(D, D, dtype=torch.float32), _meta(D, C, dtype=torch.float32)
-        for block, warps in cholesky.TILE_CANDIDATES:
-            cholesky.NUM_WARPS = warps
-            try:
-                cholesky.cholesky_solve(y, cholesky.cholesky(a, block)[0], block)
-            finally:
-                cholesky.NUM_WARPS = default
+        for block, warps in tiles.CHOLESKY_CANDIDATES:
+            factor = cholesky.cholesky(a, block, num_warps=warps)[0]
+            cholesky.cholesky_solve(y, factor, block, num_warps=warps)
     return launches
 
 

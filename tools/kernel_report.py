@@ -2,17 +2,17 @@
 
 At the ImageNet-1K shape (N = 1,281,167, d = 768, C = 1000) and the ImageNet-100 shape (N = 126,689, C = 100), the
 Triton backend's CE calls run on meta tensors (no data, no GPU) for each precision path, every kernel launch is
-recorded (kernels/aot.py), and each distinct compiled variant is compiled for the target with Triton's compiler and
+recorded (tools/kernel_aot.py), and each distinct compiled variant is compiled for the target with Triton's compiler and
 ptxas. One row per (shape, path, kernel role) gives: registers, spill bytes, shared memory, the blocks per SM those
 three allow, and from the PTX of the kernel's main loop (the innermost loop with the most product instructions:
 its GEMM loop) whether its products run on tensor cores (wgmma / mma), how its operands arrive (asynchronous copies
 to shared memory: cp.async or TMA, with the widest copy; synchronous ld.global, with the widest load) and the widest
 global load of its other innermost loops (e.g. the coefficient pass of the fused kernel).
 
-    python -m clpdd_fast.kernels.report [--arch 90] [--jobs N] [--check]
+    python tools/kernel_report.py [--arch 90] [--jobs N] [--check]
 
 With --check it exits with status 1 when a listed kernel spills registers or its main loop loads an operand
-synchronously (tests/test_kernel_report.py under CLPDD_AOT_CHECK=1, i.e. `make test`). Runs without
+synchronously (tests/test_kernel_aot.py under CLPDD_AOT_CHECK=1, i.e. `make test`). Runs without
 TRITON_INTERPRET. Performance evidence without a GPU: it says what the compiler made of the kernels, not how fast
 they run.
 """
@@ -29,18 +29,21 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import make_backend
 
-from clpdd_fast import reference
+if __package__ in (None, ""):   # run as `python tools/kernel_report.py`: the repository root holds `tools`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from . import aot
-from . import backend as _backend
+from clpdd_fast import reference  # noqa: E402
+from clpdd_fast.kernels import backend as _backend  # noqa: E402
+from clpdd_fast.kernels.contract import CEParams, compute_dtype  # noqa: E402
+from tools import kernel_aot as aot  # noqa: E402
 
 SHAPES = {"ImageNet-1K": (1_281_167, 768, 1000), "ImageNet-100": (126_689, 768, 100)}
-# (x dtype, w dtype, precision argument of the backend, label): the paths the CE runs at these shapes
-PATHS = [(torch.bfloat16, torch.float32, "auto", "bf16 x, fp32 w (bf16 pair)"),
-         (torch.bfloat16, torch.bfloat16, "auto", "bf16"),
-         (torch.float16, torch.float16, "auto", "fp16"),
-         (torch.float32, torch.float32, "tf32", "fp32, tf32"),
-         (torch.float32, torch.float32, "ieee", "fp32, ieee")]
+# (x dtype, w dtype, precision of the backend's CEParams, label): the paths the CE runs at these shapes
+PATHS = [(torch.bfloat16, torch.float32, "high", "bf16 x, fp32 w (bf16 pair)"),
+         (torch.bfloat16, torch.bfloat16, "highest", "bf16"),
+         (torch.float16, torch.float16, "highest", "fp16"),
+         (torch.float32, torch.float32, "medium", "fp32, tf32"),
+         (torch.float32, torch.float32, "highest", "fp32, ieee")]
 TAU, IGNORE = 0.05, -100
 REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 228 * 1024, 64   # Hopper (sm_90)
 
@@ -59,24 +62,22 @@ def _role(kernel, args, d: int) -> str:
 
 def ce_launches(shape: tuple[int, int, int], x_dt, w_dt, precision: str) -> list[tuple[str, tuple]]:
     """[(role, (kernel, args, kwargs))] of the CE's calls at this shape and path with both gradients, not run:
-    "mean/sum", the forward + backward that reductions mean and sum run (one fused call where the backend has it,
-    else forward then backward), and "none", the forward and recomputing backward of reduction "none" (where the
-    backend has the fused call: otherwise it is the same)."""
+    "mean/sum", the fused forward + backward that reductions mean and sum run, and "none", the forward and
+    recomputing backward of reduction "none"."""
     n, d, num_classes = shape
     x, w = aot._meta(n, d, dtype=x_dt), aot._meta(d, num_classes, dtype=w_dt)
     t = aot._meta(n, dtype=torch.int64)
-    chunk = reference.default_chunk_size(num_classes, d)
-    fused = hasattr(_backend, "linear_ce_forward_backward")
+    params = CEParams(TAU, IGNORE, reference.default_chunk_size(num_classes, d), precision)
     rows = []
-    for call in ("mean/sum", "none") if fused else ("mean/sum",):
+    for call in ("mean/sum", "none"):
         with aot.recording() as launches:
-            if call == "mean/sum" and fused:
-                g = aot._meta(n, dtype=reference.compute_dtype(x, w))
-                _backend.linear_ce_forward_backward(x, w, t, TAU, IGNORE, chunk, precision, g, True, True)
+            if call == "mean/sum":
+                g = aot._meta(n, dtype=compute_dtype(x, w))
+                _backend.linear_ce_forward_backward(x, w, t, g, params, True, True)
             else:
-                _, lse = _backend.linear_ce_forward(x, w, t, TAU, IGNORE, chunk, precision)
+                _, lse = _backend.linear_ce_forward(x, w, t, params)
                 g = aot._meta(n, dtype=lse.dtype)
-                _backend.linear_ce_backward(x, w, t, TAU, lse, g, IGNORE, chunk, True, True, precision)
+                _backend.linear_ce_backward(x, w, t, lse, g, params, True, True)
         rows += [(f"{call}: {_role(launch[0], launch[1], d)}", launch) for launch in launches]
     return rows
 
