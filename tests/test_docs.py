@@ -95,7 +95,7 @@ def test_every_flag_the_docs_name_exists_in_its_tool(path):
             continue
         tools = TOOLS if tool is None else (tool,)
         if not any(flag in options(t) for t in tools):
-            unknown.append(f"{path.name}:{number}: {flag} ({' / '.join(tools)})")
+            unknown.append(f"{path.relative_to(ROOT)}:{number}: {flag} ({' / '.join(tools)})")
     assert not unknown, "flags the docs name but the tools lack:\n" + "\n".join(unknown)
 
 
@@ -152,11 +152,11 @@ def test_every_relative_link_points_to_an_existing_file(path):
         file, _, anchor = target.partition("#")
         dest = (path.parent / file).resolve() if file else path
         if not dest.exists():
-            broken.append(f"{path.name}:{number}: {target} (no such file)")
+            broken.append(f"{path.relative_to(ROOT)}:{number}: {target} (no such file)")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
-            broken.append(f"{path.name}:{number}: {target} (no heading #{anchor} in {dest.name})")
+            broken.append(f"{path.relative_to(ROOT)}:{number}: {target} (no heading #{anchor} in {dest.name})")
         elif not str(dest).startswith(str(ROOT)):
-            broken.append(f"{path.name}:{number}: {target} (outside the repository)")
+            broken.append(f"{path.relative_to(ROOT)}:{number}: {target} (outside the repository)")
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
@@ -169,6 +169,6 @@ def test_readme_is_a_front_page():
 def test_pages_cite_no_machine_paths_and_keep_lines_short(path):
     text = path.read_text(encoding="utf-8")
     for local in ("../" + "shared", "/" + "work/"):
-        assert local not in text, f"{path.name} cites {local!r}, a path of one machine"
+        assert local not in text, f"{path.relative_to(ROOT)} cites {local!r}, a path of one machine"
     long = [n for n, line in enumerate(text.splitlines(), 1) if len(line) > 120 and not line.startswith("|")]
-    assert not long, f"{path.name}: lines over 120 characters (tables excepted): {long}"
+    assert not long, f"{path.relative_to(ROOT)}: lines over 120 characters (tables excepted): {long}"
