@@ -22,7 +22,7 @@ Part 1 (issue 11 item 4): the linear CE with x in bf16 (the --precision bf16 fea
 W, three ways: (a) w cast to bf16 (and the coefficients of the backward in bf16: the bf16 x bf16 path), (a2) w cast
 to bf16 in the forward only, coefficients split, (b) today's split w = hi + lo (coefficients split too), (c) exact
 fp32 products. Errors of the mean loss and of dL/dphi_s (dW propagated through the float64 ridge Jacobian), next to
-the README's split bound and to what the bf16 rounding of the features itself changes.
+the split bound of docs/KERNELS.md and to what the bf16 rounding of the features itself changes.
 Part 2 (item 5): the ridge solve (dual m x m system, and primal) of m > d real features, every product in ieee, tf32
 or tf32x3 (and "tf32-gram": TF32 in the Gram matrix only): error of K, its smallest eigenvalue, whether the blocked
 Cholesky succeeds, error of W and of dL/dphi (upstream dL/dW of the real CE at W), each as a ratio to the ops' test

@@ -1,16 +1,19 @@
 """The ops as torch custom ops (namespace `clpdd`): what torch.compile, autocast, opcheck and autograd see.
 
-Registered here, each with a fake (meta) implementation for tracing:
-    clpdd::gram(x, lam, backend, check_finite, names) -> K                           autograd registered
-    clpdd::one_hot(labels, num_classes, dtype, check_finite, name) -> Y              (integer input: no gradient)
-    clpdd::ridge_factorize(phi, y, lam, mode, backend, check_finite, names) -> (W, L)  autograd registered (through W)
-    clpdd::ridge_backward(...) -> (dphi, dy)                                   the ridge backward's kernels
+Registered here, each with a fake (meta) implementation for tracing (the CE's scalars always in the order tau,
+[reduction,] ignore_index, chunk_size, backend, precision):
+    clpdd::gram(x, lam, backend, check_finite, names) -> K                    autograd registered
+    clpdd::one_hot(labels, num_classes, dtype, check_finite, name) -> Y       (integer input: no gradient)
+    clpdd::ridge_factorize(phi, y, lam, mode, backend, check_finite, names)
+        -> (W, L)                                                            autograd registered (through W)
+    clpdd::ridge_backward(...) -> (dphi, dy)                                 the ridge backward's kernels
     clpdd::linear_ce_rows(x, w, target, tau, ignore_index, chunk_size, backend, precision, check_finite, names)
-        -> (loss_rows, lse)                                                    autograd registered (through loss_rows)
-    clpdd::linear_ce_backward(...) -> (dx, dw)                                 the CE backward's kernels
+        -> (loss_rows, lse)                                                  autograd registered (through loss_rows)
+    clpdd::linear_ce_backward(x, w, target, lse, grad_rows, tau, ...)
+        -> (dx, dw)                                                          the CE backward's kernels
     clpdd::linear_ce_reduced(x, w, target, tau, reduction, ..., need_x, need_w)
-        -> (loss, dx, dw)                                                      autograd registered (through loss)
-    clpdd::scale_gradient(grad, scale) -> grad * scale                         linear_ce_reduced's backward
+        -> (loss, dx, dw)                                                    autograd registered (through loss)
+    clpdd::scale_gradient(grad, scale) -> grad * scale                       linear_ce_reduced's backward
 and three composites of them, which torch.compile traces through: clpdd::ridge_solve, clpdd::linear_softmax_ce and
 clpdd::clpdd_loss (`clpdd_fast.ops` has their documented functional wrappers). The CE of a mean or sum whose x or w
 needs a gradient (requires_grad, with grad mode on) goes through linear_ce_reduced: its upstream gradient is a scalar,
@@ -253,7 +256,7 @@ def _(x, w, target, tau, ignore_index, chunk_size, backend, precision, check_fin
 
 
 @torch.library.custom_op(f"{NAMESPACE}::linear_ce_backward", mutates_args=())
-def linear_ce_backward_op(x: Tensor, w: Tensor, target: Tensor, tau: float, lse: Tensor, grad_rows: Tensor,
+def linear_ce_backward_op(x: Tensor, w: Tensor, target: Tensor, lse: Tensor, grad_rows: Tensor, tau: float,
                           ignore_index: int, chunk_size: int, backend: str, precision: str, need_x: bool,
                           need_w: bool) -> tuple[Tensor, Tensor]:
     """(dL/dx, dL/dw) in the compute dtype for the per-row weights grad_rows (0 on ignored rows); an empty tensor for
@@ -265,7 +268,7 @@ def linear_ce_backward_op(x: Tensor, w: Tensor, target: Tensor, tau: float, lse:
 
 
 @linear_ce_backward_op.register_fake
-def _(x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, backend, precision, need_x, need_w):
+def _(x, w, target, lse, grad_rows, tau, ignore_index, chunk_size, backend, precision, need_x, need_w):
     return (lse.new_empty(x.shape) if need_x else _empty(lse)), (lse.new_empty(w.shape) if need_w else _empty(lse))
 
 
@@ -280,7 +283,7 @@ def _ce_backward(ctx, grad_loss, grad_lse):
     tau, ignore_index, chunk_size, backend, precision = ctx.args
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_rows = torch.where(target != ignore_index, grad_loss.to(lse.dtype), 0.0)
-    grad_x, grad_w = linear_ce_backward_op(x, w, target, tau, lse, grad_rows, ignore_index, chunk_size, backend,
+    grad_x, grad_w = linear_ce_backward_op(x, w, target, lse, grad_rows, tau, ignore_index, chunk_size, backend,
                                            precision, need_x, need_w)
     return (_cast_like(grad_x, x) if need_x else None), (_cast_like(grad_w, w) if need_w else None), \
         None, None, None, None, None, None, None, None
@@ -369,9 +372,9 @@ def _ridge_solve(phi, y, lam, mode, backend, check_finite, names):
     return ridge_factorize(phi, y, lam, mode, backend, check_finite, names)[0]
 
 
-@_composite("linear_softmax_ce(Tensor x, Tensor w, Tensor target, float tau, str reduction, int chunk_size, "
-            "int ignore_index, str backend, str precision, bool check_finite, str names) -> Tensor")
-def _linear_softmax_ce(x, w, target, tau, reduction, chunk_size, ignore_index, backend, precision, check_finite, names):
+@_composite("linear_softmax_ce(Tensor x, Tensor w, Tensor target, float tau, str reduction, int ignore_index, "
+            "int chunk_size, str backend, str precision, bool check_finite, str names) -> Tensor")
+def _linear_softmax_ce(x, w, target, tau, reduction, ignore_index, chunk_size, backend, precision, check_finite, names):
     """mean/sum with a gradient to compute: linear_ce_reduced (the gradients in the forward's pass); otherwise the
     per-row losses, whose backward recomputes the logits."""
     need_x, need_w = (torch.is_grad_enabled() and t.requires_grad for t in (x, w))
@@ -393,7 +396,7 @@ def _clpdd_loss(phi_s, y_s, phi_r, y_r, lam, tau, outer, mode, chunk_size, backe
     if outer == "mse":
         with torch.autocast(phi_s.device.type, enabled=False):
             return reference.mse_outer(phi_r, w, y_r, chunk_size)
-    return _linear_softmax_ce(phi_r, w, y_r, tau, "mean", chunk_size, NO_IGNORE, backend, precision, check_finite,
+    return _linear_softmax_ce(phi_r, w, y_r, tau, "mean", NO_IGNORE, chunk_size, backend, precision, check_finite,
                               "phi_r,W (the ridge probe),y_r")
 
 

@@ -146,7 +146,7 @@ def linear_softmax_ce(x: Tensor, w: Tensor, target: Tensor, tau: float = 1.0, re
     """
     tau, chunk_size = _ce_args(x, w, target, tau, chunk_size, ("x", "w", "target"))
     check.choice("reduction", reduction, REDUCTIONS)
-    return torch.ops.clpdd.linear_softmax_ce(x, w, target, tau, reduction, chunk_size, int(ignore_index),
+    return torch.ops.clpdd.linear_softmax_ce(x, w, target, tau, reduction, int(ignore_index), chunk_size,
                                              _backend(backend, x.device), resolve_precision(precision),
                                              bool(check_finite), "x,w,target")
 

@@ -1,5 +1,5 @@
 """The error bound of the linear CE's bf16-x / fp32-w path (w as two bf16 halves), derived term by term and evaluated
-on the data, and the assertion the kernel tests make with it (README, "Linear softmax CE")."""
+on the data, and the assertion the kernel tests make with it (docs/KERNELS.md, "Error bound of the split")."""
 import torch
 
 from helpers import worst_element
@@ -26,7 +26,7 @@ def _ce_float64(x, w, t, tau, g=None):
 
 
 def split_ce_bounds(x, w, t, tau, g=None):
-    """The error bound of the bf16-x / fp32-w CE path (README, "Linear softmax CE"), evaluated on the data.
+    """The error bound of the bf16-x / fp32-w CE path (docs/KERNELS.md, "Error bound of the split"), evaluated on the data.
 
     The split replaces w by w' = hi + lo with |w' - w| <= 2^-17 |w| elementwise. With A = |x| |w| (sums of
     |x_ik| |w_kj|), gamma_i = g_i / tau and p the softmax:
