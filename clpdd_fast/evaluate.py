@@ -26,7 +26,7 @@ from clpdd_fast import artifacts
 from clpdd_fast.augment import Augment, build_augment
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
 from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, nonnegative_int, positive_int, run_main
-from clpdd_fast.config import DEFAULT_CACHE, DEFAULT_LAM, RunConfig
+from clpdd_fast.config import DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_MODEL, RunConfig
 from clpdd_fast.encoders import encode_images
 from clpdd_fast.experiment import Experiment, open_experiment, subset_size
 from clpdd_fast.feature_transform import FEATURE_NORMS, FeatureTransform
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--skip-bad-images", action="store_true", default=None,
       help="leave out images whose files cannot be decoded (each is named in a warning) instead of stopping "
            "(default: the distillation's setting, else off)")
-    a("--model", default="tf_efficientnet_lite0", help="baselines: encoder (default tf_efficientnet_lite0)")
+    a("--model", default=DEFAULT_MODEL, help=f"baselines: encoder (default {DEFAULT_MODEL})")
     a("--weights", default="default", help="baselines: encoder weights (default, timm, none, or a file)")
     a("--eval-model", default=None, help="evaluate with another encoder (cross-model); default: the distillation's")
     a("--eval-weights", default=None,

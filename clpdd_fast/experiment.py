@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clpdd_fast.datasets import ImageDataset, open_dataset
+from clpdd_fast.datasets import IdxDataset, ImageDataset, open_dataset
 from clpdd_fast.encoders import FrozenEncoder, build_encoder
 from clpdd_fast.feature_cache import load_or_extract_features
 
@@ -33,7 +33,7 @@ def fixed_subset(n: int, k: int | None) -> np.ndarray | None:
 
 def default_image_size(dataset: ImageDataset, encoder: FrozenEncoder) -> int:
     """64 px for IDX data (28 px sources such as Fashion-MNIST), the encoder's own input size otherwise."""
-    return 64 if type(dataset).__name__.startswith("Idx") else encoder.default_image_size
+    return 64 if dataset.kind == IdxDataset.kind else encoder.default_image_size
 
 
 @dataclass

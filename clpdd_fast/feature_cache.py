@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clpdd_fast import validation as check
 from clpdd_fast.artifacts import save_json
 from clpdd_fast.datasets import BadImageError, ImageDataset, digest
 from clpdd_fast.progress import Progress
-from clpdd_fast.validation import integer
+from clpdd_fast.scan import row_blocks
 
 CACHE_FORMAT = "clpdd-feature-cache-v1"
 _MAGIC = b"CLPDDFEAT1\n"
@@ -95,9 +96,9 @@ def _as_tensor(arr: np.ndarray, dtype: torch.dtype) -> Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
-def _crc(arr: np.ndarray, crc: int = 0, chunk_rows: int = 65536) -> int:
-    for s in range(0, arr.shape[0], chunk_rows):
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(arr[s:s + chunk_rows])).cast("B"), crc)
+def _crc(arr: np.ndarray, crc: int = 0) -> int:
+    for rows in row_blocks(arr.shape[0]):
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(arr[rows])).cast("B"), crc)
     return crc
 
 
@@ -155,7 +156,7 @@ def load_or_extract_features(encoder, dataset: ImageDataset, size: int, cache_di
     overwritten silently. Extraction writes `<file>.partial` plus a `.progress` sidecar after every batch; an
     interrupted run resumes from the last completed batch, and the finished file is renamed into place atomically.
     """
-    integer("batch_size", batch_size, minimum=1)
+    check.integer("batch_size", batch_size, minimum=1)
     rows = np.arange(len(dataset), dtype=np.int64) if indices is None else \
         np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64).reshape(-1)
     if rows.size == 0:

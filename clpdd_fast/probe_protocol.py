@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clpdd_fast import validation as check
 from clpdd_fast.augment import Augment, AugmentParams
-from clpdd_fast.validation import integer
+from clpdd_fast.scan import SCAN_ROWS, row_blocks
 
 
 @torch.no_grad()
@@ -50,7 +51,7 @@ def augmented_features(encoder: torch.nn.Module, images: Tensor, augment: Augmen
         device: where the encoder runs (default: the encoder's parameters' device).
     Returns: float32 (P, n, d) on the CPU; row [p, i] is image i under draw p.
     """
-    integer("draws", draws, minimum=1)
+    check.integer("draws", draws, minimum=1)
     _check_images(images)
     if device is None:
         device = next(encoder.parameters()).device
@@ -81,15 +82,15 @@ def _check_features(name: str, x: Tensor, labels: Tensor) -> None:
 
 
 @torch.no_grad()
-def topk_accuracy(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, chunk_size: int = 65536,
+def topk_accuracy(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, chunk_rows: int = SCAN_ROWS,
                   ks: Sequence[int] = (1, 5)) -> Tensor:
     """Accuracies (S, len(ks)) of S linear heads weight (S, d, C), bias (S, C) on features (N, d), labels (N,).
     k is clipped to C (top-5 with fewer than 5 classes is 1.0)."""
     S, _, C = weight.shape
     correct = torch.zeros(S, len(ks), dtype=torch.float64)
-    for start in range(0, features.shape[0], chunk_size):
-        x = features[start:start + chunk_size].to(weight.device, torch.float32)
-        y = labels[start:start + chunk_size].to(weight.device)
+    for rows in row_blocks(features.shape[0], chunk_rows):
+        x = features[rows].to(weight.device, torch.float32)
+        y = labels[rows].to(weight.device)
         logits = torch.einsum("nd,sdc->snc", x, weight) + bias[:, None, :]
         top = logits.topk(min(max(ks), C), dim=2).indices  # (S, n, kmax)
         hit = top == y.view(1, -1, 1)
@@ -171,16 +172,14 @@ def train_linear_probe_fresh(encoder: torch.nn.Module, images: Tensor, augment: 
 
 
 def _check_common(train_labels, test_features, test_labels, num_classes, epochs, seeds, train_dim) -> None:
-    integer("epochs", epochs, minimum=1)
+    check.integer("epochs", epochs, minimum=1)
     if len(seeds) < 1:
         raise ValueError("seeds: expected at least one seed")
     if train_dim is not None and train_dim != test_features.shape[-1]:
         raise ValueError(f"test_features: feature dimension {test_features.shape[-1]} differs from the training "
                          f"features' {train_dim} (were they computed by the same encoder?)")
-    for name, y in (("train_labels", train_labels), ("test_labels", test_labels)):
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(f"{name}: expected class indices in [0, {num_classes}), got range "
-                             f"[{int(y.min())}, {int(y.max())}]")
+    check.labels("train_labels", train_labels, num_classes)
+    check.labels("test_labels", test_labels, num_classes)
 
 
 def _with_one_thread(device, fn):
