@@ -36,18 +36,18 @@ from clpdd_fast.scan import SCAN_ROWS, row_blocks
 
 
 @torch.no_grad()
-def augmented_features(encoder: torch.nn.Module, images: Tensor, augment: Augment, draws: int, out_size: int,
-                       generator: torch.Generator, batch_size: int = 256, device=None) -> Tensor:
+def augmented_features(encoder: torch.nn.Module, images: Tensor, augment: Augment, draws: int, image_size: int,
+                       generator: torch.Generator, encoder_batch: int = 256, device=None) -> Tensor:
     """Features of `draws` independent augmentations of every image, computed once in no-grad batches.
 
     Args:
-        encoder: frozen encoder, images in [0, 1] (B, 3, out_size, out_size) -> (B, d) float32.
+        encoder: frozen encoder, images in [0, 1] (B, 3, image_size, image_size) -> (B, d) float32.
         images: float (n, 3, S, S) in [0, 1], any device.
         augment: the augmentation (the protocol uses build_augment("flip_crop")); "none" just resizes.
         draws: P >= 1, augmentation draws per image.
-        out_size: encoder input resolution.
+        image_size: encoder input resolution.
         generator: CPU generator of the augmentation draws (the pool is reproducible given its state).
-        batch_size: images per encoder call.
+        encoder_batch: images per encoder call.
         device: where the encoder runs (default: the encoder's parameters' device).
     Returns: float32 (P, n, d) on the CPU; row [p, i] is image i under draw p.
     """
@@ -59,9 +59,9 @@ def augmented_features(encoder: torch.nn.Module, images: Tensor, augment: Augmen
     images = images.float().to(device)
     params = augment.sample(draws * n, generator, device)  # row k = draw k // n of image k % n
     out = []
-    for start in range(0, draws * n, batch_size):
-        rows = torch.arange(start, min(start + batch_size, draws * n))
-        batch = augment.apply(images[(rows % n).to(device)], params.select(rows), out_size)
+    for start in range(0, draws * n, encoder_batch):
+        rows = torch.arange(start, min(start + encoder_batch, draws * n))
+        batch = augment.apply(images[(rows % n).to(device)], params.select(rows), image_size)
         out.append(encoder(batch).float().cpu())
     return torch.cat(out).view(draws, n, -1)
 
@@ -127,19 +127,19 @@ def train_linear_probe(train_features: Tensor, train_labels: Tensor, test_featur
                                                        batch_size, lr, init_std, dev))
 
 
-def train_linear_probe_fresh(encoder: torch.nn.Module, images: Tensor, augment: Augment, out_size: int,
+def train_linear_probe_fresh(encoder: torch.nn.Module, images: Tensor, augment: Augment, image_size: int,
                              train_labels: Tensor, test_features: Tensor, test_labels: Tensor, num_classes: int, *,
                              epochs: int = 1000, seeds: Sequence[int] = (0,), batch_size: int | None = None,
                              lr: float | None = None, init_std: float = 0.01, device=None,
-                             encode_batch: int = 256) -> list[dict]:
+                             encoder_batch: int = 256) -> list[dict]:
     """The literal protocol: like ``train_linear_probe``, but every epoch every image is augmented afresh (its own
     draw per seed, from the seed's generator) and encoded again, as LGM's script does, instead of picking one of a
     cached pool of draws. Costs epochs x len(seeds) x n encoder forwards; the head's training is the same code.
 
     Args:
-        encoder: frozen encoder, images in [0, 1] (B, 3, out_size, out_size) -> (B, d); runs on its own device.
+        encoder: frozen encoder, images in [0, 1] (B, 3, image_size, image_size) -> (B, d); runs on its own device.
         images: float (n, 3, S, S) in [0, 1]; augment: the augmentation (the protocol: build_augment("flip_crop")).
-        out_size: encoder input resolution; encode_batch: images per encoder call.
+        image_size: encoder input resolution; encoder_batch: images per encoder call.
         The other arguments and the result are those of ``train_linear_probe``.
     """
     _check_images(images)
@@ -159,8 +159,8 @@ def train_linear_probe_fresh(encoder: torch.nn.Module, images: Tensor, augment: 
         params = AugmentParams.cat([augment.sample(n, g, enc_device) for g in gens])
         torch.set_num_threads(threads)  # the encoder may use every thread; the head's small steps use one
         try:
-            out = [encoder(augment.apply(imgs[rows % n], params.select(rows), out_size)).float().cpu()
-                   for rows in torch.arange(len(gens) * n).split(encode_batch)]
+            out = [encoder(augment.apply(imgs[rows % n], params.select(rows), image_size)).float().cpu()
+                   for rows in torch.arange(len(gens) * n).split(encoder_batch)]
         finally:
             if dev.type == "cpu":
                 torch.set_num_threads(1)
