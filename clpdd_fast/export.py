@@ -3,7 +3,7 @@
   python -m clpdd_fast.export --distilled runs/<run> --format imagefolder OUT   # OUT/<k>_<class>/<i>.png
   python -m clpdd_fast.export --distilled runs/<run> --format safetensors OUT   # one file: images, labels, metadata
 
-The formats and their writers are in clpdd_fast/formats.py (its description follows in --help).
+The formats, described in clpdd_fast/formats.py with their writers (--help repeats the description):
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def class_names_for(config: RunConfig, labels: Tensor) -> tuple[list[str], bool]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clpdd_fast.export", description=f"{__doc__}\n{formats.__doc__}",
+    p = argparse.ArgumentParser(prog="python -m clpdd_fast.export", description=__doc__ + formats.__doc__.partition("\n\n")[2],
                                 formatter_class=HelpFormatter)
     a = p.add_argument
     required = {"required": True, "default": argparse.SUPPRESS}   # no "(default: None)" in --help
