@@ -6,5 +6,6 @@ SCAN_ROWS = 65536  # rows read (and converted to float) at a time
 
 
 def row_blocks(n: int, rows: int = SCAN_ROWS) -> list[slice]:
-    """Consecutive slices of at most `rows` rows covering rows 0 .. n - 1."""
-    return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
+    """Consecutive slices of `rows` rows covering rows 0 .. n - 1 (the last one may reach past n: slicing stops at
+    the end)."""
+    return [slice(start, start + rows) for start in range(0, n, rows)]
