@@ -63,8 +63,8 @@ def _own_inputs(inputs: StepInputs, method: str):
     return own
 
 
-def _chunks(start: int, stop: int, size: int, device) -> list[Tensor]:
-    return [torch.arange(s, min(s + size, stop), device=device) for s in range(start, stop, size)]
+def _chunks(start: int, stop: int, encoder_batch: int, device) -> list[Tensor]:
+    return [torch.arange(s, min(s + encoder_batch, stop), device=device) for s in range(start, stop, encoder_batch)]
 
 
 def _features(images: Tensor, inputs: StepInputs) -> Tensor:
