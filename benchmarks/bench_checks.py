@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RssSampler, Table, results_header  # noqa: E402
+from common import RssSampler, Table, results_header, unit_rows  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,9 +44,7 @@ def measure(cfg: dict) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     g = torch.Generator().manual_seed(0)
     n, d, c, m = cfg["n"], cfg["d"], cfg["classes"], cfg["m"]
-    phi_r = torch.empty(n, d, dtype=torch.bfloat16)
-    for s in range(0, n, 65536):   # unit-norm-sized rows, built in chunks (no fp32 copy of all of them)
-        phi_r[s:s + 65536] = (torch.randn(min(65536, n - s), d, generator=g) / d ** 0.5).to(torch.bfloat16)
+    phi_r = unit_rows(n, d, torch.bfloat16, g)
     y_r = torch.randint(0, c, (n,), generator=g)
     phi_s = (torch.randn(m, d, generator=g) / d ** 0.5).requires_grad_(True)
     y_s = torch.arange(m) % c

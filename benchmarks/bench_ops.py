@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RssSampler, Table, results_header  # noqa: E402
+from common import RssSampler, Table, results_header, unit_rows  # noqa: E402
 
 CE_SHAPES = {  # name: (N real features, d, C)
     "imagenet1k": (1_281_167, 768, 1000),
@@ -425,9 +425,7 @@ def cpu_measure(cfg: dict) -> dict:
         reference.CPU_BLOCK_ELEMENTS = cfg["block"]
     g = torch.Generator().manual_seed(0)
     n = cfg["n"]
-    x = torch.empty(n, CPU_D, dtype=CPU_DTYPES[cfg["dtype"]])
-    for s in range(0, n, 65536):   # unit-norm-sized rows, built in chunks (no fp32 copy of a bf16 x)
-        x[s:s + 65536] = torch.randn(min(65536, n - s), CPU_D, generator=g) / CPU_D ** 0.5
+    x = unit_rows(n, CPU_D, CPU_DTYPES[cfg["dtype"]], g)
     w = (torch.randn(CPU_D, CPU_C, generator=g) * 0.5).requires_grad_()
     t = torch.randint(0, CPU_C, (n,), generator=g)
     step = _cpu_step(cfg["impl"], x, w, t, cfg["tau"])

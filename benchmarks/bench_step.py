@@ -30,24 +30,27 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import RssSampler, Table, device_name, results_header  # noqa: E402
 
-from clpdd_fast.cli import device_arg, positive_int  # noqa: E402
+from clpdd_fast.cli import add_old_flag, device_arg, positive_int  # noqa: E402
+from clpdd_fast.config import DEFAULT_MODEL  # noqa: E402
 
 IMAGENET = dict(model="vit_base_patch14_dinov2", image_size=224, synthetic_size=256, m=[1000], n=[1_281_167],
-                classes=1000, chunk_size=50, precision="bf16", augment="standard")
+                classes=1000, encoder_batch=50, encoder_dtype="bf16", augment="standard")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--imagenet", action="store_true", help="the ImageNet-1K shape of the issue (needs a GPU)")
     p.add_argument("--method", default="clpdd", help="comma list of methods (clpdd, lgm); ratios are to clpdd's step")
-    p.add_argument("--model", default="tf_efficientnet_lite0", help="timm model, random weights")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model, random weights")
     p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--synthetic-size", type=int, default=None)
     p.add_argument("--m", default="10,40,160", help="comma list of synthetic-image counts")
     p.add_argument("--n", default="5000,60000", help="comma list of real-feature counts")
     p.add_argument("--classes", type=positive_int, default=10)
-    p.add_argument("--chunk-size", type=positive_int, default=16, help="synthetic images per encoder chunk")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    add_old_flag(p, "--chunk-size", p.add_argument("--encoder-batch", type=positive_int, default=16,
+                                                   help="synthetic images per encoder pass"))
+    add_old_flag(p, "--precision", p.add_argument("--encoder-dtype", default="fp32", choices=["fp32", "bf16"],
+                                                  help="encoder passes and real features (as distill's)"))
     p.add_argument("--augment", default="standard")
     p.add_argument("--reps", type=positive_int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--augs-per-batch", type=positive_int, default=None,
@@ -79,7 +82,7 @@ def measure(cfg: dict) -> dict:
     torch.manual_seed(0)
     encoder = build_encoder(cfg["model"], "none", device, image_size=cfg["image_size"])  # random weights
     m, n, c = cfg["m"], cfg["n"], cfg["classes"]
-    real_dtype = torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32
+    real_dtype = torch.bfloat16 if cfg["encoder_dtype"] == "bf16" else torch.float32
     real = torch.randn(n, encoder.feature_dim, device=device, dtype=real_dtype)
     labels = torch.arange(m, device=device) % c
     size = cfg["synthetic_size"] or cfg["image_size"]
@@ -90,9 +93,9 @@ def measure(cfg: dict) -> dict:
     lgm = LgmInputs(real_images=lambda k, gen: (torch.rand(k, 3, size, size, device=device),
                                                 torch.randint(c, (k,), device=device)),
                     augs_per_batch=cfg["augs_per_batch"])
-    inputs = StepInputs(encoder=encoder, augment=build_augment(cfg["augment"]), out_size=cfg["image_size"],
-                        num_classes=c, chunk_size=cfg["chunk_size"],
-                        autocast_dtype=torch.bfloat16 if cfg["precision"] == "bf16" else None, clpdd=clpdd, lgm=lgm)
+    inputs = StepInputs(encoder=encoder, augment=build_augment(cfg["augment"]), image_size=cfg["image_size"],
+                        num_classes=c, encoder_batch=cfg["encoder_batch"],
+                        autocast_dtype=torch.bfloat16 if cfg["encoder_dtype"] == "bf16" else None, clpdd=clpdd, lgm=lgm)
     generator = torch.Generator().manual_seed(0)
     if cfg["variant"] == "plain":
         step = lambda: clpdd_loss_plain(synthetic, inputs, generator).backward()
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
              else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     table = Table(None if args.no_append else args.results,
                   results_header("bench_step", where, command),
-                  ["method", "model @ px", "m", "N real", "chunk", "variant", "median s/step", "peak extra MiB",
+                  ["method", "model @ px", "m", "N real", "encoder batch", "variant", "median s/step", "peak extra MiB",
                    "time / clpdd step", "memory / clpdd step"])
     runs = [(method, "step") for method in args.method.split(",")]
     if "clpdd" in args.method.split(",") and not args.no_plain:
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
                 proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True,
                                       text=True)
                 label = f"lgm (K={args.augs_per_batch})" if method == "lgm" else method
-                cells = [label, f"{args.model} @ {args.image_size}", m, n, args.chunk_size, variant]
+                cells = [label, f"{args.model} @ {args.image_size}", m, n, args.encoder_batch, variant]
                 if proc.returncode != 0:
                     reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
                     table.row(*cells, "-", "-", "-", f"failed: {reason[:80]}")

@@ -1,14 +1,21 @@
-"""What every benchmark shares: the commit, the device's name, and markdown tables appended to RESULTS.md."""
+"""What every benchmark shares: the commit, the device's name, markdown tables appended to RESULTS.md, the peak
+resident set, random feature rows, and running the package's commands as child processes."""
 from __future__ import annotations
 
 import datetime
 import os
+import shlex
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent   # the repository: where the package's commands run
+PY = "python"        # the interpreter named in the commands the fidelity benchmarks print and run
+# Rows drawn at a time by unit_rows: clpdd_fast.scan.SCAN_ROWS, written out because bench_checks.py --pythonpath runs
+# these helpers against checkouts of clpdd_fast that predate that module.
+ROW_BLOCK = 65536
 
 
 def git_commit() -> str:
@@ -85,3 +92,28 @@ class RssSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def unit_rows(n: int, d: int, dtype, generator):
+    """(n, d) standard normal rows divided by sqrt(d) (norm about 1), in `dtype`, drawn ROW_BLOCK rows at a time
+    (no float32 copy of all of them)."""
+    import torch
+    x = torch.empty(n, d, dtype=dtype)
+    for s in range(0, n, ROW_BLOCK):
+        x[s:s + ROW_BLOCK] = torch.randn(min(ROW_BLOCK, n - s), d, generator=generator) / d ** 0.5
+    return x
+
+
+def command(args: list[str]) -> str:
+    """A command line as a shell would take it back."""
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def run_child(cmd: list[str], log, env: dict | None = None) -> tuple[float, float, int]:
+    """Run cmd in the repository (with environment env, default ours), streaming its output into log; returns (wall
+    seconds, peak RSS MiB of the child, return code)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024, proc.returncode  # ru_maxrss is KiB on Linux

@@ -23,16 +23,11 @@ import json
 import os
 import platform
 import re
-import shlex
-import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-PY = "python"
+from common import HERE, PY, ROOT, command, run_child
 
 LGM_K = 10  # LGM's default number of augmented copies per step; the -k3 rows use its authors' ImageNet-1K setting
 
@@ -68,20 +63,6 @@ def rows(ipc: int, sweep: bool, sweep_aug: bool = False) -> list[tuple[str, list
     return table
 
 
-def run_child(cmd: list[str], log, env: dict | None = None) -> tuple[float, float, int]:
-    """Run cmd (with environment env, default ours), streaming its output into log; returns (wall seconds, peak RSS
-    MiB of the child, return code)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024, proc.returncode  # ru_maxrss is KiB on Linux
-
-
-def command(args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in args)
-
-
 def run_logged(name: str, stage: str, cmd: list[str], folder: Path) -> tuple[float, float] | None:
     """Run one stage ('distill' or 'eval') of a row with its output in folder/<stage>.log; (wall s, peak RSS MiB),
     or None (said on stdout) when it failed."""
@@ -112,7 +93,6 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true", help="--schedule: only rewrite the table and the plot")
     args = p.parse_args(argv)
     if args.schedule:
-        sys.path.insert(0, str(HERE))
         import fidelity_schedule
         return fidelity_schedule.main(args)
     root = ROOT / args.out / f"ipc{args.ipc}"

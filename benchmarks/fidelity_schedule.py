@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
-from fidelity import HERE, PY, ROOT, command, run_child
+from common import HERE, PY, ROOT, command, run_child
+
 SEEDS = 5  # probe seeds per evaluation
 
 

@@ -18,7 +18,7 @@ Assumptions: tensor-core fp32 accumulation is modelled by IEEE fp32 accumulation
 rather than round: about one more ulp per addition); summation order differs from the kernels' tiles (BLAS order);
 the unblocked 32 x 32 diagonal factorisations and their inverses are exact fp32 arithmetic (they use no tl.dot).
 
-Part 1 (issue 11 item 4): the linear CE with x in bf16 (the --precision bf16 feature cache) and the fp32 ridge probe
+Part 1 (issue 11 item 4): the linear CE with x in bf16 (the --encoder-dtype bf16 feature cache) and the fp32 ridge probe
 W, three ways: (a) w cast to bf16 (and the coefficients of the backward in bf16: the bf16 x bf16 path), (a2) w cast
 to bf16 in the forward only, coefficients split, (b) today's split w = hi + lo (coefficients split too), (c) exact
 fp32 products. Errors of the mean loss and of dL/dphi_s (dW propagated through the float64 ridge Jacobian), next to
@@ -254,7 +254,7 @@ def fmt(v):
 def part_ce(raw, labels, results, command):
     from clpdd_fast.feature_transform import FeatureTransform
     num_classes = int(labels.max()) + 1
-    raw_bf16 = raw.to(torch.bfloat16)                         # the feature cache of --precision bf16
+    raw_bf16 = raw.to(torch.bfloat16)                         # the feature cache of --encoder-dtype bf16
     transform = FeatureTransform.fit("center-l2", raw_bf16)
     x_bf16 = transform(raw_bf16).to(torch.bfloat16)           # what distill hands the CE
     x_fp32 = FeatureTransform.fit("center-l2", raw)(raw)      # the same rows without any bf16 rounding

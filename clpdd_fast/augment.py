@@ -3,16 +3,16 @@
 The bounded-memory step (docs/METHOD.md, section 3) forwards all synthetic images once without autograd and then again chunk by
 chunk with autograd; both passes must see the same augmentation of each image. So sampling and applying are split:
 
-    params = augment.sample(m, generator, device)        # random draws for m images, a small dataclass
-    out = augment.apply(images, params, out_size)        # deterministic given (images, params)
-    out_chunk = augment.apply(images[idx], params.select(idx), out_size)   # == out[idx], bit for bit
+    params = augment.sample(m, generator, device)      # random draws for m images, a small dataclass
+    out = augment.apply(images, params, image_size)    # deterministic given (images, params)
+    out_chunk = augment.apply(images[idx], params.select(idx), image_size)   # == out[idx], bit for bit
 
 Operations, in order (LGM's "standard" / the paper's "DSA"):
   1. random-resized-crop (scale 0.08-1 of the area, aspect ratio 3/4-4/3, torchvision's sampling with up to 10
      tries and the full image as fallback), with the horizontal flip (p = 0.5) folded into the same affine matrix;
      one ``affine_grid`` + bilinear ``grid_sample`` (align_corners=False; border padding, so samples in the outer
-     half-pixel ring repeat the edge like F.interpolate instead of fading to black) produces the out_size x out_size
-     result, differentiable w.r.t. the images;
+     half-pixel ring repeat the edge like F.interpolate instead of fading to black) produces the image_size x
+     image_size result (the encoder's input resolution), differentiable w.r.t. the images;
   2. Gaussian noise, std 0.2, added with p = 0.5 per image, after the crop, in [0, 1] pixel space, not clamped.
 The noise is replayed from a per-image 63-bit seed (kept on the CPU) rather than stored: storing it would cost
 m x 3 x out x out floats (600 MB at ImageNet-1K, m = 1000, 224 px). Noise is drawn in float32 and cast to the images'
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clpdd_fast.validation import integer
+from clpdd_fast import validation as check
+
 _MAX_CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 times before its fallback
 
 
@@ -83,7 +84,7 @@ class Augment:
 
     Args:
         flip_p: probability of a horizontal flip.
-        crop: apply random-resized-crop; if False the whole image is resized to out_size.
+        crop: apply random-resized-crop; if False the whole image is resized to image_size.
         scale: (min, max) fraction of the image area a crop covers.
         ratio: (min, max) aspect ratio w / h of a crop.
         noise_p: probability of adding Gaussian noise to an image.
@@ -120,7 +121,7 @@ class Augment:
         Every draw happens whether or not the option is enabled, so the generator advances by the same amount for
         every augmentation configuration (switching noise off does not change the crops of a seeded run).
         """
-        integer("n", n, minimum=0)
+        check.integer("n", n, minimum=0)
         gdev = generator.device if generator is not None else torch.device("cpu")
         device = torch.device(device) if device is not None else gdev
 
@@ -165,19 +166,19 @@ class Augment:
         row_y = torch.stack([zero, h, 2 * y0 + h - 1], dim=1)
         return torch.stack([row_x, row_y], dim=1)
 
-    def noise_for(self, params: AugmentParams, out_size: int, device, dtype, channels: int = 3) -> Tensor:
+    def noise_for(self, params: AugmentParams, image_size: int, device, dtype, channels: int = 3) -> Tensor:
         """The (B, channels, out, out) noise of each image (zero where the noise flag is off), regenerated from its seed."""
-        out = torch.zeros((len(params), channels, out_size, out_size), device=device, dtype=dtype)
+        out = torch.zeros((len(params), channels, image_size, image_size), device=device, dtype=dtype)
         flags = params.noise.cpu().tolist()  # one small device-to-host copy per call
         for i, (on, seed) in enumerate(zip(flags, params.seeds.tolist())):
             if on:
                 g = torch.Generator(device=device)
                 g.manual_seed(int(seed))
-                out[i] = torch.randn((channels, out_size, out_size), generator=g, device=device).to(dtype)
+                out[i] = torch.randn((channels, image_size, image_size), generator=g, device=device).to(dtype)
         return out
 
-    def apply(self, images: Tensor, params: AugmentParams, out_size: int) -> Tensor:
-        """Augment images (B, 3, S, S) with ``params`` (B images) to (B, 3, out_size, out_size).
+    def apply(self, images: Tensor, params: AugmentParams, image_size: int) -> Tensor:
+        """Augment images (B, 3, S, S) with ``params`` (B images) to (B, 3, image_size, image_size).
 
         Differentiable w.r.t. images; deterministic given (images, params).
         """
@@ -187,20 +188,20 @@ class Augment:
         if len(params) != images.shape[0]:
             raise ValueError(f"params: expected parameters for {images.shape[0]} images, got {len(params)}; "
                              "use params.select(indices) for a chunk")
-        integer("out_size", out_size, minimum=1)
+        check.integer("image_size", image_size, minimum=1)
         B, C = images.shape[:2]
         if self.flip_p == 0 and not self.crop:
-            if images.shape[-2:] == (out_size, out_size):
+            if images.shape[-2:] == (image_size, image_size):
                 out = images
             else:
-                out = F.interpolate(images, size=(out_size, out_size), mode="bilinear", align_corners=False,
+                out = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
                                     antialias=False)
         else:
             theta = self.theta(params.to(images.device), dtype=images.dtype)
-            grid = F.affine_grid(theta, [B, C, out_size, out_size], align_corners=False)
+            grid = F.affine_grid(theta, [B, C, image_size, image_size], align_corners=False)
             out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if self.noise_p > 0 and self.noise_std > 0:
-            out = out + self.noise_std * self.noise_for(params, out_size, images.device, images.dtype, C)
+            out = out + self.noise_std * self.noise_for(params, image_size, images.device, images.dtype, C)
         return out
 
     __call__ = apply

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clpdd_fast.validation import integer
+from clpdd_fast import validation as check
+from clpdd_fast.scan import row_blocks
+
 BASELINES = ("random", "centroids", "full")
 
 
@@ -20,7 +22,7 @@ def _check(labels: Tensor, num_classes: int, ipc: int) -> None:
     if not isinstance(labels, Tensor) or labels.dim() != 1:
         raise ValueError(f"labels: expected a 1-D tensor of class indices, got "
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-    integer("ipc", ipc, minimum=1)
+    check.integer("ipc", ipc, minimum=1)
     counts = torch.bincount(labels.cpu().long(), minlength=num_classes)[:num_classes]
     short = [c for c in range(num_classes) if int(counts[c]) < ipc]
     if short:
@@ -40,12 +42,12 @@ def random_real_indices(labels: Tensor, num_classes: int, ipc: int, seed: int) -
     return torch.cat(picks)
 
 
-def class_means(features: Tensor, labels: Tensor, num_classes: int, chunk_size: int = 65536) -> Tensor:
-    """Mean feature of each class, float64 (C, d), read chunk by chunk (features may be a memory-mapped fp16 array)."""
+def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Mean feature of each class, float64 (C, d), read block by block (features may be a memory-mapped fp16 array)."""
     sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
     labels = labels.cpu().long()
-    for start in range(0, features.shape[0], chunk_size):
-        sums.index_add_(0, labels[start:start + chunk_size], features[start:start + chunk_size].double().cpu())
+    for rows in row_blocks(features.shape[0]):
+        sums.index_add_(0, labels[rows], features[rows].double().cpu())
     counts = torch.bincount(labels, minlength=num_classes)[:num_classes].clamp(min=1).double()
     return sums / counts[:, None]
 
@@ -78,11 +80,12 @@ def centroid_indices(features: Tensor, labels: Tensor, num_classes: int, ipc: in
     if features.dim() != 2 or features.shape[0] != labels.shape[0]:
         raise ValueError(f"features: expected ({labels.shape[0]}, d), got {tuple(features.shape)}")
     labels = labels.cpu().long()
+    means = class_means(features, labels, num_classes) if ipc == 1 else None
     picks = []
     for c in range(num_classes):
         rows = torch.nonzero(labels == c).flatten()
         x = features[rows].double().cpu()
-        centres = x.mean(0, keepdim=True) if ipc == 1 else _kmeans(x, ipc, seed + c)
+        centres = means[c:c + 1] if ipc == 1 else _kmeans(x, ipc, seed + c)
         dist = torch.cdist(centres, x)  # (ipc, n_c)
         chosen: list[int] = []
         for j in range(ipc):  # nearest row to each centre, never the same row twice

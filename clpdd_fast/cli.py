@@ -1,4 +1,5 @@
-"""What the command-line tools share: argument types, help formatting, and turning bad input into one error line."""
+"""What the command-line tools share: argument types, help formatting, old flag names that keep working, and turning
+bad input into one error line."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,29 @@ def device_arg(text: str) -> str:
 def int_or_all(text: str) -> int | None:
     """'all' -> None, else an integer >= 1."""
     return None if text == "all" else positive_int(text)
+
+
+class _OldFlag(argparse.Action):
+    """The old spelling of a renamed flag, hidden from --help: it sets what the new flag sets and says, once, on
+    stderr, which flag to use instead."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+        self.noted = False   # parse() may read a command line twice (presets): one note
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not self.noted:
+            print(f"note: {option_string} is now {self.new}", file=sys.stderr)
+            self.noted = True
+        setattr(namespace, self.dest, values)
+
+
+def add_old_flag(parser: argparse.ArgumentParser, old: str, new: argparse.Action) -> None:
+    """Keep `old` working as a hidden alias of the flag `new` (what add_argument returned): same destination, type and
+    choices, plus a note naming the new flag."""
+    parser.add_argument(old, action=_OldFlag, new=new.option_strings[0], dest=new.dest, type=new.type,
+                        choices=new.choices, metavar=new.metavar)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

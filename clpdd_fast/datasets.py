@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clpdd_fast.validation import integer
+from clpdd_fast import validation as check
 
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -84,7 +84,7 @@ class ImageDataset:
         return self.images(indices, size), []
 
     def _rows(self, indices, size: int) -> np.ndarray:
-        integer("size", size, minimum=1)
+        check.integer("size", size, minimum=1)
         idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"indices: values must lie in [0, {len(self)}), got range [{idx.min()}, {idx.max()}]")

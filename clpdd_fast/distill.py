@@ -17,10 +17,13 @@ from pathlib import Path
 
 import torch
 
-from clpdd_fast import artifacts, export, validation
+from clpdd_fast import artifacts, checkpoint, formats
+from clpdd_fast import validation as check
 from clpdd_fast.augment import build_augment
 from clpdd_fast.baselines import centroid_indices, random_real_indices
-from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, positive_float, positive_int, run_main
+from clpdd_fast.checkpoint import Checkpointer
+from clpdd_fast.cli import (HelpFormatter, add_old_flag, device_arg, int_or_all, positive_float, positive_int,
+                            run_main)
 from clpdd_fast.config import PRESET_IPC, PRESETS, RunConfig
 from clpdd_fast.distributed import World, init_from_env, shutdown
 from clpdd_fast.encoders import encode_images
@@ -80,15 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"real training images used (default: {EMBEDDED_SUBSET} on the embedded default, all otherwise)")
     a("--test-subset", type=int_or_all, default=D.test_subset, metavar="N|all",
       help=f"real test images used (default: {EMBEDDED_SUBSET} on the embedded default, all otherwise)")
-    a("--chunk-size", type=positive_int, default=D.chunk_size,
-      help="synthetic images per encoder chunk (bounds memory)")
+    add_old_flag(p, "--chunk-size", a("--encoder-batch", type=positive_int, default=D.encoder_batch,
+                                      help="synthetic images per encoder pass (bounds memory)"))
     a("--augs-per-batch", type=positive_int, default=D.augs_per_batch,
       help="--method lgm: augmented copies K of the synthetic set per step (real batch: K x number of images)")
     a("--image-size", type=positive_int, default=D.image_size,
       help="encoder input resolution (default: 64 for IDX data, the model's own input size otherwise)")
     a("--synthetic-size", type=positive_int, default=D.synthetic_size,
       help="stored synthetic resolution (default: image size, or 8/7 of it with --augment standard)")
-    a("--precision", default=D.precision, choices=["fp32", "bf16"], help="encoder passes and real-feature storage")
+    add_old_flag(p, "--precision", a("--encoder-dtype", default=D.encoder_dtype, choices=["fp32", "bf16"],
+                                     help="dtype of the encoder passes (bf16: under autocast) and of the real features "
+                                          "(fp32: cached in fp16, used in fp32; bf16: cached and used in bf16)"))
     a("--device", type=device_arg, default=D.device,
       help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     a("--seed", type=int, default=D.seed, help="seed of initialisation, augmentation and sampling")
@@ -110,8 +115,7 @@ def _prepare_out(cfg: RunConfig, world: World) -> tuple[Path, dict | None]:
         ckpt_path = out / "checkpoint.pt"
         if not ckpt_path.exists():
             raise SystemExit(f"error: --resume: no checkpoint.pt in {out}")
-        ckpt = artifacts.load_torch(ckpt_path, "--resume", {"step", "synthetic", "optimizer", "generator",
-                                                             "torch_rng", "config"})
+        ckpt = checkpoint.load(ckpt_path)
         diff = RunConfig.from_dict(ckpt["config"], f"--resume: {ckpt_path}").mismatches(cfg)
         if diff:
             raise SystemExit(f"error: --resume: settings differ from the checkpoint ({', '.join(diff)})")
@@ -156,16 +160,12 @@ def setup(cfg: RunConfig) -> Setup:
         _say(world, f"note: this run uses --preset {cfg.preset} at --ipc {cfg.ipc}; the presets were measured as "
                     f"{measured} (README: Presets; at --ipc 10 the default CE objective lost accuracy with more steps)")
     exp = open_experiment(cfg.data, cfg.model, cfg.weights, device, image_size=cfg.image_size,
-                          train_subset=cfg.train_subset, test_subset=cfg.test_subset, precision=cfg.precision,
+                          train_subset=cfg.train_subset, test_subset=cfg.test_subset, encoder_dtype=cfg.encoder_dtype,
                           cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images, progress=world.is_main,
                           log=lambda text: _say(world, text))
+    check.labels("real labels", exp.y_train, exp.num_classes)
     synthetic_size = cfg.synthetic_size or (exp.image_size if cfg.augment == "none" else exp.image_size * 8 // 7)
-    transform = FeatureTransform.fit(cfg.features, exp.phi_train)
-    first, stop = world.block(len(exp.y_train))  # this rank's shard of the real rows
-    real_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    real_x = transform.apply_chunked(exp.phi_train[first:stop], dtype=real_dtype).to(device)
-    validation.finite("real features (after --features)", real_x)  # once here; the step skips these checks
-    validation.labels("real labels", exp.y_train, exp.num_classes)
+    transform = FeatureTransform.fit(cfg.features, exp.phi_train)   # also the ridge probes' (finish)
 
     # The random real images per class serve twice: the synthetic set's initialisation (--init real) and the baseline.
     picks = random_real_indices(exp.y_train, exp.num_classes, cfg.ipc, seed=cfg.seed + 1)
@@ -178,23 +178,40 @@ def setup(cfg: RunConfig) -> Setup:
     torch.manual_seed(cfg.seed)
     synthetic = build_synthetic(cfg.param, labels, synthetic_size, init, decorrelate=cfg.decorrelate,
                                 grow_every=cfg.grow_every, generator=torch.Generator().manual_seed(cfg.seed))
-
-    def real_images(n: int, gen: torch.Generator):
-        """n real training images (uniform over the training subset) at the synthetic resolution, for LGM."""
-        rows = torch.randint(len(exp.y_train), (n,), generator=gen)
-        return exp.train.images(exp.train_rows[rows.numpy()], synthetic_size).to(device), exp.y_train[rows].to(device)
-
-    clpdd = ClpddInputs(real_features=real_x, real_labels=exp.y_train[first:stop].to(device), transform=transform,
-                        lam=cfg.lam, tau=cfg.tau, outer=cfg.outer, real_batch=cfg.real_batch,
-                        real_share=(stop - first) / len(exp.y_train))
-    inputs = StepInputs(encoder=exp.encoder, augment=build_augment(cfg.augment), out_size=exp.image_size,
-                        num_classes=exp.num_classes, chunk_size=cfg.chunk_size,
-                        autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None, clpdd=clpdd,
-                        lgm=LgmInputs(real_images=real_images, augs_per_batch=cfg.augs_per_batch), world=world)
+    # only the inputs of the method that runs: CLP-DD's real features on the device, or LGM's real images
+    own = _clpdd_inputs(cfg, exp, transform, world, device) if cfg.method == "clpdd" else \
+        _lgm_inputs(cfg, exp, synthetic_size, device)
+    inputs = StepInputs(encoder=exp.encoder, augment=build_augment(cfg.augment), image_size=exp.image_size,
+                        num_classes=exp.num_classes, encoder_batch=cfg.encoder_batch,
+                        autocast_dtype=torch.bfloat16 if cfg.encoder_dtype == "bf16" else None, world=world,
+                        **{cfg.method: own})
     config = dataclasses.replace(cfg, image_size=exp.image_size, synthetic_size=synthetic_size,
                                  num_classes=exp.num_classes, class_names=exp.train.class_names,
                                  world_size=world.size)
     return Setup(out, ckpt, world, exp, synthetic_size, transform, picks, synthetic.to(device), inputs, cfg, config)
+
+
+def _clpdd_inputs(cfg: RunConfig, exp: Experiment, transform: FeatureTransform, world: World,
+                  device) -> ClpddInputs:
+    """CLP-DD's real side: this rank's shard of the transformed real features, on the device, checked once here (the
+    step skips these checks)."""
+    first, stop = world.block(len(exp.y_train))
+    real_dtype = torch.bfloat16 if cfg.encoder_dtype == "bf16" else torch.float32
+    real_x = transform.apply_chunked(exp.phi_train[first:stop], dtype=real_dtype).to(device)
+    check.finite("real features (after --features)", real_x)
+    return ClpddInputs(real_features=real_x, real_labels=exp.y_train[first:stop].to(device), transform=transform,
+                       lam=cfg.lam, tau=cfg.tau, outer=cfg.outer, real_batch=cfg.real_batch,
+                       real_share=(stop - first) / len(exp.y_train))
+
+
+def _lgm_inputs(cfg: RunConfig, exp: Experiment, synthetic_size: int, device) -> LgmInputs:
+    """LGM's real side: real training images drawn every step."""
+    def real_images(n: int, gen: torch.Generator):
+        """n real training images (uniform over the training subset) at the synthetic resolution."""
+        rows = torch.randint(len(exp.y_train), (n,), generator=gen)
+        return exp.train.images(exp.train_rows[rows.numpy()], synthetic_size).to(device), exp.y_train[rows].to(device)
+
+    return LgmInputs(real_images=real_images, augs_per_batch=cfg.augs_per_batch)
 
 
 def _say(world: World, text: str) -> None:
@@ -208,84 +225,54 @@ def train_loop(cfg: RunConfig, s: Setup) -> int:
     Ctrl-C stops it on a step boundary (clpdd_fast/interrupts.py): the checkpoint then holds the state after the last
     completed step, so --resume continues exactly as if the run had not stopped."""
     optimizer = torch.optim.Adam(s.synthetic.parameters(), lr=cfg.lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    done = 0  # completed steps: the parameters, optimiser, generators and metrics log are those after `done` steps
+    state = Checkpointer(s.out / "checkpoint.pt", s.synthetic, optimizer, torch.Generator().manual_seed(cfg.seed),
+                         s.command_line.to_dict(), write=s.world.is_main)
     if s.ckpt is not None:
-        s.synthetic.load_state_dict(s.ckpt["synthetic"])
-        optimizer.load_state_dict(s.ckpt["optimizer"])
-        generator.set_state(s.ckpt["generator"])
-        torch.set_rng_state(s.ckpt["torch_rng"])
-        done = s.ckpt["step"]
-        _say(s.world, f"resuming {s.out} at step {done}")
-    start = done
-    main_rank = s.world.is_main
-    if main_rank:
+        state.restore(s.ckpt)
+        _say(s.world, f"resuming {s.out} at step {state.step}")
+    start, metrics = state.step, None
+    if s.world.is_main:
         artifacts.save_json(s.config.to_dict(), s.out / "config.json")
         metrics = artifacts.MetricsLog(s.out / "metrics.jsonl", keep_until_step=start if s.ckpt is not None else None)
     step_fn = METHODS[cfg.method]
-    saved = None  # the step of the last checkpoint this process wrote
-
-    def checkpoint() -> None:
-        nonlocal saved
-        if main_rank:
-            artifacts.save_torch({"step": done, "synthetic": s.synthetic.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                  "torch_rng": torch.get_rng_state(), "config": s.command_line.to_dict()},
-                                 s.out / "checkpoint.pt")
-        saved = done
-
-    def rng_state():
-        return generator.get_state(), torch.get_rng_state()
-
-    boundary = rng_state()  # the generators after `done` steps: an interrupted step rewinds to them
     t_run = time.perf_counter()
     with Interrupts() as interrupts:
         try:
-            while done < cfg.iterations:
+            while state.step < cfg.iterations:
                 t0, c0 = time.perf_counter(), time.process_time()
                 optimizer.zero_grad(set_to_none=True)
-                loss = float(step_fn(s.synthetic, s.inputs, generator))  # changes only .grad and the generators
+                loss = float(step_fn(s.synthetic, s.inputs, state.generator))  # changes .grad and the generators
                 if not math.isfinite(loss):   # the ops run unchecked (no host syncs): the loss carries the news
-                    raise SystemExit(f"error: step {done + 1}: the loss is {loss}: the ridge system of the synthetic "
-                                     f"features is singular (use a larger --lam than {cfg.lam:g}) or the run diverged "
-                                     f"(use a smaller --lr than {cfg.lr:g}); {s.out} holds the last checkpoint")
+                    raise SystemExit(f"error: step {state.step + 1}: the loss is {loss}: the ridge system of the "
+                                     f"synthetic features is singular (use a larger --lam than {cfg.lam:g}) or the run "
+                                     f"diverged (use a smaller --lr than {cfg.lr:g}); {s.out} holds the last "
+                                     "checkpoint")
                 with interrupts.held():  # the commit: a first Ctrl-C waits for its end
                     with nvtx_range("optimizer_step"):
                         optimizer.step()
-                        s.synthetic.upkeep(done + 1)
-                    done += 1
-                    boundary = rng_state()
-                    dt = time.perf_counter() - t0
-                    if main_rank:  # wall and CPU seconds (all of this process's threads) of the step
+                        s.synthetic.upkeep(state.step + 1)
+                    state.advance()
+                    done, dt = state.step, time.perf_counter() - t0
+                    if metrics is not None:  # wall and CPU seconds (all of this process's threads) of the step
                         metrics.append({"step": done, "loss": loss, "step_time_s": dt,
                                         "step_cpu_s": time.process_time() - c0})
                     if done % cfg.log_every == 0 or done == cfg.iterations:
                         eta = (time.perf_counter() - t_run) / (done - start) * (cfg.iterations - done)
                         _say(s.world, f"step {done}/{cfg.iterations} loss {loss:.4f} {dt:.2f}s/step eta {eta:.0f}s")
                     if done % cfg.checkpoint_every == 0:
-                        checkpoint()
+                        state.save()
             with interrupts.held():
-                if saved != done:
-                    checkpoint()
+                state.save()
         except KeyboardInterrupt:
-            if not interrupts.aborted:  # the step in progress changed only gradients and generators: drop it
-                generator.set_state(boundary[0])
-                torch.set_rng_state(boundary[1])
-                try:
-                    with interrupts.held():  # a second Ctrl-C here aborts the write; the old file stays whole
-                        if saved != done:
-                            checkpoint()
-                except KeyboardInterrupt:
-                    pass
-            if interrupts.aborted:
-                last = (f"{s.out / 'checkpoint.pt'} is intact and --resume continues from it"
-                        if (s.out / "checkpoint.pt").exists() else "no checkpoint had been written yet")
-                _say(s.world, f"aborted by a second Ctrl-C without saving: {last}")
+            if interrupts.save_after_interrupt(state.rewind, state.save):
+                _say(s.world, f"interrupted after step {state.step}; resume with: python -m clpdd_fast.distill "
+                              f"--resume --out {s.out} (and the same settings)")
             else:
-                _say(s.world, f"interrupted after step {done}; resume with: python -m clpdd_fast.distill --resume "
-                              f"--out {s.out} (and the same settings)")
+                last = (f"{state.path} is intact and --resume continues from it" if state.path.exists()
+                        else "no checkpoint had been written yet")
+                _say(s.world, f"aborted by a second Ctrl-C without saving: {last}")
             raise SystemExit(130) from None
-    return done
+    return state.step
 
 
 def finish(cfg: RunConfig, s: Setup, steps: int) -> dict:
@@ -298,10 +285,10 @@ def finish(cfg: RunConfig, s: Setup, steps: int) -> dict:
         artifacts.save_torch({"images": images.cpu(), "labels": labels.cpu(), "config": s.config.to_dict()},
                              s.out / "distilled.pt")
         artifacts.save_grid_png(images, labels, exp.train.class_names, s.out / "distilled.png")
-        export.write_imagefolder(images, labels, exp.train.class_names, s.out / "distilled", force=True)
-        export.write_safetensors(images, labels, exp.train.class_names, s.config.to_dict(),
-                                 s.out / "distilled.safetensors", force=True)
-        phi_distilled = encode_images(exp.encoder, images, exp.image_size, cfg.chunk_size)
+        formats.write_imagefolder(images, labels, exp.train.class_names, s.out / "distilled", force=True)
+        formats.write_safetensors(images, labels, exp.train.class_names, s.config.to_dict(),
+                                  s.out / "distilled.safetensors", force=True)
+        phi_distilled = encode_images(exp.encoder, images, exp.image_size, cfg.encoder_batch)
 
     def ridge(x, y):
         return ridge_probe_accuracy(x, y.cpu(), exp.phi_test, exp.y_test, cfg.lam, exp.num_classes, s.transform)

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from clpdd_fast import artifacts
+from clpdd_fast import validation as check
 from clpdd_fast.augment import Augment, build_augment
 from clpdd_fast.baselines import BASELINES, centroid_indices, random_real_indices
 from clpdd_fast.cli import HelpFormatter, device_arg, int_or_all, nonnegative_int, positive_int, run_main
-from clpdd_fast.config import DEFAULT_CACHE, DEFAULT_LAM, RunConfig
+from clpdd_fast.config import DEFAULT_CACHE, DEFAULT_LAM, DEFAULT_MODEL, RunConfig
 from clpdd_fast.encoders import encode_images
 from clpdd_fast.experiment import Experiment, open_experiment, subset_size
 from clpdd_fast.feature_transform import FEATURE_NORMS, FeatureTransform
@@ -37,48 +38,82 @@ DEFAULT_EPOCHS = 1000
 DEFAULT_FULL_EPOCHS = 100  # full real data: n / B = 50x more steps per epoch than a 1-ipc set (see --help)
 
 
+@dataclass
+class EvalConfig:
+    """`evaluate`'s settings, as its command line sets them (its parser reads the defaults from here). None: the
+    distilled set's setting (its RunConfig), else the default --help names."""
+    distilled: str | None = None        # a run folder or its distilled.pt; or
+    baseline: str | None = None         # one of BASELINES
+    ipc: int = 1                        # the baselines' images per class
+    data: str | None = None
+    skip_bad_images: bool | None = None
+    model: str = DEFAULT_MODEL          # the baselines' encoder
+    weights: str = "default"
+    eval_model: str | None = None       # another encoder for a distilled set (cross-model)
+    eval_weights: str | None = None
+    image_size: int | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    epochs: int | None = None           # DEFAULT_EPOCHS, or DEFAULT_FULL_EPOCHS for --baseline full
+    seeds: int = 5
+    aug_draws: int = 32
+    augment: str = "flip_crop"
+    pool_seed: int = 0
+    lam: float | None = None
+    features: str | None = None
+    cache_dir: str | None = None
+    device: str | None = None
+    json: str | None = None             # where to write the results
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clpdd_fast.evaluate", description=__doc__,
                                 formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--distilled", default=None, help="a distillation run folder or its distilled.pt")
-    a("--baseline", default=None, choices=BASELINES,
+    E = EvalConfig()
+    a("--distilled", default=E.distilled, help="a distillation run folder or its distilled.pt")
+    a("--baseline", default=E.baseline, choices=BASELINES,
       help="evaluate a baseline instead: random real images (ipc per class, redrawn per seed), centroids (the real "
            "image nearest each class-mean feature), full (probe on all real training features, the ceiling)")
-    a("--ipc", type=positive_int, default=1, help="images per class of the random / centroids baselines (default 1)")
-    a("--data", default=None, help="dataset (default: the distillation's; for baselines the embedded Fashion-MNIST)")
-    a("--skip-bad-images", action="store_true", default=None,
+    a("--ipc", type=positive_int, default=E.ipc,
+      help="images per class of the random / centroids baselines (default 1)")
+    a("--data", default=E.data, help="dataset (default: the distillation's; for baselines the embedded Fashion-MNIST)")
+    a("--skip-bad-images", action="store_true", default=E.skip_bad_images,
       help="leave out images whose files cannot be decoded (each is named in a warning) instead of stopping "
            "(default: the distillation's setting, else off)")
-    a("--model", default="tf_efficientnet_lite0", help="baselines: encoder (default tf_efficientnet_lite0)")
-    a("--weights", default="default", help="baselines: encoder weights (default, timm, none, or a file)")
-    a("--eval-model", default=None, help="evaluate with another encoder (cross-model); default: the distillation's")
-    a("--eval-weights", default=None,
+    a("--model", default=E.model, help=f"baselines: encoder (default {DEFAULT_MODEL})")
+    a("--weights", default=E.weights, help="baselines: encoder weights (default, timm, none, or a file)")
+    a("--eval-model", default=E.eval_model,
+      help="evaluate with another encoder (cross-model); default: the distillation's")
+    a("--eval-weights", default=E.eval_weights,
       help="weights of --eval-model (default: the distillation's if the model is the same, else 'default')")
-    a("--image-size", type=positive_int, default=None,
+    a("--image-size", type=positive_int, default=E.image_size,
       help="encoder input resolution (default: the distillation's; else 64 for IDX data, the model's own otherwise)")
-    a("--train-subset", type=int_or_all, default=None, metavar="N|all",
+    a("--train-subset", type=int_or_all, default=E.train_subset, metavar="N|all",
       help="real training rows (default: the distillation's; embedded default: 5000)")
-    a("--test-subset", type=int_or_all, default=None, metavar="N|all",
+    a("--test-subset", type=int_or_all, default=E.test_subset, metavar="N|all",
       help="real test rows (default: the distillation's; embedded default: 5000)")
-    a("--epochs", type=positive_int, default=None,
+    a("--epochs", type=positive_int, default=E.epochs,
       help=f"training epochs of the linear head (default {DEFAULT_EPOCHS}; {DEFAULT_FULL_EPOCHS} for --baseline "
            "full, whose epochs are n/B times longer)")
-    a("--seeds", type=positive_int, default=5, help="number of seeds (0 .. N-1) (default 5)")
-    a("--aug-draws", type=nonnegative_int, default=32,
+    a("--seeds", type=positive_int, default=E.seeds, help="number of seeds (0 .. N-1) (default 5)")
+    a("--aug-draws", type=nonnegative_int, default=E.aug_draws,
       help="augmentation draws per image whose features are cached and reused across epochs (default 32); 0: the "
            "literal protocol, a fresh draw of every image in every epoch, encoded again (epochs x seeds x images "
            "encoder forwards)")
-    a("--augment", default="flip_crop", choices=["flip_crop", "none"],
+    a("--augment", default=E.augment, choices=["flip_crop", "none"],
       help="training augmentation of the probe (default flip_crop, the protocol; none: plain resize)")
-    a("--pool-seed", type=int, default=0, help="seed of the augmentation-draw pool (default 0)")
-    a("--lam", type=float, default=None, help="ridge strength of the extra ridge-probe number (default: the "
+    a("--pool-seed", type=int, default=E.pool_seed, help="seed of the augmentation-draw pool (default 0)")
+    a("--lam", type=float, default=E.lam, help="ridge strength of the extra ridge-probe number (default: the "
       f"distillation's, else {DEFAULT_LAM:g})")
-    a("--features", default=None, choices=FEATURE_NORMS,
+    a("--features", default=E.features, choices=FEATURE_NORMS,
       help="feature normalisation of the extra ridge-probe number (default: the distillation's, else center-l2)")
-    a("--cache-dir", default=None, help=f"real-feature cache (default: the distillation's, else {DEFAULT_CACHE})")
-    a("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    a("--json", default=None, metavar="PATH", help="write the results (top1_mean, top1_std, top1_per_seed, top5_*)")
+    a("--cache-dir", default=E.cache_dir,
+      help=f"real-feature cache (default: the distillation's, else {DEFAULT_CACHE})")
+    a("--device", type=device_arg, default=E.device,
+      help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    a("--json", default=E.json, metavar="PATH", help="write the results (top1_mean, top1_std, top1_per_seed, top5_*)")
     return p
 
 
@@ -91,9 +126,7 @@ def _check_classes(train, cfg: RunConfig, labels: torch.Tensor) -> None:
     if names is not None and list(names) != list(train.class_names):
         raise SystemExit(f"error: the distilled set's class names {list(names)[:5]}... differ from the evaluation "
                          f"data's {list(train.class_names)[:5]}...")
-    if labels.numel() and int(labels.max()) >= train.num_classes:
-        raise SystemExit(f"error: the distilled set has label {int(labels.max())}, but the evaluation data has only "
-                         f"{train.num_classes} classes")
+    check.labels("--distilled: the distilled set's labels (the evaluation data's classes)", labels, train.num_classes)
 
 
 @dataclass
@@ -170,54 +203,54 @@ def _full_real(p: Protocol) -> dict:
             "what": f"full real training set ({len(exp.y_train)} images, cached un-augmented features)"}
 
 
-def run(args: argparse.Namespace) -> dict:
-    if (args.distilled is None) == (args.baseline is None):
+def run(cfg: EvalConfig) -> dict:
+    if (cfg.distilled is None) == (cfg.baseline is None):
         raise SystemExit("error: pass exactly one of --distilled PATH (evaluate a distilled set) or "
                          "--baseline random|centroids|full")
     t_start = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    payload = artifacts.load_distilled(args.distilled) if args.distilled else None
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    payload = artifacts.load_distilled(cfg.distilled) if cfg.distilled else None
     # the distillation's settings; for a baseline the defaults, with the encoder asked for
     source = RunConfig.from_dict(payload["config"], f"--distilled {payload['path']}") if payload else \
-        RunConfig(model=args.model, weights=args.weights)
-    eval_model = args.eval_model or source.model
-    eval_weights = args.eval_weights or (source.weights if eval_model == source.model else "default")
+        RunConfig(model=cfg.model, weights=cfg.weights)
+    eval_model = cfg.eval_model or source.model
+    eval_weights = cfg.eval_weights or (source.weights if eval_model == source.model else "default")
     cross = eval_model != source.model or eval_weights != source.weights
 
     def subset(flag, distilled):  # the distillation's subsets unless asked otherwise
         return subset_size(distilled, source.data is None) if flag is None and payload else flag
 
     exp = open_experiment(
-        args.data if args.data is not None else source.data, eval_model, eval_weights, device,
-        image_size=args.image_size or (source.image_size if payload and not cross else None),
-        train_subset=subset(args.train_subset, source.train_subset),
-        test_subset=subset(args.test_subset, source.test_subset), precision=source.precision,
-        cache_dir=args.cache_dir or source.cache_dir, skip_bad_images=bool(args.skip_bad_images or
+        cfg.data if cfg.data is not None else source.data, eval_model, eval_weights, device,
+        image_size=cfg.image_size or (source.image_size if payload and not cross else None),
+        train_subset=subset(cfg.train_subset, source.train_subset),
+        test_subset=subset(cfg.test_subset, source.test_subset), encoder_dtype=source.encoder_dtype,
+        cache_dir=cfg.cache_dir or source.cache_dir, skip_bad_images=bool(cfg.skip_bad_images or
                                                                            source.skip_bad_images),
         check_data=(lambda train: _check_classes(train, source, payload["labels"])) if payload else None,
         log=lambda text: print(f"[evaluate] {text}", file=sys.stderr))
-    epochs = args.epochs or (DEFAULT_FULL_EPOCHS if args.baseline == "full" else DEFAULT_EPOCHS)
-    lam = args.lam if args.lam is not None else source.lam
-    p = Protocol(exp, FeatureTransform.fit(args.features or source.features, exp.phi_train), lam,
-                 build_augment(args.augment), args.aug_draws if args.augment != "none" else 1, epochs,
-                 list(range(args.seeds)), device)
+    epochs = cfg.epochs or (DEFAULT_FULL_EPOCHS if cfg.baseline == "full" else DEFAULT_EPOCHS)
+    lam = cfg.lam if cfg.lam is not None else source.lam
+    p = Protocol(exp, FeatureTransform.fit(cfg.features or source.features, exp.phi_train), lam,
+                 build_augment(cfg.augment), cfg.aug_draws if cfg.augment != "none" else 1, epochs,
+                 list(range(cfg.seeds)), device)
     if payload:
-        found = _distilled(p, payload, args.pool_seed)
-    elif args.baseline == "random":
-        found = _random_real(p, args.ipc)
-    elif args.baseline == "centroids":
-        found = _centroids(p, args.ipc, args.pool_seed)
+        found = _distilled(p, payload, cfg.pool_seed)
+    elif cfg.baseline == "random":
+        found = _random_real(p, cfg.ipc)
+    elif cfg.baseline == "centroids":
+        found = _centroids(p, cfg.ipc, cfg.pool_seed)
     else:
         found = _full_real(p)
-    draws = None if args.baseline == "full" else p.draws
+    draws = None if cfg.baseline == "full" else p.draws
     ridges = found["ridges"]
     results = summarize(found["per_seed"]) | {
         "ridge_top1_mean": sum(ridges) / len(ridges), "ridge_top1_per_seed": ridges, "ridge_lam": lam,
-        "evaluated": found["what"], "distilled": payload["path"] if payload else None, "baseline": args.baseline,
-        "ipc": args.ipc if args.baseline else source.ipc, "eval_model": eval_model, "eval_weights": eval_weights,
+        "evaluated": found["what"], "distilled": payload["path"] if payload else None, "baseline": cfg.baseline,
+        "ipc": cfg.ipc if cfg.baseline else source.ipc, "eval_model": eval_model, "eval_weights": eval_weights,
         "distill_model": source.model if payload else None, "image_size": exp.image_size, "epochs": epochs,
         "aug_draws": draws, "augment": "none (cached features)" if draws is None else
-        f"{args.augment} (fresh every epoch)" if draws == 0 else args.augment,
+        f"{cfg.augment} (fresh every epoch)" if draws == 0 else cfg.augment,
         "num_test": len(exp.y_test), "num_train": len(exp.y_train), "selected_rows": found["selected"],
         "seconds": time.perf_counter() - t_start,
     }
@@ -229,15 +262,15 @@ def run(args: argparse.Namespace) -> dict:
           f"top-5 {100 * results['top5_mean']:.2f} +- {100 * results['top5_std']:.2f} %   ({len(p.seeds)} seeds)\n"
           f"  ridge probe (lam={lam:g}): {100 * results['ridge_top1_mean']:.2f} %   "
           f"[{results['seconds']:.0f}s]")
-    if args.json:
-        path = Path(args.json)
+    if cfg.json:
+        path = Path(cfg.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         artifacts.save_json(results, path)
     return results
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(build_parser().parse_args(argv))
+    return run(EvalConfig(**vars(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clpdd_fast.datasets import ImageDataset, open_dataset
+from clpdd_fast.datasets import IdxDataset, ImageDataset, open_dataset
 from clpdd_fast.encoders import FrozenEncoder, build_encoder
 from clpdd_fast.feature_cache import load_or_extract_features
 
@@ -33,7 +33,7 @@ def fixed_subset(n: int, k: int | None) -> np.ndarray | None:
 
 def default_image_size(dataset: ImageDataset, encoder: FrozenEncoder) -> int:
     """64 px for IDX data (28 px sources such as Fashion-MNIST), the encoder's own input size otherwise."""
-    return 64 if type(dataset).__name__.startswith("Idx") else encoder.default_image_size
+    return 64 if dataset.kind == IdxDataset.kind else encoder.default_image_size
 
 
 @dataclass
@@ -56,12 +56,12 @@ class Experiment:
 
 
 def open_experiment(data: str | None, model: str, weights: str, device, *, image_size: int | None = None,
-                    train_subset: int | None = None, test_subset: int | None = None, precision: str = "fp32",
+                    train_subset: int | None = None, test_subset: int | None = None, encoder_dtype: str = "fp32",
                     cache_dir: str, skip_bad_images: bool = False, progress: bool = True,
                     check_data=None, log=lambda text: None) -> Experiment:
     """Open both splits of `data` (None: the embedded default), build the encoder, and load (or extract once into
     `cache_dir`) the real features of the train / test subsets (None: EMBEDDED_SUBSET rows on the embedded default,
-    all rows otherwise). precision "bf16" stores the features in bf16, otherwise fp16. check_data(train), when
+    all rows otherwise). encoder_dtype "bf16" stores the features in bf16, otherwise fp16. check_data(train), when
     given, can reject the training split before any work; log(text) is called once, before any extraction, with a
     line saying what is used."""
     train, test = open_dataset(data, "train"), open_dataset(data, "test")
@@ -70,16 +70,16 @@ def open_experiment(data: str | None, model: str, weights: str, device, *, image
     if test.num_classes != train.num_classes:
         raise SystemExit(f"error: train split has {train.num_classes} classes, test split {test.num_classes}")
     encoder = build_encoder(model, weights, device, image_size=image_size)
-    size = image_size or default_image_size(train, encoder)
-    store_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    image_size = image_size or default_image_size(train, encoder)
+    store_dtype = torch.bfloat16 if encoder_dtype == "bf16" else torch.float16
     embedded = data is None
 
     def features(dataset, k):  # -> features, labels and the dataset rows they belong to (bad images left out)
-        return load_or_extract_features(encoder, dataset, size, cache_dir, dtype=store_dtype, device=device,
+        return load_or_extract_features(encoder, dataset, image_size, cache_dir, dtype=store_dtype, device=device,
                                         indices=fixed_subset(len(dataset), subset_size(k, embedded)),
                                         progress=progress, skip_bad_images=skip_bad_images, return_rows=True)
 
-    log(f"real features: {model} ({weights}) at {size}px, cache {cache_dir}")
+    log(f"real features: {model} ({weights}) at {image_size}px, cache {cache_dir}")
     phi_train, y_train, train_rows = features(train, train_subset)
     phi_test, y_test, _ = features(test, test_subset)
-    return Experiment(train, test, encoder, size, phi_train, y_train, train_rows, phi_test, y_test)
+    return Experiment(train, test, encoder, image_size, phi_train, y_train, train_rows, phi_test, y_test)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from clpdd_fast.scan import SCAN_ROWS, row_blocks
+
 FEATURE_NORMS = ("raw", "center", "l2", "center-l2")
 
 
@@ -19,15 +21,15 @@ class FeatureTransform:
     l2: bool = False
 
     @classmethod
-    def fit(cls, norm: str, real_features: Tensor, chunk_size: int = 65536) -> "FeatureTransform":
+    def fit(cls, norm: str, real_features: Tensor, chunk_rows: int = SCAN_ROWS) -> "FeatureTransform":
         """Build the transform named `norm` (one of FEATURE_NORMS), reading real features chunk by chunk."""
         if norm not in FEATURE_NORMS:
             raise ValueError(f"features: expected one of {FEATURE_NORMS}, got {norm!r}")
         mean = None
         if norm.startswith("center"):
             total = torch.zeros(real_features.shape[1], dtype=torch.float64)
-            for start in range(0, real_features.shape[0], chunk_size):
-                total += real_features[start:start + chunk_size].double().sum(0).cpu()
+            for rows in row_blocks(real_features.shape[0], chunk_rows):
+                total += real_features[rows].double().sum(0).cpu()
             mean = (total / real_features.shape[0]).float()
         return cls(mean=mean, l2=norm.endswith("l2"))
 
@@ -39,9 +41,9 @@ class FeatureTransform:
             out = torch.nn.functional.normalize(out, dim=1)
         return out
 
-    def apply_chunked(self, phi: Tensor, chunk_size: int = 65536, dtype: torch.dtype = torch.float16) -> Tensor:
+    def apply_chunked(self, phi: Tensor, chunk_rows: int = SCAN_ROWS, dtype: torch.dtype = torch.float16) -> Tensor:
         """Transform a large (possibly memory-mapped) feature matrix into a new tensor of `dtype`, chunk by chunk."""
         out = torch.empty(phi.shape, dtype=dtype)
-        for start in range(0, phi.shape[0], chunk_size):
-            out[start:start + chunk_size] = self(phi[start:start + chunk_size]).to(dtype)
+        for rows in row_blocks(phi.shape[0], chunk_rows):
+            out[rows] = self(phi[rows]).to(dtype)
         return out

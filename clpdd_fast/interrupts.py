@@ -11,6 +11,8 @@ upkeep, metrics row, checkpoint write) changes the run's state and must not stop
 - A second Ctrl-C raises at once wherever it lands. If a KeyboardInterrupt cuts a held section, the state may be
   half-changed: ``aborted`` is set and the loop exits without writing, so the checkpoint on disk stays as it was
   (writes are atomic: an interrupted write leaves the old file).
+
+``save_after_interrupt`` is what the loop does with the KeyboardInterrupt (checkpoint.py holds the state it saves).
 """
 from __future__ import annotations
 
@@ -67,3 +69,16 @@ class Interrupts:
         if self.pending:
             self.pending = False
             raise KeyboardInterrupt
+
+    def save_after_interrupt(self, rewind, save) -> bool:
+        """The loop's answer to a KeyboardInterrupt: unless a held section was cut (aborted: nothing is written),
+        drop the step in progress (rewind()) and save() the state after the last completed step, held, so that a
+        second Ctrl-C aborts the write and leaves the old file whole. Returns whether the state was saved."""
+        if not self.aborted:
+            rewind()
+            try:
+                with self.held():
+                    save()
+            except KeyboardInterrupt:
+                pass
+        return not self.aborted

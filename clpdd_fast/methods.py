@@ -41,12 +41,12 @@ class LgmInputs:
 @dataclass
 class StepInputs:
     """What one outer step needs besides the synthetic images; built once by the loop. Every method uses the
-    encoder fields; `clpdd` and `lgm` hold each method's own inputs (the other may be None)."""
+    encoder fields; `clpdd` and `lgm` hold each method's own inputs (the loop fills only the one it runs)."""
     encoder: torch.nn.Module
     augment: Augment
-    out_size: int               # encoder input resolution after augmentation
+    image_size: int             # encoder input resolution (after augmentation)
     num_classes: int
-    chunk_size: int = 64        # synthetic images per encoder chunk
+    encoder_batch: int = 64     # synthetic images per encoder pass (bounds memory)
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 for the encoder passes
     clpdd: ClpddInputs | None = None
     lgm: LgmInputs | None = None
@@ -63,8 +63,8 @@ def _own_inputs(inputs: StepInputs, method: str):
     return own
 
 
-def _chunks(start: int, stop: int, size: int, device) -> list[Tensor]:
-    return [torch.arange(s, min(s + size, stop), device=device) for s in range(start, stop, size)]
+def _chunks(start: int, stop: int, encoder_batch: int, device) -> list[Tensor]:
+    return [torch.arange(s, min(s + encoder_batch, stop), device=device) for s in range(start, stop, encoder_batch)]
 
 
 def _features(images: Tensor, inputs: StepInputs) -> Tensor:
@@ -76,7 +76,7 @@ def _features(images: Tensor, inputs: StepInputs) -> Tensor:
 
 def _encode(synthetic: SyntheticImages, inputs: StepInputs, idx: Tensor, aug_params) -> Tensor:
     with nvtx_range("decode_augment"):
-        images = inputs.augment.apply(synthetic.decode(idx), aug_params.select(idx), inputs.out_size)
+        images = inputs.augment.apply(synthetic.decode(idx), aug_params.select(idx), inputs.image_size)
     with nvtx_range("encoder"):
         return _features(images, inputs)
 
@@ -115,7 +115,7 @@ def clpdd_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.
     device = synthetic.labels.device
     world = inputs.world
     aug_params = inputs.augment.sample(m, generator, device)
-    chunks = _chunks(*world.block(m), inputs.chunk_size, device)  # this rank's images (all, in one process)
+    chunks = _chunks(*world.block(m), inputs.encoder_batch, device)  # this rank's images (all, in one process)
     with torch.no_grad(), nvtx_range("encoder_forward"):
         own = [_encode(synthetic, inputs, idx, aug_params) for idx in chunks]
         phi_s = world.gather_rows(torch.cat(own), m)
@@ -143,9 +143,6 @@ def clpdd_loss_plain(synthetic: SyntheticImages, inputs: StepInputs, generator: 
     aug_params = inputs.augment.sample(m, generator, device)
     phi_s = _encode(synthetic, inputs, torch.arange(m, device=device), aug_params)
     return _outer_loss(phi_s, synthetic, inputs, generator)
-
-
-METHODS = {"clpdd": clpdd_step}
 
 
 # ------------------------------------------------------------------------------------------------------------- LGM
@@ -178,7 +175,7 @@ def lgm_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Ge
     K = _own_inputs(inputs, "lgm").augs_per_batch
     real_images, real_labels, real_params, synthetic_params = lgm_draws(synthetic, inputs, generator)
     with torch.no_grad(), nvtx_range("lgm_real_forward"):
-        phi_r = _features(inputs.augment.apply(real_images, real_params, inputs.out_size), inputs)
+        phi_r = _features(inputs.augment.apply(real_images, real_params, inputs.image_size), inputs)
     d = phi_r.shape[1]
     weight = (torch.randn(d, inputs.num_classes, generator=generator) * LGM_HEAD_STD).to(phi_r.device, phi_r.dtype)
     weight.requires_grad_(True)
@@ -187,7 +184,7 @@ def lgm_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Ge
     g_real = torch.autograd.grad(loss_real, [weight, bias])
     with nvtx_range("lgm_synthetic_forward"):
         images = synthetic.decode().repeat(K, 1, 1, 1)  # copy k of image i is row k * m + i
-        phi_s = _features(inputs.augment.apply(images, synthetic_params, inputs.out_size), inputs)
+        phi_s = _features(inputs.augment.apply(images, synthetic_params, inputs.image_size), inputs)
     loss_syn = F.cross_entropy(phi_s @ weight + bias, synthetic.labels.repeat(K))
     g_syn = torch.autograd.grad(loss_syn, [weight, bias], create_graph=True)
     loss = 1 - F.cosine_similarity(torch.cat([g.flatten() for g in g_real]),
@@ -197,4 +194,5 @@ def lgm_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Ge
     return loss.detach()
 
 
-METHODS["lgm"] = lgm_step
+# The objectives by name: the loop (distill.py) runs METHODS[--method], with inputs.<method> filled.
+METHODS = {"clpdd": clpdd_step, "lgm": lgm_step}

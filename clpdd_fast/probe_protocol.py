@@ -30,27 +30,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clpdd_fast import validation as check
 from clpdd_fast.augment import Augment, AugmentParams
-from clpdd_fast.validation import integer
+from clpdd_fast.scan import SCAN_ROWS, row_blocks
 
 
 @torch.no_grad()
-def augmented_features(encoder: torch.nn.Module, images: Tensor, augment: Augment, draws: int, out_size: int,
-                       generator: torch.Generator, batch_size: int = 256, device=None) -> Tensor:
+def augmented_features(encoder: torch.nn.Module, images: Tensor, augment: Augment, draws: int, image_size: int,
+                       generator: torch.Generator, encoder_batch: int = 256, device=None) -> Tensor:
     """Features of `draws` independent augmentations of every image, computed once in no-grad batches.
 
     Args:
-        encoder: frozen encoder, images in [0, 1] (B, 3, out_size, out_size) -> (B, d) float32.
+        encoder: frozen encoder, images in [0, 1] (B, 3, image_size, image_size) -> (B, d) float32.
         images: float (n, 3, S, S) in [0, 1], any device.
         augment: the augmentation (the protocol uses build_augment("flip_crop")); "none" just resizes.
         draws: P >= 1, augmentation draws per image.
-        out_size: encoder input resolution.
+        image_size: encoder input resolution.
         generator: CPU generator of the augmentation draws (the pool is reproducible given its state).
-        batch_size: images per encoder call.
+        encoder_batch: images per encoder call.
         device: where the encoder runs (default: the encoder's parameters' device).
     Returns: float32 (P, n, d) on the CPU; row [p, i] is image i under draw p.
     """
-    integer("draws", draws, minimum=1)
+    check.integer("draws", draws, minimum=1)
     _check_images(images)
     if device is None:
         device = next(encoder.parameters()).device
@@ -58,9 +59,9 @@ def augmented_features(encoder: torch.nn.Module, images: Tensor, augment: Augmen
     images = images.float().to(device)
     params = augment.sample(draws * n, generator, device)  # row k = draw k // n of image k % n
     out = []
-    for start in range(0, draws * n, batch_size):
-        rows = torch.arange(start, min(start + batch_size, draws * n))
-        batch = augment.apply(images[(rows % n).to(device)], params.select(rows), out_size)
+    for start in range(0, draws * n, encoder_batch):
+        rows = torch.arange(start, min(start + encoder_batch, draws * n))
+        batch = augment.apply(images[(rows % n).to(device)], params.select(rows), image_size)
         out.append(encoder(batch).float().cpu())
     return torch.cat(out).view(draws, n, -1)
 
@@ -81,15 +82,15 @@ def _check_features(name: str, x: Tensor, labels: Tensor) -> None:
 
 
 @torch.no_grad()
-def topk_accuracy(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, chunk_size: int = 65536,
+def topk_accuracy(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, chunk_rows: int = SCAN_ROWS,
                   ks: Sequence[int] = (1, 5)) -> Tensor:
     """Accuracies (S, len(ks)) of S linear heads weight (S, d, C), bias (S, C) on features (N, d), labels (N,).
     k is clipped to C (top-5 with fewer than 5 classes is 1.0)."""
     S, _, C = weight.shape
     correct = torch.zeros(S, len(ks), dtype=torch.float64)
-    for start in range(0, features.shape[0], chunk_size):
-        x = features[start:start + chunk_size].to(weight.device, torch.float32)
-        y = labels[start:start + chunk_size].to(weight.device)
+    for rows in row_blocks(features.shape[0], chunk_rows):
+        x = features[rows].to(weight.device, torch.float32)
+        y = labels[rows].to(weight.device)
         logits = torch.einsum("nd,sdc->snc", x, weight) + bias[:, None, :]
         top = logits.topk(min(max(ks), C), dim=2).indices  # (S, n, kmax)
         hit = top == y.view(1, -1, 1)
@@ -126,19 +127,19 @@ def train_linear_probe(train_features: Tensor, train_labels: Tensor, test_featur
                                                        batch_size, lr, init_std, dev))
 
 
-def train_linear_probe_fresh(encoder: torch.nn.Module, images: Tensor, augment: Augment, out_size: int,
+def train_linear_probe_fresh(encoder: torch.nn.Module, images: Tensor, augment: Augment, image_size: int,
                              train_labels: Tensor, test_features: Tensor, test_labels: Tensor, num_classes: int, *,
                              epochs: int = 1000, seeds: Sequence[int] = (0,), batch_size: int | None = None,
                              lr: float | None = None, init_std: float = 0.01, device=None,
-                             encode_batch: int = 256) -> list[dict]:
+                             encoder_batch: int = 256) -> list[dict]:
     """The literal protocol: like ``train_linear_probe``, but every epoch every image is augmented afresh (its own
     draw per seed, from the seed's generator) and encoded again, as LGM's script does, instead of picking one of a
     cached pool of draws. Costs epochs x len(seeds) x n encoder forwards; the head's training is the same code.
 
     Args:
-        encoder: frozen encoder, images in [0, 1] (B, 3, out_size, out_size) -> (B, d); runs on its own device.
+        encoder: frozen encoder, images in [0, 1] (B, 3, image_size, image_size) -> (B, d); runs on its own device.
         images: float (n, 3, S, S) in [0, 1]; augment: the augmentation (the protocol: build_augment("flip_crop")).
-        out_size: encoder input resolution; encode_batch: images per encoder call.
+        image_size: encoder input resolution; encoder_batch: images per encoder call.
         The other arguments and the result are those of ``train_linear_probe``.
     """
     _check_images(images)
@@ -158,8 +159,8 @@ def train_linear_probe_fresh(encoder: torch.nn.Module, images: Tensor, augment: 
         params = AugmentParams.cat([augment.sample(n, g, enc_device) for g in gens])
         torch.set_num_threads(threads)  # the encoder may use every thread; the head's small steps use one
         try:
-            out = [encoder(augment.apply(imgs[rows % n], params.select(rows), out_size)).float().cpu()
-                   for rows in torch.arange(len(gens) * n).split(encode_batch)]
+            out = [encoder(augment.apply(imgs[rows % n], params.select(rows), image_size)).float().cpu()
+                   for rows in torch.arange(len(gens) * n).split(encoder_batch)]
         finally:
             if dev.type == "cpu":
                 torch.set_num_threads(1)
@@ -171,16 +172,14 @@ def train_linear_probe_fresh(encoder: torch.nn.Module, images: Tensor, augment: 
 
 
 def _check_common(train_labels, test_features, test_labels, num_classes, epochs, seeds, train_dim) -> None:
-    integer("epochs", epochs, minimum=1)
+    check.integer("epochs", epochs, minimum=1)
     if len(seeds) < 1:
         raise ValueError("seeds: expected at least one seed")
     if train_dim is not None and train_dim != test_features.shape[-1]:
         raise ValueError(f"test_features: feature dimension {test_features.shape[-1]} differs from the training "
                          f"features' {train_dim} (were they computed by the same encoder?)")
-    for name, y in (("train_labels", train_labels), ("test_labels", test_labels)):
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(f"{name}: expected class indices in [0, {num_classes}), got range "
-                             f"[{int(y.min())}, {int(y.max())}]")
+    check.labels("train_labels", train_labels, num_classes)
+    check.labels("test_labels", test_labels, num_classes)
 
 
 def _with_one_thread(device, fn):

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clpdd_fast.validation import integer
+from clpdd_fast import validation as check
+
 # Lucid's colour-correlation square root, the matrix docs/METHOD.md gives (section 5); columns are normalised below.
 _COLOR_CORRELATION = [[0.26, 0.09, 0.02],
                       [0.27, 0.00, -0.05],
@@ -52,13 +53,12 @@ def _check_labels(labels) -> Tensor:
         raise ValueError(f"labels: expected a non-empty 1-D tensor, got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
         raise TypeError(f"labels: expected an integer tensor, got {str(labels.dtype).replace('torch.', '')}")
-    if int(labels.min()) < 0:
-        raise ValueError(f"labels: expected class indices >= 0, got minimum {int(labels.min())}")
+    check.labels("labels", labels, None)
     return labels.detach().to(torch.long).clone()
 
 
 def _check_image_size(image_size) -> int:
-    return integer("image_size", image_size, minimum=1)
+    return check.integer("image_size", image_size, minimum=1)
 
 
 def _check_init_images(init_images, num_images: int, image_size: int) -> Tensor:
@@ -215,7 +215,7 @@ class PyramidImages(SyntheticImages):
     def __init__(self, labels: Tensor, image_size: int, init_images: Tensor | None = None, decorrelate: bool = True,
                  grow_every: int = 200, generator: torch.Generator | None = None):
         super().__init__(labels, image_size, decorrelate)
-        self.grow_every = integer("grow_every", grow_every, minimum=0)   # 0: all levels active from the start
+        self.grow_every = check.integer("grow_every", grow_every, minimum=0)   # 0: all levels active from the start
         self.sizes = pyramid_sizes(self.image_size)
         m, S = self.num_images, self.image_size
         if init_images is None:

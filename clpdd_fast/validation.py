@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from clpdd_fast.scan import SCAN_ROWS, row_blocks
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -69,23 +71,21 @@ def choice(name: str, value, options) -> str:
     return value
 
 
-def finite(name: str, value: Tensor, chunk_rows: int = 65536) -> None:
+def finite(name: str, value: Tensor, chunk_rows: int = SCAN_ROWS) -> None:
     """No NaN or inf in `value`, scanned `chunk_rows` rows at a time (memory bounded whatever its size)."""
-    bad = 0
-    for start in range(0, max(1, value.shape[0] if value.dim() else 1), chunk_rows):
-        part = value[start:start + chunk_rows] if value.dim() else value
-        bad += int((~torch.isfinite(part)).sum())
+    parts = [value[rows] for rows in row_blocks(value.shape[0], chunk_rows)] if value.dim() else [value]
+    bad = sum(int((~torch.isfinite(part)).sum()) for part in parts)
     if bad:
         raise ValueError(f"{name}: contains {bad} non-finite value(s) (NaN or inf); pass check_finite=False "
                          "to skip this check")
 
 
-def labels(name: str, value: Tensor, num_classes: int, ignore_index: int | None = None) -> None:
-    """Every label in [0, num_classes), except entries equal to ignore_index."""
+def labels(name: str, value: Tensor, num_classes: int | None, ignore_index: int | None = None) -> None:
+    """Every label in [0, num_classes) (num_classes None: every label >= 0), except entries equal to ignore_index."""
     v = value if ignore_index is None else value[value != ignore_index]
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= num_classes):
-        raise ValueError(f"{name}: labels must lie in [0, {num_classes}), got values in "
-                         f"[{int(v.min())}, {int(v.max())}]")
+    if v.numel() and (int(v.min()) < 0 or (num_classes is not None and int(v.max()) >= num_classes)):
+        raise ValueError(f"{name}: labels must lie in [0, {'inf' if num_classes is None else num_classes}), got "
+                         f"values in [{int(v.min())}, {int(v.max())}]")
 
 
 def rows_match(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:

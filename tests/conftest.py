@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from clpdd_fast.datasets import write_idx  # noqa: E402
+from helpers import TINY_MODEL  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def isolated_test(tmp_path_factory, monkeypatch):
@@ -41,9 +43,6 @@ def isolated_test(tmp_path_factory, monkeypatch):
             yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-TINY_MODEL = "test_efficientnet"  # a tiny timm model (random weights): the encoder of the pipeline tests
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Helpers shared by the test modules: seeded random inputs, comparisons against float64 that name the worst element,
-and the device the kernel tests run on. Test modules import them with `from helpers import ...` (pytest puts tests/ on
-sys.path: the folder has no __init__.py)."""
+the device the kernel tests run on, and the tiny encoder and command line of the pipeline tests. Test modules import
+them with `from helpers import ...` (pytest puts tests/ on sys.path: the folder has no __init__.py)."""
 import pytest
 import torch
 
@@ -69,3 +69,12 @@ def close_to_exact(fast, ref, exact, tol):
     bound = 2 * err_ref + tol * scale
     assert err_fast <= bound, (f"max error {err_fast:.3g} {worst_element(fast, exact, errors)}; bound {bound:.3g} = "
                                f"2 x torch error {err_ref:.3g} + tol {tol:g} x {scale:.3g}")
+
+
+TINY_MODEL = "test_efficientnet"  # a tiny timm model (random weights): the encoder of the pipeline tests
+
+
+def run_args(data, out, cache, *extra):
+    """A distill command line on `data` with the tiny encoder at 32 px on the CPU, writing to `out`."""
+    return ["--data", str(data), "--model", TINY_MODEL, "--weights", "none", "--image-size", "32",
+            "--out", str(out), "--cache-dir", str(cache), "--device", "cpu", "--log-every", "1", *extra]

@@ -165,7 +165,7 @@ def test_apply_validates_batch():
     p = aug.sample(3, _gen(), "cpu")
     with pytest.raises(ValueError, match="params"):
         aug.apply(_images(B=4), p, 8)
-    with pytest.raises(ValueError, match="out_size"):
+    with pytest.raises(ValueError, match="image_size"):
         aug.apply(_images(B=3), p, 0)
 
 

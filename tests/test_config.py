@@ -59,3 +59,35 @@ def test_a_preset_changes_its_settings_and_flags_given_still_win():
         parse(["--preset", "nonexistent"])
     # a resumed run must name the same preset: it is a command-line setting, not a resumable one
     assert RunConfig(preset="quality").mismatches(RunConfig()) == ["--preset was 'quality', now None"]
+
+
+def test_files_with_old_setting_names_load_under_the_new_names(capsys):
+    cfg = RunConfig.from_dict({"precision": "bf16", "chunk_size": 8, "ipc": 2}, "old.pt")
+    assert (cfg.encoder_dtype, cfg.encoder_batch, cfg.ipc) == ("bf16", 8, 2)
+    err = capsys.readouterr().err
+    assert "note: old.pt:" in err and "precision as encoder_dtype" in err and "chunk_size as encoder_batch" in err
+    assert "unknown" not in err   # a note, not the warning about settings this version does not know
+    assert RunConfig.from_dict({"chunk_size": 8, "encoder_batch": 16}).encoder_batch == 16   # the new name wins
+    capsys.readouterr()
+    RunConfig.from_dict(cfg.to_dict())
+    assert "note" not in capsys.readouterr().err   # files written now: no note
+
+
+def test_old_flags_keep_working_with_a_note_naming_the_new_flag(capsys):
+    from clpdd_fast.distill import parse
+    cfg = parse(["--chunk-size", "8", "--precision", "bf16", "--preset", "quality"])   # a preset parses twice
+    assert (cfg.encoder_batch, cfg.encoder_dtype) == (8, "bf16")
+    err = capsys.readouterr().err
+    assert err.count("note: --chunk-size is now --encoder-batch") == 1
+    assert err.count("note: --precision is now --encoder-dtype") == 1
+    new = parse(["--encoder-batch", "8", "--encoder-dtype", "bf16"])
+    assert new == RunConfig(encoder_batch=8, encoder_dtype="bf16")
+    assert "note" not in capsys.readouterr().err
+    text = build_parser().format_help()
+    assert "--encoder-batch" in text and "--chunk-size" not in text and "--precision" not in text
+    with pytest.raises(SystemExit):   # the old spelling checks its value as the new one does, naming itself
+        parse(["--precision", "fp16"])
+    assert "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--chunk-size", "0"])
+    assert "argument --chunk-size: expected an integer >= 1" in capsys.readouterr().err

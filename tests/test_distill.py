@@ -12,32 +12,27 @@ from clpdd_fast.feature_transform import FeatureTransform
 from clpdd_fast.methods import ClpddInputs, StepInputs, clpdd_loss_plain, clpdd_step
 from clpdd_fast.synthetic import build_synthetic
 
-from conftest import TINY_MODEL
+from helpers import TINY_MODEL, run_args
 
 
-def run_args(data, out, cache, *extra):
-    return ["--data", str(data), "--model", TINY_MODEL, "--weights", "none", "--image-size", "32",
-            "--out", str(out), "--cache-dir", str(cache), "--device", "cpu", "--log-every", "1", *extra]
-
-
-def step_inputs(encoder, chunk_size, real_batch=None, outer="ce"):
+def step_inputs(encoder, encoder_batch, real_batch=None, outer="ce"):
     g = torch.Generator().manual_seed(5)
     real = torch.randn(40, encoder.feature_dim, generator=g)
     transform = FeatureTransform.fit("center-l2", real)
     clpdd = ClpddInputs(real_features=transform(real), real_labels=torch.arange(40) % 3, transform=transform,
                         lam=0.3, tau=0.2, outer=outer, real_batch=real_batch)
-    return StepInputs(encoder=encoder, augment=build_augment("standard"), out_size=32, num_classes=3,
-                      chunk_size=chunk_size, clpdd=clpdd)
+    return StepInputs(encoder=encoder, augment=build_augment("standard"), image_size=32, num_classes=3,
+                      encoder_batch=encoder_batch, clpdd=clpdd)
 
 
 @pytest.mark.parametrize("param", ["pixel", "pyramid"])
-@pytest.mark.parametrize("chunk_size,real_batch,outer", [(1, None, "ce"), (2, 25, "ce"), (4, None, "mse"),
+@pytest.mark.parametrize("encoder_batch,real_batch,outer", [(1, None, "ce"), (2, 25, "ce"), (4, None, "mse"),
                                                          (7, None, "ce")])
-def test_chunked_recomputation_equals_one_graph(encoder, param, chunk_size, real_batch, outer):
+def test_chunked_recomputation_equals_one_graph(encoder, param, encoder_batch, real_batch, outer):
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 0])
     init = torch.rand(7, 3, 36, 36, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
     synthetic = build_synthetic(param, labels, 36, init, grow_every=0)
-    inputs = step_inputs(encoder, chunk_size, real_batch, outer)
+    inputs = step_inputs(encoder, encoder_batch, real_batch, outer)
 
     loss = clpdd_step(synthetic, inputs, torch.Generator().manual_seed(11))
     chunked = [p.grad.clone() for p in synthetic.parameters()]
@@ -316,3 +311,48 @@ def test_a_preset_used_at_another_ipc_than_it_was_measured_at_says_so(tiny_idx, 
     assert "note: this run uses --preset quality-ipc10 at --ipc 2" in capsys.readouterr().err
     saved = torch.load(tmp_path / "c" / "distilled.pt")["config"]
     assert (saved["outer"], saved["init"], saved["ipc"], saved["preset"]) == ("mse", "centroids", 2, "quality-ipc10")
+
+
+def test_runs_written_with_the_old_setting_names_resume_evaluate_and_export(tiny_idx, tmp_path, capsys):
+    """Files from before the renames (settings precision and chunk_size, now encoder_dtype and encoder_batch): evaluate
+    and export read them and --resume continues them, comparing the old settings under their new names."""
+    from safetensors import safe_open
+
+    from clpdd_fast import evaluate, export
+    run, cache = tmp_path / "r", tmp_path / "cache"
+    main(run_args(tiny_idx, run, cache, "--iterations", "1", "--encoder-batch", "2"))
+    for name in ("checkpoint.pt", "distilled.pt"):
+        payload = torch.load(run / name, weights_only=True)
+        config = payload["config"]
+        config["precision"], config["chunk_size"] = config.pop("encoder_dtype"), config.pop("encoder_batch")
+        torch.save(payload, run / name)
+    capsys.readouterr()
+    out = evaluate.main(["--distilled", str(run), "--device", "cpu", "--epochs", "1", "--seeds", "1",
+                         "--aug-draws", "1"])
+    assert out["image_size"] == 32
+    export.main(["--distilled", str(run), "--format", "safetensors", str(tmp_path / "d.safetensors")])
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["config"])["encoder_batch"] == 2   # written under the new names
+    err = capsys.readouterr().err
+    assert err.count("reading the old setting name(s) chunk_size as encoder_batch, precision as encoder_dtype") == 2
+    assert "unknown setting" not in err
+    with pytest.raises(SystemExit, match="--encoder-batch was 2, now 3"):
+        main(run_args(tiny_idx, run, cache, "--iterations", "2", "--resume", "--encoder-batch", "3"))
+    assert main(run_args(tiny_idx, run, cache, "--iterations", "2", "--resume", "--chunk-size", "2"))["steps"] == 2
+    err = capsys.readouterr().err
+    assert "note: --chunk-size is now --encoder-batch" in err and "unknown setting" not in err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["config"]["encoder_batch"] == 2
+
+
+def test_a_run_builds_only_its_methods_inputs(tiny_idx, tmp_path, monkeypatch):
+    """An LGM run never reads the real features: they are not transformed and copied to the device for it."""
+    from clpdd_fast import distill
+    from clpdd_fast.feature_transform import FeatureTransform
+
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(FeatureTransform, "apply_chunked", lambda *a, **k: pytest.fail("LGM copied the real features"))
+        lgm = distill.setup(distill.parse(run_args(tiny_idx, tmp_path / "lgm", cache, "--method", "lgm")))
+    assert lgm.inputs.clpdd is None and lgm.inputs.lgm.augs_per_batch == 10
+    clpdd = distill.setup(distill.parse(run_args(tiny_idx, tmp_path / "clpdd", cache)))
+    assert clpdd.inputs.lgm is None and clpdd.inputs.clpdd.real_features.shape == (48, clpdd.exp.encoder.feature_dim)

@@ -78,7 +78,7 @@ def _two_rank_case():
     from clpdd_fast.encoders import build_encoder
     from clpdd_fast.feature_transform import FeatureTransform
     from clpdd_fast.synthetic import build_synthetic
-    from conftest import TINY_MODEL
+    from helpers import TINY_MODEL
     encoder = build_encoder(TINY_MODEL, "none", "cpu")   # "none": a fixed-seed random init
     g = torch.Generator().manual_seed(5)
     real = torch.randn(41, encoder.feature_dim, generator=g)
@@ -96,7 +96,7 @@ def _step_grads(world):
     first, stop = world.block(len(labels))
     clpdd = ClpddInputs(real_features=real[first:stop], real_labels=labels[first:stop], transform=transform,
                         lam=0.3, tau=0.2, real_share=(stop - first) / len(labels))
-    inputs = StepInputs(encoder=encoder, augment=augment, out_size=32, num_classes=3, chunk_size=2, clpdd=clpdd,
+    inputs = StepInputs(encoder=encoder, augment=augment, image_size=32, num_classes=3, encoder_batch=2, clpdd=clpdd,
                         world=world)
     loss = clpdd_step(synthetic, inputs, torch.Generator().manual_seed(11))
     return loss, [p.grad.clone() for p in synthetic.parameters()]

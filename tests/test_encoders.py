@@ -1,4 +1,4 @@
-"""FrozenEncoder / build_encoder: shapes, freezing, gradient to the input, normalisation, weight loading."""
+"""FrozenEncoder / build_encoder: shapes, freezing, gradient to the input, normalisation; weight loading (weights.py)."""
 import importlib.util
 import os
 import sys
@@ -9,8 +9,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from clpdd_fast.encoders import (PACKAGED_WEIGHTS, FrozenEncoder, build_encoder, file_identity,
-                                 packaged_classifier, read_state_dict)
+from clpdd_fast.encoders import FrozenEncoder, build_encoder
+from clpdd_fast.weights import PACKAGED_WEIGHTS, file_identity, packaged_classifier, read_state_dict
 
 TINY = "test_efficientnet"  # ~100k parameters, 256-d pooled features, BatchNorm (eval mode matters)
 
@@ -296,7 +296,7 @@ def test_encode_images_resizes_and_batches():
     from clpdd_fast.encoders import encode_images
     enc = build_encoder("test_efficientnet", "none")
     images = torch.rand(5, 3, 40, 40)
-    got = encode_images(enc, images, 32, batch_size=2)
+    got = encode_images(enc, images, 32, encoder_batch=2)
     resized = torch.nn.functional.interpolate(images, size=32, mode="bilinear", antialias=True, align_corners=False)
     with torch.no_grad():
         expect = enc(resized.clamp(0, 1))

@@ -6,7 +6,7 @@ import torch
 
 from clpdd_fast.evaluate import main
 
-from conftest import TINY_MODEL
+from helpers import TINY_MODEL
 
 
 def cli(data, cache, *extra):
@@ -19,7 +19,7 @@ def distilled_file(tmp_path, data, num_classes=4, **cfg):
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {"data": str(data), "model": TINY_MODEL, "weights": "none", "image_size": 16, "num_classes": num_classes,
               "class_names": [str(i) for i in range(num_classes)], "train_subset": None, "test_subset": None,
-              "precision": "fp32", "lam": 0.1, "features": "center-l2", "ipc": 1} | cfg
+              "encoder_dtype": "fp32", "lam": 0.1, "features": "center-l2", "ipc": 1} | cfg
     torch.save({"images": torch.rand(num_classes, 3, 18, 18), "labels": torch.arange(num_classes),
                 "config": config}, path)
     return path

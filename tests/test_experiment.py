@@ -7,7 +7,7 @@ import torch
 
 from clpdd_fast.experiment import EMBEDDED_SUBSET, fixed_subset, open_experiment, subset_size
 
-from conftest import TINY_MODEL
+from helpers import TINY_MODEL
 
 
 def test_fixed_subset_is_sorted_distinct_and_the_same_every_time():

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torchvision.datasets import ImageFolder
 
-from clpdd_fast import artifacts, export
+from clpdd_fast import artifacts, export, formats
 from clpdd_fast.cli import run_main
 from clpdd_fast.config import RunConfig
 
@@ -37,7 +37,7 @@ def in_imagefolder_order(labels):
 
 def test_imagefolder_round_trip(tmp_path):
     images, labels = a_set()
-    out = export.write_imagefolder(images, labels, NAMES, tmp_path / "set")
+    out = formats.write_imagefolder(images, labels, NAMES, tmp_path / "set")
     ds = ImageFolder(str(out), allow_empty=True)
     assert len(ds.classes) == len(NAMES)
     assert [int(name.split("_", 1)[0]) for name in ds.classes] == list(range(len(NAMES)))
@@ -54,19 +54,19 @@ def test_imagefolder_round_trip(tmp_path):
 
 
 def test_folder_names_are_safe_unique_and_sort_in_label_order():
-    folders = export.folder_names(NAMES)
+    folders = formats.folder_names(NAMES)
     assert sorted(folders) == folders and len(set(folders)) == len(folders)
     for name in folders:
         assert "/" not in name and "\\" not in name and ":" not in name and " " not in name
         assert len(name.encode("utf-8")) < 255 and name not in (".", "..")
     assert folders[1] == "01_T-shirt_top" and folders[4] == "04_.." and folders[5] == "05_"
-    assert export.folder_names(["a"] * 3) == ["0_a", "1_a", "2_a"]
+    assert formats.folder_names(["a"] * 3) == ["0_a", "1_a", "2_a"]
 
 
 def test_safetensors_round_trip(tmp_path):
     images, labels = a_set(1)
     config = RunConfig(class_names=NAMES, num_classes=len(NAMES), ipc=3, lr=0.0123).to_dict()
-    path = export.write_safetensors(images, labels, NAMES, config, tmp_path / "set.safetensors")
+    path = formats.write_safetensors(images, labels, NAMES, config, tmp_path / "set.safetensors")
     loaded = load_file(str(path))
     assert loaded["images"].dtype == torch.float32 and loaded["labels"].dtype == torch.int64
     assert torch.equal(loaded["images"].view(torch.int32), images.view(torch.int32))  # bitwise
@@ -74,7 +74,7 @@ def test_safetensors_round_trip(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert json.loads(meta["config"]) == config and json.loads(meta["class_names"]) == NAMES
-    assert meta["format_version"] == export.FORMAT_VERSION
+    assert meta["format_version"] == formats.FORMAT_VERSION
 
 
 def distilled_run(tmp_path, class_names=NAMES, seed=2):
@@ -111,57 +111,57 @@ def test_cli_names_classes_by_number_when_the_run_has_no_names(tmp_path, capsys)
 def test_force_replaces_an_earlier_export_only(tmp_path):
     images, labels = a_set(3)
     out = tmp_path / "tree"
-    export.write_imagefolder(images, labels, NAMES, out)
+    formats.write_imagefolder(images, labels, NAMES, out)
     with pytest.raises(ValueError, match="not empty; pass --force"):
-        export.write_imagefolder(images, labels, NAMES, out)
+        formats.write_imagefolder(images, labels, NAMES, out)
     few = torch.tensor([0, 1, 1])
-    export.write_imagefolder(images[:3], few, ["p", "q"], out, force=True)   # no stale classes remain
+    formats.write_imagefolder(images[:3], few, ["p", "q"], out, force=True)   # no stale classes remain
     assert ImageFolder(str(out)).classes == ["0_p", "1_q"] and ImageFolder(str(out)).targets == [0, 1, 1]
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("keep me")
     with pytest.raises(ValueError, match="only a folder that an earlier export wrote"):
-        export.write_imagefolder(images, labels, NAMES, mine, force=True)
+        formats.write_imagefolder(images, labels, NAMES, mine, force=True)
     assert (mine / "thesis.tex").read_text() == "keep me"
     path = tmp_path / "s.safetensors"
-    export.write_safetensors(images, labels, NAMES, {}, path)
+    formats.write_safetensors(images, labels, NAMES, {}, path)
     with pytest.raises(ValueError, match="exists; pass --force"):
-        export.write_safetensors(images, labels, NAMES, {}, path)
+        formats.write_safetensors(images, labels, NAMES, {}, path)
 
 
 def test_a_crash_leaves_no_partial_tree_and_keeps_the_earlier_export(tmp_path, monkeypatch):
     images, labels = a_set(4)
     out = tmp_path / "tree"
-    export.write_imagefolder(images[:3], torch.tensor([0, 1, 1]), ["p", "q"], out)
+    formats.write_imagefolder(images[:3], torch.tensor([0, 1, 1]), ["p", "q"], out)
     written = []
-    real_write = export._write_png
+    real_write = formats._write_png
 
     def failing(pixels, path):
         if len(written) == 5:
             raise OSError("disk full")
         written.append(path)
         real_write(pixels, path)
-    monkeypatch.setattr(export, "_write_png", failing)
+    monkeypatch.setattr(formats, "_write_png", failing)
     with pytest.raises(OSError, match="disk full"):
-        export.write_imagefolder(images, labels, NAMES, out, force=True)
+        formats.write_imagefolder(images, labels, NAMES, out, force=True)
     with pytest.raises(OSError, match="disk full"):
-        export.write_imagefolder(images, labels, NAMES, tmp_path / "new")
+        formats.write_imagefolder(images, labels, NAMES, tmp_path / "new")
     assert ImageFolder(str(out)).targets == [0, 1, 1]   # the earlier export, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
 
 
 @pytest.mark.parametrize("bad,message", [
     (lambda im, lb: (im * 2, lb), "images: expected finite values in"),
-    (lambda im, lb: (im, lb + len(NAMES)), "labels: expected values in"),
+    (lambda im, lb: (im, lb + len(NAMES)), r"labels: labels must lie in \[0, 12\)"),
     (lambda im, lb: (im, lb.float()), "labels: expected an integer tensor"),
     (lambda im, lb: (im[:, :1], lb), "images: expected a float tensor of shape"),
 ])
 def test_bad_sets_are_refused(tmp_path, bad, message):
     images, labels = bad(*a_set(5))
     with pytest.raises(ValueError, match=message):
-        export.write_imagefolder(images, labels, NAMES, tmp_path / "tree")
+        formats.write_imagefolder(images, labels, NAMES, tmp_path / "tree")
     with pytest.raises(ValueError, match=message):
-        export.write_safetensors(images, labels, NAMES, {}, tmp_path / "s.safetensors")
+        formats.write_safetensors(images, labels, NAMES, {}, tmp_path / "s.safetensors")
     assert not list(tmp_path.iterdir())
 
 

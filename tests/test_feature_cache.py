@@ -38,7 +38,7 @@ def idx_ds(tmp_path_factory):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cache_extracts_then_reuses(tmp_path, idx_ds, dtype):
     enc = CountingEncoder()
-    feats, labels = load_or_extract_features(enc, idx_ds, 8, str(tmp_path / "c"), dtype=dtype, batch_size=5,
+    feats, labels = load_or_extract_features(enc, idx_ds, 8, str(tmp_path / "c"), dtype=dtype, encoder_batch=5,
                                              progress=False)
     assert enc.calls == 5  # ceil(23 / 5) batches
     with torch.no_grad():  # same batching as the extraction, so fp32 results are bit-identical too
@@ -124,11 +124,11 @@ def test_cache_resumes_after_interruption(tmp_path, idx_ds):
 
     crash = Crashing()
     with pytest.raises(KeyboardInterrupt):
-        load_or_extract_features(crash, idx_ds, 8, str(tmp_path), batch_size=4, progress=False)
+        load_or_extract_features(crash, idx_ds, 8, str(tmp_path), encoder_batch=4, progress=False)
     names = sorted(n for n in os.listdir(tmp_path) if not n.endswith(".lock"))
     assert [n.rsplit(".", 1)[-1] for n in names] == ["partial", "progress"]  # no final file exists yet
     enc = CountingEncoder()
-    feats, _ = load_or_extract_features(enc, idx_ds, 8, str(tmp_path), batch_size=4, progress=True)
+    feats, _ = load_or_extract_features(enc, idx_ds, 8, str(tmp_path), encoder_batch=4, progress=True)
     assert enc.calls == 3  # 6 batches in all; 3 were done before the crash
     with torch.no_grad():
         # in the extraction's batches of 4: a batch of another size may round differently
@@ -151,7 +151,7 @@ def test_cache_with_real_frozen_encoder(tmp_path, idx_ds):
     from clpdd_fast.encoders import build_encoder
 
     enc = build_encoder("test_efficientnet", weights="none")
-    feats, _ = load_or_extract_features(enc, idx_ds, 16, str(tmp_path), batch_size=8, progress=False)
+    feats, _ = load_or_extract_features(enc, idx_ds, 16, str(tmp_path), encoder_batch=8, progress=False)
     with torch.no_grad():
         ref = enc(idx_ds.images(range(len(idx_ds)), 16))
     assert feats.shape == (23, enc.feature_dim)
@@ -166,7 +166,7 @@ def test_cache_concurrent_callers_extract_once(tmp_path, idx_ds):
     results = []
 
     def work():
-        results.append(load_or_extract_features(enc, idx_ds, 8, str(tmp_path), batch_size=4, progress=False)[0])
+        results.append(load_or_extract_features(enc, idx_ds, 8, str(tmp_path), encoder_batch=4, progress=False)[0])
 
     threads = [threading.Thread(target=work) for _ in range(3)]
     for t in threads:
@@ -192,13 +192,13 @@ def test_cache_bad_image_stops_extraction_then_skip_resumes_it(tmp_path, capsys)
     cache = tmp_path / "cache"
     enc = CountingEncoder()
     with pytest.raises(BadImageError, match="b/02.png.*--skip-bad-images.*resumes at row 8"):
-        load_or_extract_features(enc, ds, 8, str(cache), batch_size=4, progress=False)
+        load_or_extract_features(enc, ds, 8, str(cache), encoder_batch=4, progress=False)
     assert enc.calls == 2  # rows 0-7 were extracted before the bad file (row 8) was reached
     assert sorted(n.rsplit(".", 1)[-1] for n in os.listdir(cache) if not n.endswith(".lock")) == ["partial",
                                                                                                    "progress"]
     capsys.readouterr()
     enc.calls = 0
-    feats, labels, rows = load_or_extract_features(enc, ds, 8, str(cache), batch_size=4, progress=False,
+    feats, labels, rows = load_or_extract_features(enc, ds, 8, str(cache), encoder_batch=4, progress=False,
                                                    skip_bad_images=True, return_rows=True)
     assert enc.calls == 2  # resumed at row 8: batches 8-11 and 12-15; 16 alone is undecodable (no encoder call)
     err = capsys.readouterr().err
@@ -241,12 +241,12 @@ def test_cache_skipping_subset_rows_and_interrupted_extraction(tmp_path):
 
     crash = Crashing()
     with pytest.raises(KeyboardInterrupt):  # batches [16, 3] and [8, 9] (16 and 8 left out) done, then a crash
-        load_or_extract_features(crash, ds, 8, str(tmp_path / "c"), batch_size=2, indices=subset, progress=False,
+        load_or_extract_features(crash, ds, 8, str(tmp_path / "c"), encoder_batch=2, indices=subset, progress=False,
                                  skip_bad_images=True)
     enc = CountingEncoder()
     with pytest.raises(FeatureCacheError, match="left out 2 undecodable.*b/02.png.*--skip-bad-images"):
-        load_or_extract_features(enc, ds, 8, str(tmp_path / "c"), batch_size=2, indices=subset, progress=False)
-    feats, labels, rows = load_or_extract_features(enc, ds, 8, str(tmp_path / "c"), batch_size=2, indices=subset,
+        load_or_extract_features(enc, ds, 8, str(tmp_path / "c"), encoder_batch=2, indices=subset, progress=False)
+    feats, labels, rows = load_or_extract_features(enc, ds, 8, str(tmp_path / "c"), encoder_batch=2, indices=subset,
                                                    progress=False, skip_bad_images=True, return_rows=True)
     assert enc.calls == 3  # [1, 12], [0, 5], [7]
     good = [r for r in subset if r not in bad]

@@ -14,14 +14,14 @@ def feats(n, d, seed, offset=3.0):
 @pytest.mark.parametrize("norm", ["raw", "center", "l2", "center-l2"])
 def test_transform_matches_its_definition(norm):
     real, x = feats(57, 9, 0), feats(11, 9, 1)
-    t = FeatureTransform.fit(norm, real, chunk_size=10)  # the mean is accumulated over several chunks
+    t = FeatureTransform.fit(norm, real, chunk_rows=10)  # the mean is accumulated over several chunks
     expect = x.numpy().astype(np.float64)
     if norm.startswith("center"):
         expect = expect - real.numpy().astype(np.float64).mean(0)
     if norm.endswith("l2"):
         expect = expect / np.linalg.norm(expect, axis=1, keepdims=True)
     np.testing.assert_allclose(t(x).numpy(), expect, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(t.apply_chunked(x, chunk_size=4, dtype=torch.float32).numpy(), t(x).numpy())
+    np.testing.assert_allclose(t.apply_chunked(x, chunk_rows=4, dtype=torch.float32).numpy(), t(x).numpy())
 
 
 def test_transform_keeps_gradients():

@@ -139,3 +139,13 @@ def test_shard_plugin_splits_the_tests_into_disjoint_shards(monkeypatch):
     for bad in ("3/3", "-1/3", "a/b", "3"):
         with pytest.raises(ValueError, match="CLPDD_SHARD"):
             pytest_shard.shard(bad)
+
+
+def test_bench_step_takes_the_new_flags_and_the_old_ones_with_a_note(capsys):
+    import bench_step
+    args = bench_step.parse_args(["--encoder-batch", "4", "--encoder-dtype", "bf16"])
+    assert (args.encoder_batch, args.encoder_dtype) == (4, "bf16")
+    old = bench_step.parse_args(["--chunk-size", "4", "--precision", "bf16"])
+    assert (old.encoder_batch, old.encoder_dtype) == (4, "bf16")
+    err = capsys.readouterr().err
+    assert "note: --chunk-size is now --encoder-batch" in err and "note: --precision is now --encoder-dtype" in err

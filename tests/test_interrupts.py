@@ -13,7 +13,8 @@ from clpdd_fast.distill import main
 from clpdd_fast.interrupts import Interrupts
 from clpdd_fast.synthetic import PyramidImages
 
-from test_distill import run_args
+from helpers import run_args
+
 
 def test_first_ctrl_c_waits_for_the_held_section_a_second_one_does_not():
     before = signal.getsignal(signal.SIGINT)
@@ -51,7 +52,7 @@ ITERATIONS = 4
 # Pyramid levels grow at steps 2 and 4 (upkeep matters), a sampled real batch and the augmentation draw from the
 # generator, two encoder chunks per pass: every kind of state a step changes. Checkpoints at steps 2 and 4.
 COMMON = ("--augment", "standard", "--param", "pyramid", "--grow-every", "2", "--real-batch", "20", "--ipc", "1",
-          "--chunk-size", "2", "--seed", "3", "--checkpoint-every", "2")
+          "--encoder-batch", "2", "--seed", "3", "--checkpoint-every", "2")
 
 
 def metrics(out):

@@ -14,7 +14,7 @@ from clpdd_fast.encoders import build_encoder
 from clpdd_fast.methods import LGM_HEAD_STD, METHODS, LgmInputs, StepInputs, lgm_draws, lgm_step
 from clpdd_fast.synthetic import build_synthetic
 
-from conftest import TINY_MODEL
+from helpers import TINY_MODEL
 C = 3
 
 
@@ -26,7 +26,7 @@ def make_inputs(encoder, augment="standard", K=2):
         rows = torch.randint(len(pool), (n,), generator=generator)
         return pool[rows], pool_labels[rows]
 
-    return StepInputs(encoder=encoder, augment=build_augment(augment), out_size=16, num_classes=C,
+    return StepInputs(encoder=encoder, augment=build_augment(augment), image_size=16, num_classes=C,
                       lgm=LgmInputs(real_images=real_images, augs_per_batch=K))
 
 
@@ -46,11 +46,11 @@ def oracle(synthetic, inputs, generator):
     real_images, real_labels, real_params, syn_params = lgm_draws(synthetic, inputs, generator)
     aug, K = inputs.augment, inputs.lgm.augs_per_batch
     with torch.no_grad():
-        phi_r = inputs.encoder(aug.apply(real_images, real_params, inputs.out_size))
+        phi_r = inputs.encoder(aug.apply(real_images, real_params, inputs.image_size))
     weight = (torch.randn(phi_r.shape[1], C, generator=generator) * LGM_HEAD_STD).to(phi_r.dtype)
     bias = torch.zeros(C, dtype=phi_r.dtype)
     copies = torch.cat([synthetic.decode() for _ in range(K)])
-    phi_s = inputs.encoder(aug.apply(copies, syn_params, inputs.out_size))
+    phi_s = inputs.encoder(aug.apply(copies, syn_params, inputs.image_size))
     gw_r, gb_r = closed_form_grads(phi_r, real_labels, weight, bias)
     gw_s, gb_s = closed_form_grads(phi_s, synthetic.labels.repeat(K), weight, bias)
     a, b = torch.cat([gw_r.flatten(), gb_r]), torch.cat([gw_s.flatten(), gb_s])

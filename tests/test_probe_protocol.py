@@ -107,7 +107,7 @@ def test_summarize():
 def test_augmented_feature_pool_matches_direct_encoding(encoder):
     images = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(0))
     aug = build_augment("flip_crop")
-    pool = augmented_features(encoder, images, aug, 4, 16, torch.Generator().manual_seed(7), batch_size=5)
+    pool = augmented_features(encoder, images, aug, 4, 16, torch.Generator().manual_seed(7), encoder_batch=5)
     assert pool.shape == (4, 3, encoder.feature_dim)
     params = aug.sample(12, torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -146,8 +146,8 @@ def test_literal_protocol_encodes_fresh_draws_every_epoch():
     enc.batches.clear()
     epochs, seeds = 4, [0, 1]
     res = train_linear_probe_fresh(enc, images, build_augment("flip_crop"), 8, y, test_f, test_y, 3,
-                                   epochs=epochs, seeds=seeds, lr=0.05, encode_batch=5)
-    assert max(len(b) for b in enc.batches) == 5                     # in batches of encode_batch
+                                   epochs=epochs, seeds=seeds, lr=0.05, encoder_batch=5)
+    assert max(len(b) for b in enc.batches) == 5                     # in batches of encoder_batch
     views = torch.cat(enc.batches)
     assert views.shape == (epochs * len(seeds) * 6, 3, 8, 8)        # every image, for every seed, in every epoch
     per_epoch = views.view(epochs, len(seeds) * 6, -1)

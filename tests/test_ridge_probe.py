@@ -18,7 +18,7 @@ def test_ridge_probe_accuracy_matches_numpy():
     train[:, :3] += 2.0 * torch.nn.functional.one_hot(y_train, 3)  # make the classes partly separable
     test[:, :3] += 2.0 * torch.nn.functional.one_hot(y_test, 3)
     t = FeatureTransform.fit("center", train)
-    got = ridge_probe_accuracy(train, y_train, test, y_test, 0.7, 3, t, chunk_size=8)
+    got = ridge_probe_accuracy(train, y_train, test, y_test, 0.7, 3, t, chunk_rows=8)
     x, z = t(train).double().numpy(), t(test).double().numpy()
     w = np.linalg.solve(x.T @ x + 0.7 * np.eye(6), x.T @ np.eye(3)[y_train.numpy()])
     expect = float(((z @ w).argmax(1) == y_test.numpy()).mean())

@@ -6,11 +6,10 @@ import sys
 import pytest
 import torch
 
-from clpdd_fast import artifacts, encoders, evaluate
+from clpdd_fast import artifacts, evaluate, weights
 from clpdd_fast.distill import main as distill_main
 
-from conftest import TINY_MODEL
-from test_distill import run_args
+from helpers import TINY_MODEL, run_args
 
 
 class RunsCode:
@@ -68,9 +67,9 @@ def test_weights_that_would_run_code_are_refused_before_timm_reads_them(tmp_path
     marker = tmp_path / "ran"
     path = armed(tmp_path / "w.pth", {"conv.weight": torch.rand(2, 2), "extra": RunsCode(marker)}, marker)
     with pytest.raises(ValueError, match="weights: refusing to load"):
-        encoders.read_state_dict(str(path))
+        weights.read_state_dict(str(path))
     with pytest.raises(ValueError, match="weights: refusing to load"):  # the path timm's own loader takes
-        encoders._timm_from_file(TINY_MODEL, str(path), {})
+        weights.timm_model_from_file(TINY_MODEL, str(path), {})
     assert not marker.exists()
 
 
@@ -78,7 +77,7 @@ def test_plain_records_still_load(tmp_path):
     """What the tools write, and timm train.py checkpoints (their arguments as an argparse.Namespace), still load."""
     torch.save({"epoch": 3, "args": argparse.Namespace(lr=0.1), "state_dict": {"module.w": torch.ones(3)}},
                tmp_path / "timm.pth")
-    assert list(encoders.read_state_dict(str(tmp_path / "timm.pth"))) == ["w"]
+    assert list(weights.read_state_dict(str(tmp_path / "timm.pth"))) == ["w"]
     record = {"images": torch.rand(2, 3, 4, 4), "labels": torch.tensor([0, 1]),
               "config": {"ipc": 1, "lr": 0.05, "class_names": ["a", "b"], "data": None, "decorrelate": True}}
     artifacts.save_torch(record, tmp_path / "distilled.pt")
