@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clpdd_fast import settings
 from clpdd_fast import validation as check
 from clpdd_fast.augment import Augment
 from clpdd_fast.distributed import World
@@ -100,7 +101,14 @@ def _outer_loss(phi_s: Tensor, synthetic: SyntheticImages, inputs: StepInputs,
     # checked here, every step: a NaN there means the run diverged.
     check.finite("synthetic features", phi_s)
     return clpdd_loss(own.transform(phi_s), synthetic.labels, real_x, real_y, own.lam, own.tau,
-                      outer=own.outer, num_classes=inputs.num_classes, check_finite=False)
+                      outer=own.outer, num_classes=inputs.num_classes, precision=ce_precision(), check_finite=False)
+
+
+def ce_precision() -> str | None:
+    """The CE's precision in a run: "high" (a bf16 feature cache against the fp32 probe as two bf16 halves of the
+    probe on tensor cores; fp16 and fp32 features stay exact), unless CLPDD_CE_PRECISION says otherwise (None: the
+    op reads it)."""
+    return None if settings.is_set("CLPDD_CE_PRECISION") else "high"
 
 
 def clpdd_step(synthetic: SyntheticImages, inputs: StepInputs, generator: torch.Generator) -> Tensor:

@@ -191,6 +191,20 @@ def test_nvtx_ranges_cover_the_step(encoder, monkeypatch):
         assert expected in names, expected
 
 
+def test_the_run_asks_for_the_split_ce_unless_the_environment_says_otherwise(encoder, monkeypatch):
+    from clpdd_fast import reference
+    seen = []
+    real = reference.linear_ce_forward_backward
+    monkeypatch.setattr(reference, "linear_ce_forward_backward", lambda *a: seen.append(a[4].precision) or real(*a))
+    synthetic = build_synthetic("pixel", torch.tensor([0, 1, 2, 0]), 32, None)
+    monkeypatch.delenv("CLPDD_CE_PRECISION", raising=False)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    clpdd_step(synthetic, step_inputs(encoder, 2), torch.Generator().manual_seed(0))
+    monkeypatch.setenv("CLPDD_CE_PRECISION", "medium")
+    clpdd_step(synthetic, step_inputs(encoder, 2), torch.Generator().manual_seed(0))
+    assert seen == ["high", "medium"]
+
+
 def test_diverged_synthetic_features_raise(encoder):
     inputs = step_inputs(encoder, 2)
     inputs.encoder = lambda images: torch.full((images.shape[0], encoder.feature_dim), float("nan"))
