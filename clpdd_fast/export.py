@@ -27,7 +27,8 @@ def class_names_for(config: RunConfig, labels: Tensor) -> tuple[list[str], bool]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clpdd_fast.export", description=__doc__ + formats.__doc__.partition("\n\n")[2],
+    p = argparse.ArgumentParser(prog="python -m clpdd_fast.export",
+                                description=__doc__ + formats.__doc__.partition("\n\n")[2],
                                 formatter_class=HelpFormatter)
     a = p.add_argument
     required = {"required": True, "default": argparse.SUPPRESS}   # no "(default: None)" in --help
