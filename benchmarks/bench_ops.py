@@ -150,10 +150,52 @@ def _ce_naive(x, w, t, tau):
     return F.cross_entropy((x.float() @ w.float()) / tau, t)
 
 
+TORCH_CE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")   # torch >= 2.13
+NO_TORCH_CE = f"needs torch >= 2.13 for F.linear_cross_entropy (this is torch {torch.__version__})"
+PLAIN_ANCHOR = "torch's chunked algorithm, plain torch ops"
+PLAIN_CHUNK = 8192   # rows per chunk of the plain anchor: 8192 x 1000 fp32 logits = 31 MiB
+
+
 def _ce_torch_chunked(x, w, t, tau):
-    """torch's own chunked linear CE (torch >= 2.14), its weight (C, d) = (w / tau)^T: the gradients are computed
+    """torch's own chunked linear CE (torch >= 2.13), its weight (C, d) = (w / tau)^T: the gradients are computed
     in the forward, chunk size and accumulation dtype from its defaults."""
+    if not TORCH_CE:
+        raise RuntimeError(NO_TORCH_CE)
     return F.linear_cross_entropy(x, (w / tau).T, t, options=torch.nn.LinearCrossEntropyOptions())
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """The algorithm of torch's chunked linear CE written with plain torch ops, so that any torch runs it (the anchor
+    of the CE rows where F.linear_cross_entropy is missing, and beside it where it exists): per chunk of rows one
+    logits GEMM in x's dtype (bf16 operands on cuBLAS), the softmax and the coefficients (softmax - onehot) / N in
+    place in fp32, and the dW GEMM (coefficients cast to x's dtype) added into an fp32 dW; the mean loss and dW leave
+    the forward, the backward only scales dW. x is frozen (no dX)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, t, chunk):
+        n = x.shape[0]
+        wt = weight.to(x.dtype).T                                   # (d, C)
+        grad = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, n, chunk):
+            xc, tc = x[start:start + chunk], t[start:start + chunk, None]
+            z = (xc @ wt).float()                                   # logits
+            lse = torch.logsumexp(z, 1, keepdim=True)
+            total += (lse - z.gather(1, tc)).sum()
+            z.sub_(lse).exp_().scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=x.device)).div_(n)
+            grad += (z.T.to(x.dtype) @ xc).float()                   # dW (C, d)
+        ctx.save_for_backward(grad)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return None, grad_loss * grad, None, None
+
+
+def _ce_plain_chunked(x, w, t, tau, chunk=PLAIN_CHUNK):
+    """`_ChunkedCE` with torch's weight layout (C, d) = (w / tau)^T; dW reaches w through autograd."""
+    return _ChunkedCE.apply(x, (w / tau).T, t, chunk)
 
 
 def bench_ce(table: Table, shape_name: str, args, rates: dict):
@@ -193,8 +235,10 @@ def bench_ce(table: Table, shape_name: str, args, rates: dict):
         if not args.no_compile:
             compiled = torch.compile(_ce_naive, dynamic=False)
             impls.append(("torch.compile (full logits)", run(lambda: compiled(x, w, t, args.tau)), "fwd + dW"))
+        impls.append((PLAIN_ANCHOR + ", weight w / tau", run(lambda: _ce_plain_chunked(x, w, t, args.tau)),
+                      f"fwd + dW; w cast to x's dtype; {PLAIN_CHUNK} rows per chunk"))
         impls.append((CPU_ANCHOR + ", weight w / tau", run(lambda: _ce_torch_chunked(x, w.to(x.dtype), t, args.tau)),
-                      "fwd + dW; w cast to x's dtype"))
+                      "fwd + dW; w cast to x's dtype" if TORCH_CE else NO_TORCH_CE))
         impls += _external_ce(x, w, t, args.tau)
         for impl, fn, note in impls:
             if not wanted(args, impl):
@@ -402,6 +446,8 @@ def _cpu_step(impl: str, x, w, t, tau: float):
         loss_fn = lambda a: ops.linear_softmax_ce(a, w, t[:len(a)], tau, backend="torch")   # noqa: E731
     elif impl == CPU_ANCHOR:
         loss_fn = lambda a: _ce_torch_chunked(a, w, t[:len(a)], tau)   # noqa: E731
+    elif impl == PLAIN_ANCHOR:
+        loss_fn = lambda a: _ce_plain_chunked(a, w, t[:len(a)], tau)   # noqa: E731
     elif impl == FULL_LOGITS[0]:
         loss_fn = lambda a: F.cross_entropy(a.to(w.dtype) @ w / tau, t[:len(a)])   # noqa: E731
     else:
@@ -442,7 +488,7 @@ def cpu_measure(cfg: dict) -> dict:
 
 def _cpu_variants(args) -> list[tuple[str, dict]]:
     """(row label, what the child process runs) for every CPU variant asked for."""
-    out = [(CPU_OURS, {}), (CPU_ANCHOR, {})] + [(name, {}) for name in FULL_LOGITS]
+    out = [(CPU_OURS, {}), (CPU_ANCHOR, {}), (PLAIN_ANCHOR, {})] + [(name, {}) for name in FULL_LOGITS]
     blocks = [int(b) for b in args.cpu_blocks.split(",") if b]
     out += [(f"{CPU_OURS}, blocks of {b} logits", {"block": b}) for b in blocks]
     out += [(f"{CPU_OURS} at {_version(path)}", {"pythonpath": path}) for path in args.pythonpath]
