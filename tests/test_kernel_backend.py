@@ -211,9 +211,9 @@ def test_ridge_precision_setting_reaches_the_kernels_through_the_ops(value, expe
     forward and backward (an old word, with a note, too)."""
     monkeypatch.setattr(tiles, "SMALL_RIDGE_MAX_SIZE", 0)
     phi = rand(37, 19, seed=5).requires_grad_()
-    with settings.overridden("CLPDD_RIDGE_PRECISION", value), kaot.recording(run=True) as launches:
-        with pytest.warns(FutureWarning, match="is now called") if value == "tf32x3" else contextlib.nullcontext():
-            ops.ridge_solve(phi, rand(37, 4, seed=6), 0.5, "dual", backend="triton").sum().backward()
+    noted = pytest.warns(FutureWarning, match="is now called") if value == "tf32x3" else contextlib.nullcontext()
+    with noted, settings.overridden("CLPDD_RIDGE_PRECISION", value), kaot.recording(run=True) as launches:
+        ops.ridge_solve(phi, rand(37, 4, seed=6), 0.5, "dual", backend="triton").sum().backward()
     names = {kernel.fn.__name__ for kernel, _, kwargs in launches if "PRECISION" in kwargs}
     assert {"_matmul_kernel", "_cholesky_step_kernel", "_cholesky_solve_kernel"} <= names
     assert {kwargs["PRECISION"] for _, _, kwargs in launches if "PRECISION" in kwargs} == {expected}
