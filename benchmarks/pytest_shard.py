@@ -1,6 +1,8 @@
-"""pytest plugin: run one shard of the collected tests, so that N processes run a test file in parallel without
-pytest-xdist (which a GPU machine may lack). `CLPDD_SHARD=i/N` keeps every N-th test, starting at the i-th (0-based),
-in collection order; unset, it keeps everything. Used by benchmarks/gpu_check.sh (`-p pytest_shard`).
+"""pytest plugin: run one shard of the collected tests, so that N processes share a test run without pytest-xdist
+(which a GPU machine may lack). `CLPDD_SHARD=i/N` keeps the i-th (0-based) of N contiguous blocks of the tests in
+collection order, the blocks as equal in size as they can be; unset, it keeps everything. Contiguous blocks keep the
+parametrisations of one test, which launch the same kernel variants, in one process, so that two processes seldom
+compile the same variant. Used by benchmarks/gpu_check.sh and benchmarks/compile_cost.py (`-p pytest_shard`).
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ def shard(spec: str) -> tuple[int, int]:
     return index, count
 
 
+def block(size: int, index: int, count: int) -> slice:
+    """The index-th of `count` contiguous blocks of range(size), in order; their sizes differ by at most one."""
+    return slice(size * index // count, size * (index + 1) // count)
+
+
 def pytest_collection_modifyitems(config, items):
     spec = os.environ.get("CLPDD_SHARD")
     if not spec:
         return
-    index, count = shard(spec)
-    keep = items[index::count]
-    kept = {id(item) for item in keep}
-    config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
-    items[:] = keep
+    keep = block(len(items), *shard(spec))
+    config.hook.pytest_deselected(items=items[:keep.start] + items[keep.stop:])
+    items[:] = items[keep]
