@@ -5,7 +5,7 @@ which the tests and the benchmarks then load them.
 
 The variants:
   1. every kernel launch of the kernel tests (tests/test_kernel_*.py), recorded while they run under Triton's
-     interpreter with CUDA hidden, in --jobs processes (contiguous blocks of the tests: pytest_shard.py). Tests that
+     interpreter with CUDA hidden, in --jobs processes (interleaved shards: pytest_shard.py). Tests that
      spy on the kernels themselves fail under the recorder, which is expected. Recorded there, the two bf16 halves of
      a split fp32 w are the interpreter's fp32 stand-ins: those few variants the tests compile themselves on the GPU;
   2. the launches of their GPU-only tests (test_gpu_*) and of the rows gpu_check.sh asks bench_ops.py and bench_step.py
@@ -34,9 +34,11 @@ As a pytest plugin (`-p compile_cost`, with CLPDD_RECORD_LAUNCHES=FILE) it recor
 from __future__ import annotations
 
 import argparse
+import collections
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -44,7 +46,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -70,32 +72,35 @@ def pytest_unconfigure(config):
 
 
 def test_launches(jobs: int) -> list[tuple]:
-    """Run the kernel tests under the interpreter with CUDA hidden, in `jobs` processes (contiguous blocks of the
-    tests), recording their launches; returns them (with this process's kernels and meta tensors)."""
+    """Run the kernel tests under the interpreter with CUDA hidden, in `jobs` processes (every jobs-th test each: the
+    slow ones spread out), recording their launches; returns them (with this process's kernels and meta tensors).
+    Prints the tests' outcomes: many failures say the interpreter is broken here, and the recording incomplete."""
     from tools import kernel_aot as aot
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_kernel_*.py"))
-    launches = []
+    launches, outcomes = [], collections.Counter()
     with tempfile.TemporaryDirectory() as tmp:
         shards = []
         for i in range(jobs):
-            env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", CLPDD_SHARD=f"{i}/{jobs}",
+            env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", CLPDD_SHARD=f"{i}/{jobs},interleaved",
                        CLPDD_RECORD_LAUNCHES=os.path.join(tmp, f"{i}.pkl"),
                        PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
             env.pop("CLPDD_AOT_CHECK", None)
-            log = open(os.path.join(tmp, f"{i}.txt"), "w+")
-            shards.append((subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-p", "compile_cost", "-p", "pytest_shard", "-p",
-                 "no:cacheprovider", *files], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        for i, (proc, log) in enumerate(shards):
+            with open(os.path.join(tmp, f"{i}.txt"), "w") as log:   # the child keeps its own descriptor
+                shards.append(subprocess.Popen(
+                    [sys.executable, "-m", "pytest", "-q", "-p", "compile_cost", "-p", "pytest_shard", "-p",
+                     "no:cacheprovider", *files], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        for i, proc in enumerate(shards):
             proc.wait()
-            log.seek(0)
-            lines = log.read().splitlines()
-            log.close()
+            tail = Path(tmp, f"{i}.txt").read_text().splitlines()[-1:]
+            for count, outcome in re.findall(r"(\d+) (passed|failed|skipped|errors?)", " ".join(tail)):
+                outcomes[outcome] += int(count)
             path = os.path.join(tmp, f"{i}.pkl")
             if os.path.exists(path):
                 launches += aot.load_launches(path)
             else:
-                print(f"# recording shard {i}/{jobs} wrote no launches: {lines[-3:]}")
+                print(f"# recording shard {i}/{jobs} wrote no launches: {tail}")
+    print(f"# the kernel tests under the recorder: {dict(outcomes)} (the few that spy on the kernels themselves fail "
+          f"there)")
     return launches
 
 
@@ -223,35 +228,36 @@ def build_launchers(sources: list[str], jobs: int) -> list[float]:
         return list(pool.map(build, sources))
 
 
-_WARM: list = []   # the launches a warming worker compiles, by index
+_WARM: dict = {}   # in a warming process: {path: the launches saved there}
 
 
-def _load(path: str) -> None:
-    from tools import kernel_aot as aot
-    _WARM[:] = aot.load_launches(path)
-
-
-def warm_one(i: int) -> dict:
-    """Compile launch i through its kernel's `warmup` (into Triton's cache) and load it on the GPU (building its
-    launcher): {seconds} or {error, seconds}."""
-    kernel, args, kwargs = _WARM[i]
-    start = time.time()
+def warm_one(job: tuple[str, int]) -> dict:
+    """Compile launch i of the launches saved at `path` through its kernel's `warmup` (into Triton's cache) and load
+    it on the GPU (building its launcher): {seconds} or {error, seconds}."""
+    path, i = job
+    start, what = time.time(), f"launch {i}"
     try:
+        if path not in _WARM:
+            from tools import kernel_aot as aot
+            _WARM[path] = aot.load_launches(path)
+        kernel, args, kwargs = _WARM[path][i]
+        what = kernel.fn.__name__
         compiled = kernel.warmup(*args, grid=(1,), **kwargs)
         compiled._init_handles()   # what the first launch does: build the launcher, load the binary, check resources
         return dict(seconds=time.time() - start)
     except Exception as err:   # reported: the launch in the tests would fail the same way
-        return dict(error=f"{kernel.fn.__name__}: {type(err).__name__}: {str(err)[:300]}", seconds=time.time() - start)
+        return dict(error=f"{what}: {type(err).__name__}: {str(err)[:300]}", seconds=time.time() - start)
 
 
 def warm(launches: list[tuple], jobs: int) -> list[dict]:
-    """warm_one over these launches in `jobs` spawned processes."""
+    """warm_one over these launches in `jobs` spawned processes (a process that dies fails the whole call, rather
+    than leaving it waiting)."""
     from tools import kernel_aot as aot
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "launches.pkl")
         aot.save_launches(launches, path)
-        with multiprocessing.get_context("spawn").Pool(jobs, initializer=_load, initargs=(path,)) as pool:
-            return pool.map(warm_one, range(len(launches)), chunksize=1)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(warm_one, [(path, i) for i in range(len(launches))]))
 
 
 def seconds(results: list[dict]) -> str:

@@ -114,11 +114,11 @@ launch() {
   list+=($!)
 }
 
-# wait_for LIST: wait for the background commands in the array LIST; fails when one of them failed
+# wait_for LIST: wait for the background commands in the array LIST; the exit status of the last that failed
 wait_for() {
   local -n pids="$1"
   local pid rc=0
-  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
   return $rc
 }
 
@@ -161,9 +161,9 @@ COMPILE_BASELINE=(--ops ce --ce-shapes imagenet1k --no-mixed --impls compile)
 compile_kernels() {
   local background=() rc=0
   launch background warm_compile_baseline "$PY" benchmarks/bench_ops.py --warm-only "${COMPILE_BASELINE[@]}"
-  within "$PY" benchmarks/compile_cost.py --warm --jobs "$JOBS" || rc=1
-  within "$PY" benchmarks/bench_ops.py --warm-only "${BENCH_OPS[@]}" || rc=1
-  wait_for background || { rc=1; echo "(the torch.compile warm-up failed: see $LOGS/warm_compile_baseline.txt)"; }
+  within "$PY" benchmarks/compile_cost.py --warm --jobs "$JOBS" || rc=$?
+  within "$PY" benchmarks/bench_ops.py --warm-only "${BENCH_OPS[@]}" || rc=$?
+  wait_for background || { rc=$?; echo "(the torch.compile warm-up failed: see $LOGS/warm_compile_baseline.txt)"; }
   return $rc
 }
 
@@ -179,7 +179,7 @@ kernel_tests() {
       -p pytest_shard tests/test_kernel_*.py
   done
   [ "$QUICK" = 1 ] && return 0
-  wait_for shards || rc=1
+  wait_for shards || rc=$?
   tail -n 2 "$LOGS"/tests_*.txt
   echo "kernels the tests compiled themselves (new in Triton's cache): $(($(cached_kernels) - before))"
   return $rc

@@ -153,27 +153,89 @@ class _Config:
         self.deselected += items
 
 
-def test_shard_plugin_splits_the_tests_into_contiguous_blocks(monkeypatch):
+# Without the interpreter, with a stand-in for the driver of an H100 (its target: cuda 90, warp size 32): the hashes
+# (Triton's cache keys) that the compile step's path compiles, from launches recorded, saved and loaded as meta tensors,
+# and those that the same launches compile with the real tensors the kernels were called with.
+WARM_KEYS = """
+import tempfile
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+
+class H100Driver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(H100Driver())
+from clpdd_fast.kernels import gram
+from tools import kernel_aot as aot
+
+with aot.recording() as launches:
+    gram.gram(torch.randn(64 * 32 + 1)[1:].view(64, 32), 1.0)   # rows 4 bytes off 16
+    gram.gram(torch.randn(64, 32, dtype=torch.float64), 0.0)
+path = tempfile.mktemp()
+aot.save_launches(launches, path)
+warmed = [kernel.warmup(*args, grid=(1,), **kwargs).hash for kernel, args, kwargs in aot.load_launches(path)]
+for kernel, _, _ in launches:
+    kernel.device_caches.clear()
+launched = [kernel.warmup(*args, grid=(1,), **kwargs).hash for kernel, args, kwargs in launches]
+print(len(set(warmed)), warmed == launched)
+"""
+
+
+def test_compile_step_writes_the_cache_entries_the_launches_look_up(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", WARM_KEYS], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    distinct, same = proc.stdout.split()
+    assert int(distinct) >= 3 and same == "True"
+
+
+def test_compile_step_says_plainly_that_it_needs_a_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_cost.py"), "--warm"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--warm compiles for this machine's GPU, and torch sees none" in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["", ",interleaved"])
+def test_shard_plugin_splits_the_tests_into_disjoint_shards(monkeypatch, how):
     import pytest_shard
     names = [f"t{i}" for i in range(11)]
-    blocks = []
+    shards = []
     for i in range(3):
-        monkeypatch.setenv("CLPDD_SHARD", f"{i}/3")
+        monkeypatch.setenv("CLPDD_SHARD", f"{i}/3{how}")
         items, config = [_Item(n) for n in names], _Config()
         pytest_shard.pytest_collection_modifyitems(config, items)
         assert sorted(item.name for item in items + config.deselected) == sorted(names)
-        blocks.append([item.name for item in items])
-    assert sum(blocks, []) == names                      # every test in exactly one shard, in order
-    assert {len(block) for block in blocks} == {3, 4}    # as equal as they can be
-    monkeypatch.setenv("CLPDD_SHARD", "4/5")
-    items = [_Item(n) for n in names[:2]]                # fewer tests than shards: some shards are empty
+        shards.append([item.name for item in items])
+    assert sorted(sum(shards, [])) == sorted(names)            # every test in exactly one shard
+    assert {len(shard) for shard in shards} == {3, 4}          # as equal as they can be
+    if how:   # every third test, from the i-th
+        assert shards == [names[0::3], names[1::3], names[2::3]]
+    else:     # contiguous blocks, in order
+        assert sum(shards, []) == names
+    monkeypatch.setenv("CLPDD_SHARD", f"4/5{how}")
+    items = [_Item(n) for n in names[:2]]                      # fewer tests than shards: some shards are empty
     pytest_shard.pytest_collection_modifyitems(_Config(), items)
-    assert [item.name for item in items] == ["t1"]
+    assert [item.name for item in items] == ([] if how else ["t1"])
     monkeypatch.delenv("CLPDD_SHARD")
     items = [_Item(n) for n in names]
     pytest_shard.pytest_collection_modifyitems(_Config(), items)
     assert len(items) == len(names)
-    for bad in ("3/3", "-1/3", "a/b", "3"):
+    for bad in ("3/3", "-1/3", "a/b", "3", "1/3,blocks"):
         with pytest.raises(ValueError, match="CLPDD_SHARD"):
             pytest_shard.shard(bad)
 
