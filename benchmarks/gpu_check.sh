@@ -5,9 +5,9 @@
 #   2. env: versions, and the GPU as torch sees it; stops the script with one error line when torch sees no GPU
 #      (everything after would run on the interpreter or skip)
 #   3. compile: every kernel variant the later steps launch, compiled with all the machine's cores into Triton's
-#      on-disk cache (benchmarks/compile_cost.py --warm); meanwhile the torch.compile CE baseline compiles, then the
-#      benchmarks' own warm-up (bench_ops.py --warm-only) finds its kernels there. Nothing in this step is timed, and
-#      no warm-up runs after it
+#      on-disk cache (benchmarks/compile_cost.py --warm) while the torch.compile CE baseline compiles beside it; then
+#      bench_ops.py --warm-only calls each benchmarked implementation once, its kernels from the cache. Nothing in
+#      this step is timed, and no warm-up runs after it
 #   4. tests: the kernel tests on the GPU in TEST_PROCS processes, each a contiguous block of them (pytest_shard.py,
 #      no pytest-xdist needed), loading the compiled kernels from the cache; it prints how many kernels they still had
 #      to compile themselves
@@ -34,6 +34,7 @@ PY="${PYTHON:-python3}"
 QUICK="${QUICK:-0}"
 JOBS="${JOBS:-$(nproc)}"        # compile processes: every core
 TEST_PROCS="${TEST_PROCS:-8}"   # processes for the kernel tests (they share the one GPU)
+
 # ---- 1. preflight: bash builtins and one short python call only, so that it answers within the first second
 fail() { echo "gpu_check: error: $*" >&2; exit 2; }
 command -v "$PY" >/dev/null 2>&1 || fail "no Python interpreter '$PY' (set PYTHON=/path/to/python3)"
