@@ -1,10 +1,13 @@
-"""benchmarks/gpu_check.sh, the one prepared GPU run, checked on the CPU: its time budget, its preflight, the order of
-its steps (dry run, QUICK=1), that every benchmark command it runs parses, and the test-sharding plugin it uses."""
+"""benchmarks/gpu_check.sh, the one prepared GPU run, checked on the CPU: its time budget, its preflight, its stop when
+torch sees no GPU, the order of its steps (dry run, QUICK=1), that every benchmark command it runs parses, the
+test-sharding plugin it uses, and how its compile step tells the kernel variants apart (benchmarks/compile_cost.py)."""
+import ast
 import os
 import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 BUDGET_S = 330   # the device call is 6 minutes: start-up, staging and the preflight need the rest
+STEPS = ["env", "compile", "tests", "bench_ops", "bench_step", "compile_baseline"]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
@@ -26,32 +30,46 @@ def run_script(tmp_path, env_extra, path=None):
 
 def test_step_time_limits_sum_to_at_most_the_budget():
     steps = re.findall(r"^step (\S+) (\d+) ", SCRIPT.read_text(), re.M)
-    names = [name for name, _ in steps]
-    assert names == ["env", "tests", "bench_ops", "bench_step", "compile_baseline"], names
+    assert [name for name, _ in steps] == STEPS
     assert sum(int(limit) for _, limit in steps) <= BUDGET_S
 
 
+def dry_run_steps(out: str) -> dict[str, list[str]]:
+    """{step: the lines it prints} of a dry run, in order."""
+    steps: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if line.startswith("[dry run] step "):
+            steps[line.split()[3]] = []
+        elif line.startswith("[dry run]") and steps:
+            steps[list(steps)[-1]].append(line)
+    return steps
+
+
 def test_dry_run_passes_the_preflight_and_lists_the_steps_in_order(tmp_path):
-    proc = run_script(tmp_path, {"QUICK": "1"})
+    proc = run_script(tmp_path, {"QUICK": "1", "JOBS": "16"})
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.startswith("preflight ok: C compiler ")
-    lines = [line for line in out.splitlines() if line.startswith("[dry run]")]
-    launches = [line for line in lines if "&" in line.split()[:3]]
-    # the GPU-only tests are launched before the other tests, the warm-ups after both, all inside the tests step
-    kinds = ["gpu" if "-k test_gpu_" in line else "other" if "not\\ test_gpu_" in line else "warm"
-             for line in launches]
-    assert kinds == sorted(kinds, key=["gpu", "other", "warm"].index) and set(kinds) == {"gpu", "other", "warm"}
-    assert all("CLPDD_SHARD=" in line and "-p pytest_shard" in line for line in launches if "pytest" in line)
-    steps = [line.split()[3] for line in lines if line.startswith("[dry run] step ")]
-    assert steps == ["env", "tests", "bench_ops", "bench_step", "compile_baseline"]
+    steps = dry_run_steps(out)
+    assert list(steps) == STEPS
+    assert re.findall(r"^\[dry run\] step \S+ \(limit (\d+)s\)", out, re.M) == \
+        re.findall(r"^step \S+ (\d+) ", SCRIPT.read_text(), re.M)
+    # the compile step compiles with every core, and warms the benchmarks (the torch.compile baseline meanwhile)
+    assert any("benchmarks/compile_cost.py --warm --jobs 16" in line for line in steps["compile"])
+    assert [("--warm-only" in line, line.split()[2] == "&") for line in steps["compile"] if "bench_ops.py" in line] \
+        == [(True, True), (True, False)]
+    # the tests step runs the kernel tests only, in contiguous blocks (TEST_PROCS shards) started together
+    shards = [line for line in steps["tests"] if "pytest" in line]
+    assert shards == steps["tests"] and len(shards) == 8
+    assert all(line.split()[2] == "&" and f"CLPDD_SHARD={i}/8" in line and "-p pytest_shard" in line
+               and "test_kernel_" in line for i, line in enumerate(shards))
     # the benchmark rows in decision order, only the deciding shapes
     commands = [" ".join(cmd) for cmd in bench_commands(out)]
     assert sum("--ops ce,ridge-small,cholesky-tiles,ridge,gram --ce-shapes imagenet1k" in c for c in commands) == 2
     assert sum("--ops ce --ce-shapes imagenet1k --no-mixed --impls compile" in c for c in commands) == 2
     # the summary printed at exit names every step
     summary = out[out.index("== gpu_check summary"):]
-    assert all(f"  {name}: dry run" in summary for name in steps)
+    assert all(f"  {name}: dry run" in summary for name in STEPS)
     assert not (tmp_path / "out" / "bench_rows.md").exists()
 
 
@@ -107,6 +125,20 @@ def test_preflight_without_a_gpu_stops_a_real_run(tmp_path):
     assert "step" not in proc.stdout
 
 
+def test_a_real_run_stops_in_the_env_step_when_torch_sees_no_gpu(tmp_path):
+    fake = tmp_path / "nvidia-smi"   # answers like a GPU machine's, so that the run gets past the preflight
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559 MiB, 580.00'\n")
+    fake.chmod(0o755)
+    start = time.monotonic()
+    proc = run_script(tmp_path, {"QUICK": "0", "CUDA_VISIBLE_DEVICES": ""}, path=f"{tmp_path}:{os.environ['PATH']}")
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gpu_check: error:")]
+    assert len(errors) == 1 and "torch sees no GPU" in errors[0], proc.stderr
+    assert "== env " in proc.stdout and "== compile" not in proc.stdout
+    assert "  env: exit status 3" in proc.stdout   # the summary
+
+
 class _Item:
     def __init__(self, name):
         self.name = name
@@ -121,24 +153,123 @@ class _Config:
         self.deselected += items
 
 
-def test_shard_plugin_splits_the_tests_into_disjoint_shards(monkeypatch):
+# Without the interpreter, with a stand-in for the driver of an H100 (its target: cuda 90, warp size 32): the hashes
+# (Triton's cache keys) that the compile step's path compiles, from launches recorded, saved and loaded as meta tensors,
+# and those that the same launches compile with the real tensors the kernels were called with.
+WARM_KEYS = """
+import tempfile
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+
+class H100Driver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(H100Driver())
+from clpdd_fast.kernels import gram
+from tools import kernel_aot as aot
+
+with aot.recording() as launches:
+    gram.gram(torch.randn(64 * 32 + 1)[1:].view(64, 32), 1.0)   # rows 4 bytes off 16
+    gram.gram(torch.randn(64, 32, dtype=torch.float64), 0.0)
+path = tempfile.mktemp()
+aot.save_launches(launches, path)
+warmed = [kernel.warmup(*args, grid=(1,), **kwargs).hash for kernel, args, kwargs in aot.load_launches(path)]
+for kernel, _, _ in launches:
+    kernel.device_caches.clear()
+launched = [kernel.warmup(*args, grid=(1,), **kwargs).hash for kernel, args, kwargs in launches]
+print(len(set(warmed)), warmed == launched)
+"""
+
+
+def test_compile_step_writes_the_cache_entries_the_launches_look_up(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", WARM_KEYS], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    distinct, same = proc.stdout.split()
+    assert int(distinct) >= 3 and same == "True"
+
+
+def test_compile_step_says_plainly_that_it_needs_a_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_cost.py"), "--warm"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--warm compiles for this machine's GPU, and torch sees none" in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["", ",interleaved"])
+def test_shard_plugin_splits_the_tests_into_disjoint_shards(monkeypatch, how):
     import pytest_shard
     names = [f"t{i}" for i in range(11)]
-    kept = []
+    shards = []
     for i in range(3):
-        monkeypatch.setenv("CLPDD_SHARD", f"{i}/3")
+        monkeypatch.setenv("CLPDD_SHARD", f"{i}/3{how}")
         items, config = [_Item(n) for n in names], _Config()
         pytest_shard.pytest_collection_modifyitems(config, items)
-        assert len(items) + len(config.deselected) == len(names)
-        kept += [item.name for item in items]
-    assert sorted(kept) == sorted(names)          # every test in exactly one shard
+        assert sorted(item.name for item in items + config.deselected) == sorted(names)
+        shards.append([item.name for item in items])
+    assert sorted(sum(shards, [])) == sorted(names)            # every test in exactly one shard
+    assert {len(shard) for shard in shards} == {3, 4}          # as equal as they can be
+    if how:   # every third test, from the i-th
+        assert shards == [names[0::3], names[1::3], names[2::3]]
+    else:     # contiguous blocks, in order
+        assert sum(shards, []) == names
+    monkeypatch.setenv("CLPDD_SHARD", f"4/5{how}")
+    items = [_Item(n) for n in names[:2]]                      # fewer tests than shards: some shards are empty
+    pytest_shard.pytest_collection_modifyitems(_Config(), items)
+    assert [item.name for item in items] == ([] if how else ["t1"])
     monkeypatch.delenv("CLPDD_SHARD")
     items = [_Item(n) for n in names]
     pytest_shard.pytest_collection_modifyitems(_Config(), items)
     assert len(items) == len(names)
-    for bad in ("3/3", "-1/3", "a/b", "3"):
+    for bad in ("3/3", "-1/3", "a/b", "3", "1/3,blocks"):
         with pytest.raises(ValueError, match="CLPDD_SHARD"):
             pytest_shard.shard(bad)
+
+
+# Run without the interpreter (the compile step needs Triton's compiled kernels): the indices of the launches that
+# compile_cost.distinct keeps, on meta tensors, and the number of launches of one gram call
+DISTINCT = """
+import torch
+import compile_cost
+from clpdd_fast.kernels import gram
+from tools import kernel_aot as aot
+
+phi = torch.empty(64, 32, device="meta")
+shifted = torch.empty(64 * 32 + 1, device="meta")[1:].view(64, 32)   # its rows start 4 bytes off 16
+with aot.recording() as launches:
+    for x, lam in ((phi, 1.0), (phi, 1.0), (shifted, 1.0), (phi, 0.0)):   # lam 0: no diagonal added
+        gram.gram(x, lam)
+print(len(launches) // 4, [next(i for i, launch in enumerate(launches) if launch is first)
+                           for first, _ in compile_cost.distinct(launches).values()])
+"""
+
+
+def test_compile_step_compiles_each_distinct_variant_once():
+    """Launches that compile the same code count once, by their first launch; another alignment of a pointer or
+    another constexpr is another variant (benchmarks/compile_cost.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", DISTINCT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls, chosen = proc.stdout.split(maxsplit=1)
+    calls, chosen = int(calls), ast.literal_eval(chosen)
+    assert chosen == sorted(chosen) and chosen[:calls] == list(range(calls))
+    assert [any(i // calls == call for i in chosen) for call in range(4)] == [True, False, True, True]
 
 
 def test_bench_step_takes_the_new_flags_and_the_old_ones_with_a_note(capsys):
