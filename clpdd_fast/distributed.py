@@ -15,6 +15,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# Imported before any process group exists: torch.distributed.nn.functional binds `group.WORLD` into its functions'
+# defaults at import, and imported after init_process_group (timm -> torchvision -> torch._dynamo -> fsdp does) it
+# keeps the default group alive past destroy_process_group, and so its gloo threads into interpreter exit, where
+# torch 2.11 aborts the rank (SIGABRT, "terminate called without an active exception") when one of them is still
+# releasing a collective's tensors.
+if dist.is_available():
+    import torch.distributed.nn.functional  # noqa: F401
+
 
 @dataclass(frozen=True)
 class World:

@@ -14,6 +14,20 @@ for _name in MACHINE_ENV:
 # decorated (at import): set it before any test module imports triton (timm and torch can import it too).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton 3.6's interpreter makes an index of a scalar (`range(0, n, BLOCK)` on a runtime argument) with int() of a
+    # one-element 1-D array, which NumPy >= 2.5 refuses ("only 0-dimensional arrays can be converted to Python
+    # scalars"); Triton 3.8 squeezes first. The same here, on every version.
+    from triton.runtime import interpreter as _interpreter
+
+    _patch_lang_tensor = getattr(_interpreter, "_patch_lang_tensor", None)   # private: absent elsewhere, nothing to do
+
+    def _patch_lang_tensor_squeezed(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    if _patch_lang_tensor is not None:
+        _interpreter._patch_lang_tensor = _patch_lang_tensor_squeezed
 
 
 import numpy as np  # noqa: E402

@@ -124,3 +124,32 @@ def test_two_ranks_sum_to_the_single_process_gradient(tmp_path):
         torch.testing.assert_close(rank_loss, loss, rtol=1e-5, atol=1e-6)
         for got, want in zip(rank_grads, grads):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def _shutdown_rank(rank, size, port, out):
+    import importlib
+    import os
+    os.environ.update(WORLD_SIZE=str(size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from clpdd_fast.distributed import shutdown
+    world, _ = init_from_env("cpu")
+    world.sum_(torch.ones(3))
+    importlib.import_module("torch._dynamo")   # as timm's import does: it reaches torch.distributed.nn.functional
+    shutdown()
+    threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    with open(f"{out}/rank{rank}.txt", "w") as f:
+        f.write(" ".join(t for t in threads if "gloo" in t))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="reads the threads from /proc")
+def test_shutdown_stops_the_gloo_threads(tmp_path):
+    """shutdown() really frees the process group, whatever was imported after init_from_env: its gloo threads are
+    gone, not left to interpreter exit (where torch 2.11 can abort the rank with SIGABRT)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shutdown_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "", f"rank {rank}: gloo threads left after shutdown"
