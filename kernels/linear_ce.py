@@ -121,12 +121,12 @@ def _row_loss(lse, picked, tgt, ignore_index, C):
 
 
 @triton.jit
-def _store_coef(logits, rows, cols, rmask, lse, gs, tgt, coef_ptr, coef2_ptr, s_c0, C_LOAD,
+def _store_coef(logits, rows, cols, rmask, lse, gs, tgt, coef_ptr, coef2_ptr, s_c0, s_c20, C_LOAD,
                 BF16_PAIR: tl.constexpr):
     """coef = (softmax - onehot) * gs (gs: the row's weight times the coefficient scale) of a logits tile, stored
     up to C_LOAD (zeros past C, where the logits are -inf). With BF16_PAIR a bf16 high part and the bf16 rounding of
-    the remainder, for the tensor-core dW / dX products; bf16 coefficients are rounded to nearest (the
-    interpreter's cast would truncate)."""
+    the remainder (into coef2, row stride s_c20), for the tensor-core dW / dX products; bf16 coefficients are rounded
+    to nearest (the interpreter's cast would truncate)."""
     p = tl.exp(logits - lse[:, None])
     coef = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * gs[:, None]
     offs = rows[:, None] * s_c0 + cols[None, :]
@@ -134,7 +134,8 @@ def _store_coef(logits, rows, cols, rmask, lse, gs, tgt, coef_ptr, coef2_ptr, s_
     if BF16_PAIR:
         hi = _round_to_bf16(coef)
         tl.store(coef_ptr + offs, hi.to(coef_ptr.dtype.element_ty), mask=mask)
-        tl.store(coef2_ptr + offs, (coef - hi).to(coef2_ptr.dtype.element_ty), mask=mask)
+        tl.store(coef2_ptr + rows[:, None] * s_c20 + cols[None, :], (coef - hi).to(coef2_ptr.dtype.element_ty),
+                 mask=mask)
     else:
         if coef_ptr.dtype.element_ty == tl.bfloat16:
             coef = _round_to_bf16(coef)
@@ -169,7 +170,7 @@ def _ce_forward_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, loss_ptr, lse_ptr, N, D, C, 
 
 @triton.jit
 def _ce_coef_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, lse_ptr, g_ptr, coef_ptr, coef2_ptr, N, D, C, C_LOAD,
-                    s_x0, s_x1, s_w0, s_w1, s_c0, inv_tau_ptr, scale_ptr, BF16_PAIR: tl.constexpr,
+                    s_x0, s_x1, s_w0, s_w1, s_c0, s_c20, inv_tau_ptr, scale_ptr, BF16_PAIR: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_ROWS: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_FEATURES: tl.constexpr):
     pid_c = tl.program_id(0)   # class tiles on the fast axis: the programs of one row block run together
@@ -184,12 +185,14 @@ def _ce_coef_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, lse_ptr, g_ptr, coef_ptr, coef2
     gs = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(ACC_DTYPE) * tl.load(scale_ptr)
     logits = _logits_tile(x_ptr, w_ptr, w2_ptr, rows, cols, N, D, C, C_LOAD, s_x0, s_x1, s_w0, s_w1, inv_tau,
                           BF16_PAIR, DOT_DTYPE, ACC_DTYPE, PRECISION, BLOCK_ROWS, BLOCK_CLASSES, BLOCK_FEATURES)
-    _store_coef(logits, rows, cols, rmask, lse, gs, tgt, coef_ptr, coef2_ptr, s_c0, C_LOAD, BF16_PAIR)
+    _store_coef(logits, rows, cols, rmask, lse, gs, tgt, coef_ptr, coef2_ptr, s_c0, s_c20, C_LOAD,
+                BF16_PAIR)
 
 
 @triton.jit
 def _ce_fused_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, g_ptr, loss_ptr, lse_ptr, z_ptr, coef_ptr, coef2_ptr,
-                     N, D, C, C_LOAD, s_x0, s_x1, s_w0, s_w1, s_z0, s_c0, inv_tau_ptr, scale_ptr, ignore_index,
+                     N, D, C, C_LOAD, s_x0, s_x1, s_w0, s_w1, s_z0, s_c0, s_c20, inv_tau_ptr, scale_ptr,
+                     ignore_index,
                      BF16_PAIR: tl.constexpr, ONE_TILE: tl.constexpr, DOT_DTYPE: tl.constexpr,
                      ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_ROWS: tl.constexpr, BLOCK_CLASSES: tl.constexpr, BLOCK_FEATURES: tl.constexpr):
@@ -210,7 +213,7 @@ def _ce_fused_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, g_ptr, loss_ptr, lse_ptr, z_pt
         m_i = tl.max(logits, axis=1)
         lse = m_i + tl.log(tl.sum(tl.exp(logits - m_i[:, None]), axis=1))
         picked = tl.sum(tl.where(cols[None, :] == tgt[:, None], logits, 0.0), axis=1)
-        _store_coef(logits, rows, cols, rmask, lse, gs, tgt, coef_ptr, coef2_ptr, s_c0, C_LOAD, BF16_PAIR)
+        _store_coef(logits, rows, cols, rmask, lse, gs, tgt, coef_ptr, coef2_ptr, s_c0, s_c20, C_LOAD, BF16_PAIR)
     else:
         m_i = tl.full((BLOCK_ROWS,), float("-inf"), dtype=ACC_DTYPE)
         s_i = tl.zeros((BLOCK_ROWS,), dtype=ACC_DTYPE)
@@ -235,7 +238,7 @@ def _ce_fused_kernel(x_ptr, w_ptr, w2_ptr, t_ptr, g_ptr, loss_ptr, lse_ptr, z_pt
             # every thread has read this tile before any coefficient is written: a 16-bit coefficient tile
             # overwrites bytes of this logits tile (the first one) or of tiles already read
             tl.debug_barrier()
-            _store_coef(logits, rows, cols, rmask, lse, gs, tgt, coef_ptr, coef2_ptr, s_c0, C_LOAD, BF16_PAIR)
+            _store_coef(logits, rows, cols, rmask, lse, gs, tgt, coef_ptr, coef2_ptr, s_c0, s_c20, C_LOAD, BF16_PAIR)
     tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=rmask)
     tl.store(loss_ptr + rows, _row_loss(lse, picked, tgt, ignore_index, C).to(loss_ptr.dtype.element_ty), mask=rmask)
 
@@ -435,8 +438,8 @@ def linear_ce_backward(x: Tensor, w: Tensor, target: Tensor, lse: Tensor, grad_r
                           triton.cdiv(nrows, m["BLOCK_ROWS"]))
         kernel[grid](xc, w_hi, w_lo, target[start:stop], lse[start:stop], grad_rows[start:stop], coef, coef_lo,
                      nrows, d, num_classes, width, xc.stride(0), xc.stride(1), w_hi.stride(0), w_hi.stride(1),
-                     coef.stride(0), inv_tau, scale, BF16_PAIR=bf16_pair, DOT_DTYPE=TL_DTYPES[ddt],
-                     ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
+                     coef.stride(0), coef_lo.stride(0), inv_tau, scale, BF16_PAIR=bf16_pair,
+                     DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc], PRECISION=prec, **meta)
         _gradient_products(xc, coef[:nrows], coef_lo[:nrows] if bf16_pair else None, w_hi, w_lo if bf16_pair else None,
                            parts, grad_x[start:stop] if need_x else None, start > 0, k_slices, prec, mm, post)
     return grad_x, (_summed_slices(parts, num_classes, post) if need_w else None)
@@ -488,12 +491,13 @@ def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, grad_rows: 
         meta["BLOCK_FEATURES"] = tiles.CE_FUSED_FEATURES_FMA
     one_tile = width <= meta["BLOCK_CLASSES"]
     # per row: the fp32 (fp64) logits scratch, the coefficients in place over it; the bf16 pair's low halves in a
-    # second buffer of the same layout (the matmul reads both halves with one set of strides)
-    acc_bytes = torch.empty((), dtype=acc).element_size()
-    rows = max(1, min(params.chunk_size, n, CHUNK_BUDGET_BYTES // ((2 if bf16_pair else 1) * acc_bytes * width)))
+    # compact buffer of their own (rows x width in their dtype: the matmul takes their strides apart from the highs')
+    row_bytes = width * (torch.empty((), dtype=acc).element_size() +
+                         (torch.empty((), dtype=coef_dt).element_size() if bf16_pair else 0))
+    rows = max(1, min(params.chunk_size, n, CHUNK_BUDGET_BYTES // row_bytes))
     scratch = torch.empty((rows, width), dtype=acc, device=x.device)
     coef = scratch.view(coef_dt)[:, :width]
-    coef_lo = torch.empty_like(scratch).view(coef_dt)[:, :width] if bf16_pair else None
+    coef_lo = torch.empty((rows, width), dtype=coef_dt, device=x.device) if bf16_pair else None
     mm = _matmul_tiles(coef_dt, acc, blocks)
     if k_slices is None:
         k_slices = _num_k_slices(x.device, d, width, mm or {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, rows)
@@ -511,7 +515,8 @@ def linear_ce_forward_backward(x: Tensor, w: Tensor, target: Tensor, grad_rows: 
         _ce_fused_kernel[(triton.cdiv(nrows, meta["BLOCK_ROWS"]),)](
             xc, w_hi, w_lo, target[start:stop], grad_rows[start:stop], loss[start:stop], lse[start:stop], scratch,
             coef, coef if coef_lo is None else coef_lo, nrows, d, num_classes, width, xc.stride(0), xc.stride(1),
-            w_hi.stride(0), w_hi.stride(1), scratch.stride(0), coef.stride(0), inv_tau, scale, int(params.ignore_index),
+            w_hi.stride(0), w_hi.stride(1), scratch.stride(0), coef.stride(0),
+            (coef if coef_lo is None else coef_lo).stride(0), inv_tau, scale, int(params.ignore_index),
             BF16_PAIR=bf16_pair, ONE_TILE=one_tile, DOT_DTYPE=TL_DTYPES[ddt], ACC_DTYPE=TL_DTYPES[acc],
             PRECISION=prec, **meta)
         _gradient_products(xc, coef[:nrows], None if coef_lo is None else coef_lo[:nrows], w_hi,

@@ -39,7 +39,7 @@ def dot_dtype(a: Tensor, b: Tensor) -> torch.dtype:
 
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, a2_ptr, b2_ptr, M, N, K, k_per_slice,
-                   s_am, s_ak, s_bk, s_bn, s_cs, s_cm, s_cn, alpha, lam_ptr,
+                   s_am, s_ak, s_bk, s_bn, s_a2m, s_a2k, s_b2k, s_b2n, s_cs, s_cm, s_cn, alpha, lam_ptr,
                    SYMMETRIC: tl.constexpr, ACCUMULATE: tl.constexpr, ADD_DIAG: tl.constexpr,
                    HAS_A2: tl.constexpr, HAS_B2: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -68,10 +68,10 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, a2_ptr, b2_ptr, M, N, K, k_per_slice,
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         # bf16 pairs (a + a2)(b + b2): the low parts' cross terms; a2 b2 is below the precision kept
         if HAS_B2:
-            b2 = tl.load(b2_ptr + b_offs, mask=b_mask, other=0.0).to(DOT_DTYPE)
+            b2 = tl.load(b2_ptr + ks[:, None] * s_b2k + cols[None, :] * s_b2n, mask=b_mask, other=0.0).to(DOT_DTYPE)
             acc = tl.dot(a, b2, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if HAS_A2:
-            a2 = tl.load(a2_ptr + a_offs, mask=a_mask, other=0.0).to(DOT_DTYPE)
+            a2 = tl.load(a2_ptr + rows[:, None] * s_a2m + ks[None, :] * s_a2k, mask=a_mask, other=0.0).to(DOT_DTYPE)
             acc = tl.dot(a2, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     acc = acc * alpha
     if ADD_DIAG:
@@ -108,7 +108,7 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
            blocks: dict | None = None, a_lo: Tensor | None = None, b_lo: Tensor | None = None) -> Tensor:
     """out = alpha * a @ b (+ lam I) (+ out when accumulate), computed by one Triton launch.
 
-    With a_lo / b_lo (same shape and strides as a / b) the operands are the pairs a + a_lo and b + b_lo,
+    With a_lo / b_lo (same shape and dtype as a / b, any strides) the operands are the pairs a + a_lo and b + b_lo,
     and the product is a @ b + a @ b_lo + a_lo @ b (the a_lo @ b_lo term is dropped): two bf16 halves of an fp32
     operand (`linear_ce.split_bf16`) multiplied on tensor cores.
 
@@ -133,8 +133,8 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
     if k != k2:
         raise ValueError(f"matmul: inner dimensions differ, got a {tuple(a.shape)} and b {tuple(b.shape)}")
     for name, main, low in (("a_lo", a, a_lo), ("b_lo", b, b_lo)):
-        if low is not None and (low.shape != main.shape or low.stride() != main.stride() or low.dtype != main.dtype):
-            raise ValueError(f"matmul: {name} must match its main part in shape, strides and dtype")
+        if low is not None and (low.shape != main.shape or low.dtype != main.dtype):
+            raise ValueError(f"matmul: {name} must match its main part in shape and dtype")
     acc_dt = compute_dtype(a, b)
     if out is None:
         out = torch.empty((k_slices, m, n) if k_slices > 1 else (m, n), dtype=acc_dt, device=a.device)
@@ -149,8 +149,10 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, *, alpha: float = 1.
     prec = input_precision if ddt == torch.float32 else "ieee"
     lam_t = torch.full((1,), lam, dtype=acc_dt, device=a.device)
     grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), k_slices)
-    _matmul_kernel[grid](a, b, out, a if a_lo is None else a_lo, b if b_lo is None else b_lo, m, n, k,
+    a2, b2 = a if a_lo is None else a_lo, b if b_lo is None else b_lo
+    _matmul_kernel[grid](a, b, out, a2, b2, m, n, k,
                          k_per_slice, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                         a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
                          s_cs, s_cm, s_cn, float(alpha), lam_t,
                          SYMMETRIC=symmetric, ACCUMULATE=accumulate, ADD_DIAG=lam != 0.0,
                          HAS_A2=a_lo is not None, HAS_B2=b_lo is not None,

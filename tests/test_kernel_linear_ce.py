@@ -428,3 +428,25 @@ def test_strided_targets_are_read_at_their_stride():
         for got in (grads, fused[2:]):
             torch.testing.assert_close(got[0], exact[2])
             torch.testing.assert_close(got[1], exact[3])
+
+
+def test_bf16_pair_low_coefficients_take_half_the_bytes_of_the_scratch(monkeypatch):
+    """On a GPU (meta tensors) the fused pass of a bf16 x with a split fp32 w keeps the low halves of the
+    coefficients in a compact bf16 buffer of the chunk's rows x C_pad (not an fp32-sized one), and the chunk's rows
+    fit the scratch plus that buffer in CHUNK_BUDGET_BYTES."""
+    from tools import kernel_aot as aot
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # recorded, not run: the recorder needs no interpreter
+    n, d, num_classes = 50_000, 64, 1000
+    meta = {"device": "meta"}
+    x, w = torch.empty(n, d, dtype=torch.bfloat16, **meta), torch.empty(d, num_classes, **meta)
+    t, g = torch.empty(n, dtype=torch.int64, **meta), torch.empty(n, **meta)
+    with aot.recording() as launches:
+        kce.linear_ce_forward_backward(x, w, t, g, CEParams(0.5, -100, n, "high"), False, True)
+    fused = [args for kernel, args, _ in launches if kernel.fn.__name__ == "_ce_fused_kernel"]
+    scratch, coef, coef_lo = fused[0][7], fused[0][8], fused[0][9]
+    width = kce.padded_width(num_classes)
+    assert scratch.dtype == torch.float32 and coef.dtype == coef_lo.dtype == torch.bfloat16
+    assert coef_lo.shape == (scratch.shape[0], width) and coef_lo.stride() == (width, 1)
+    assert coef.stride() == (2 * width, 1)                     # the highs in place over the fp32 logits
+    rows = scratch.shape[0]
+    assert rows * width * (4 + 2) <= kce.CHUNK_BUDGET_BYTES < (rows + 1) * width * (4 + 2)

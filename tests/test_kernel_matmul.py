@@ -59,6 +59,22 @@ def test_matmul_strides_k_slices_accumulate_and_poisoned_output(k_slices):
 def test_matmul_low_halves_must_match_their_main_part():
     a, b = rand(5, 7), rand(7, 3)
     with pytest.raises(ValueError, match="b_lo must match"):
-        kmatmul.matmul(a, b, b_lo=rand(3, 7).T)               # same shape, other strides
+        kmatmul.matmul(a, b, b_lo=rand(7, 4))                  # other shape
     with pytest.raises(ValueError, match="a_lo must match"):
         kmatmul.matmul(a, b, a_lo=rand(5, 7, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k_slices", [1, 2])
+def test_matmul_pairs_take_their_low_halves_at_their_own_strides(k_slices):
+    """a @ b + a @ b_lo + a_lo @ b with the low halves laid out apart from the high ones (a transposed view, a row
+    stride wider than the row): each read at its own strides, against float64, in every output tile and K slice."""
+    a, b = rand(37, 45, seed=4), rand(45, 29, seed=5)
+    a_lo = rand(45, 37, seed=6).T * 1e-3                       # strides (1, 37) against a's (45, 1)
+    b_lo = (rand(45, 48, seed=7) * 1e-3)[:, :29]               # row stride 48 against b's 29
+    out = torch.full((k_slices, 37, 29) if k_slices > 1 else (37, 29), float("nan"), device=DEVICE)
+    kmatmul.matmul(a, b, out=out, k_slices=k_slices, a_lo=a_lo, b_lo=b_lo, blocks={"BLOCK_M": 16, "BLOCK_N": 16,
+                                                                                    "BLOCK_K": 16})
+    total = out.sum(0) if k_slices > 1 else out
+    ad, bd = a.double(), b.double()
+    exact = ad @ bd + ad @ b_lo.double() + a_lo.double() @ bd
+    close_to_exact(total, a @ b + a @ b_lo + a_lo @ b, exact, 2e-5)
