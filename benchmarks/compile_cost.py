@@ -172,21 +172,12 @@ def gpu_launches() -> list[tuple]:
     return launches
 
 
-def distinct(launches: list[tuple]) -> dict[str, tuple]:
-    """{key: (first launch, its Variant)} for each distinct compile of these launches, in first-launch order, told
-    apart as tools/kernel_aot.py's variants(every=True) does (Triton's specialisation rules for sm_90, which are the
-    same on every NVIDIA target)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-
+def distinct(launches: list[tuple]) -> dict:
+    """{key: Variant} for each distinct compile of these launches, in first-launch order (Variant.launch is that first
+    launch): tools/kernel_aot.py's variants(every=True), by Triton's specialisation rules for sm_90, which are the
+    same on every NVIDIA target."""
     from tools import kernel_aot as aot
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    first: dict[str, tuple] = {}
-    for launch in launches:
-        kernel, args, kwargs = launch
-        v = aot.Variant(kernel, args, {"debug": False, **kwargs}, backend)
-        first.setdefault(v.key(exact=True), (launch, v))
-    return first
+    return {v.key(exact=True): v for v in aot.variants(launches, 90, every=True)}
 
 
 def launcher_sources(variants: list) -> list[str]:
@@ -303,18 +294,18 @@ def main(argv=None) -> int:
     start = time.time()
     if args.warm:
         target = triton.runtime.driver.active.get_current_target()   # also builds Triton's CUDA utilities, once
-        results = warm([launch for launch, _ in todo], args.jobs)
+        results = warm([v.launch for v in todo], args.jobs)
         errors = [r["error"] for r in results if "error" in r]
         print(f"# {what}: {len(todo)} compiled into Triton's cache for {target.backend} {target.arch} and loaded in "
               f"{time.time() - start:.0f} s wall with {args.jobs} processes, {seconds(results)}; {len(errors)} failed")
         for e in errors:
             print("error:", e)
         return 1 if errors else 0
-    results = aot.compile_all([v for _, v in todo], 90, args.jobs)
+    results = aot.compile_all(todo, 90, args.jobs)
     wall = time.time() - start
     errors = [r["error"] for r in results if "error" in r]
     one_core = sum(r["seconds"] for r in results)
-    launchers = build_launchers(launcher_sources([v for _, v in todo]), args.jobs)
+    launchers = build_launchers(launcher_sources(todo), args.jobs)
     cpu = platform.processor() or platform.machine()
     print(f"# {what}: {len(todo)} compiled for sm_90 in {wall:.0f} s wall with {args.jobs} processes "
           f"({one_core:.0f} s summed over variants, i.e. on one core; {seconds(results)}); {len(errors)} failed to "

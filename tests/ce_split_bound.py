@@ -26,7 +26,8 @@ def _ce_float64(x, w, t, tau, g=None):
 
 
 def split_ce_bounds(x, w, t, tau, g=None):
-    """The error bound of the bf16-x / fp32-w CE path (docs/KERNELS.md, "Error bound of the split"), evaluated on the data.
+    """The error bound of the bf16-x / fp32-w CE path (docs/KERNELS.md, "Error bound of the split"), evaluated on
+    the data.
 
     The split replaces w by w' = hi + lo with |w' - w| <= 2^-17 |w| elementwise. With A = |x| |w| (sums of
     |x_ik| |w_kj|), gamma_i = g_i / tau and p the softmax:

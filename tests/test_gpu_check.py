@@ -253,8 +253,8 @@ shifted = torch.empty(64 * 32 + 1, device="meta")[1:].view(64, 32)   # its rows 
 with aot.recording() as launches:
     for x, lam in ((phi, 1.0), (phi, 1.0), (shifted, 1.0), (phi, 0.0)):   # lam 0: no diagonal added
         gram.gram(x, lam)
-print(len(launches) // 4, [next(i for i, launch in enumerate(launches) if launch is first)
-                           for first, _ in compile_cost.distinct(launches).values()])
+print(len(launches) // 4, [next(i for i, launch in enumerate(launches) if launch[0] is v.launch[0]
+                                and launch[1] is v.launch[1]) for v in compile_cost.distinct(launches).values()])
 """
 
 

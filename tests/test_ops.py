@@ -342,3 +342,12 @@ def test_triton_backend_on_cpu_without_interpreter_says_how(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         gram(torch.randn(4, 3), backend="triton")
+
+
+@pytest.mark.parametrize("kwargs,name", [({"tau": 0.0}, "tau"), ({"tau": float("nan")}, "tau"),
+                                         ({"chunk_size": 0}, "chunk_size"), ({"precision": "tf32"}, "precision")])
+def test_ce_params_refuse_what_no_backend_can_run(kwargs, name):
+    """The CE backends' parameters object names a bad field (the public ops check first; this guards direct
+    backend callers)."""
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        CEParams(**{"tau": 1.0, **kwargs})

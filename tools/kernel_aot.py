@@ -223,6 +223,7 @@ class Variant:
 
     def __init__(self, kernel: JITFunction, args: tuple, kwargs: dict, backend):
         self.kernel = kernel
+        self.launch = (kernel, args, {k: v for k, v in kwargs.items() if k != "debug"})   # as recorded
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
         self.options, self.signature, self.constexprs, self.attrs = kernel._pack_args(
